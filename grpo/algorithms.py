@@ -1,0 +1,145 @@
+"""The maths of a GRPO update, as pure functions of tensors.
+
+No model, no config object: each function takes tensors and plain settings, has its
+shapes in the docstring, and is tested against numbers worked out by hand
+(tests/test_algorithms.py). Notation: P prompts, G completions per prompt,
+B = P * G sequences, T completion tokens (padded).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+AdvantageScale = Literal["group", "batch", "none"]
+LossAggregation = Literal["seq_mean", "token_mean", "constant"]
+
+
+class Advantages(NamedTuple):
+    advantages: torch.Tensor  # (B,)
+    zero_variance: torch.Tensor  # (P,) bool: every completion of the prompt got the same reward
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageScale = "group",
+                     eps: float = 1e-4) -> Advantages:
+    """Group-relative advantages.
+
+    rewards: (B,) ordered prompt-major (the G completions of prompt 0, then prompt 1, ...).
+
+    * ``group`` (GRPO, Shao et al. 2024): ``(r - mean_group) / (std_group + eps)``;
+    * ``batch``: ``(r - mean_group) / (std_batch + eps)``, one std over all B rewards
+      (REINFORCE++-style; less noise from small groups);
+    * ``none`` (Dr. GRPO, Liu et al. 2025): ``r - mean_group``, no std scaling, which
+      removes the bias towards low-variance (too easy / too hard) questions.
+
+    std is the unbiased sample std (as in the GRPO reference code and TRL). A group
+    with zero variance gets advantage 0 under every option.
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of {group_size} entries, got {tuple(rewards.shape)}")
+    grouped = rewards.view(-1, group_size).double()  # (P, G)
+    mean = grouped.mean(-1, keepdim=True)
+    centred = grouped - mean
+    if group_size > 1:
+        zero_var = (grouped.max(-1).values - grouped.min(-1).values) == 0
+    else:
+        zero_var = torch.ones(grouped.shape[0], dtype=torch.bool, device=rewards.device)
+    if scale == "group":
+        std = grouped.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+        adv = centred / (std + eps)
+    elif scale == "batch":
+        std = rewards.double().std() if rewards.numel() > 1 else rewards.new_zeros((), dtype=torch.float64)
+        adv = centred / (std + eps)
+    elif scale == "none":
+        adv = centred
+    else:
+        raise ValueError(f"unknown advantage scale {scale!r}")
+    return Advantages(adv.reshape(-1).to(rewards.dtype), zero_var)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate, Schulman's k3: ``exp(d) - d - 1``, d = ref - logp.
+
+    Unbiased for KL(pi || pi_ref) under samples from pi, always >= 0. Shapes (B, T).
+    """
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+class PolicyLoss(NamedTuple):
+    loss: torch.Tensor  # scalar, this micro-batch's share of the batch loss
+    per_token: torch.Tensor  # (b, T) unreduced loss (0 where masked)
+    clipped: torch.Tensor  # (b, T) bool, the clipped branch was taken
+    kl: torch.Tensor  # (b, T) k3 estimate (0 when beta == 0)
+    ratio: torch.Tensor  # (b, T)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+                aggregation: LossAggregation = "seq_mean", num_sequences: int | None = None,
+                num_tokens: int | None = None, max_tokens: int | None = None) -> PolicyLoss:
+    """PPO clipped surrogate with a KL penalty, aggregated as GRPO, DAPO or Dr. GRPO.
+
+    logprobs, old_logprobs, ref_logprobs, mask: (b, T) for a micro-batch of b sequences;
+    advantages: (b,). Per token::
+
+        ratio = exp(logp - old_logp)
+        surrogate = min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)
+        loss_t = -surrogate + beta * k3(logp, ref_logp)
+
+    Separate ``epsilon_low`` / ``epsilon_high`` is DAPO's clip-higher. Aggregation:
+
+    * ``seq_mean`` (GRPO): mean over sequences of the per-sequence token mean;
+    * ``token_mean`` (DAPO): sum over all tokens / number of tokens in the batch;
+    * ``constant`` (Dr. GRPO): sum over all tokens / (sequences * max_tokens).
+
+    Micro-batching: pass the *whole batch's* ``num_sequences`` (and ``num_tokens`` for
+    token_mean, ``max_tokens`` for constant) so that summing the micro-batch losses
+    gives exactly the full-batch loss. They default to this micro-batch's own counts.
+    """
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None].to(logprobs.dtype)
+    unclipped = ratio * adv
+    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    surrogate = torch.min(unclipped, clipped_ratio * adv)
+    clipped = (clipped_ratio * adv < unclipped) & (mask > 0)
+    per_token = -surrogate
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ValueError("beta != 0 needs ref_logprobs")
+        kl = kl_k3(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+    else:
+        kl = torch.zeros_like(logprobs)
+    per_token = per_token * mask
+    loss = aggregate(per_token, mask, aggregation, num_sequences=num_sequences,
+                     num_tokens=num_tokens, max_tokens=max_tokens)
+    return PolicyLoss(loss, per_token, clipped, kl * mask, ratio)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: LossAggregation, *,
+              num_sequences: int | None = None, num_tokens: int | None = None,
+              max_tokens: int | None = None) -> torch.Tensor:
+    """Reduce a masked (b, T) per-token loss to a scalar (see ``policy_loss``)."""
+    mask = mask.to(per_token.dtype)
+    n_seq = num_sequences if num_sequences is not None else per_token.shape[0]
+    if aggregation == "seq_mean":
+        lengths = mask.sum(-1).clamp(min=1.0)
+        return (per_token.sum(-1) / lengths).sum() / n_seq
+    if aggregation == "token_mean":
+        n_tok = num_tokens if num_tokens is not None else int(mask.sum().item())
+        return per_token.sum() / max(n_tok, 1)
+    if aggregation == "constant":
+        t_max = max_tokens if max_tokens is not None else per_token.shape[1]
+        return per_token.sum() / (n_seq * t_max)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of ``values`` where ``mask`` is set (0.0 when the mask is empty)."""
+    mask = mask.to(values.dtype)
+    total = mask.sum()
+    return float((values * mask).sum() / total) if total > 0 else 0.0

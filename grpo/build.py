@@ -1,0 +1,76 @@
+"""Build the run's parts from a config: task rows, policy model + tokenizer, rollout engine."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+from grpo.config import RunConfig
+from grpo.errors import UserError
+from grpo.registry import TASKS, VERIFIERS, load_plugin_file
+from grpo.rewards import RewardRunner
+from tasks.base import Task
+
+
+def load_plugins(files: list[str]) -> None:
+    for f in files:
+        load_plugin_file(f, f"plugin file {f}", TASKS, VERIFIERS)
+
+
+def build_task(name: str, args: dict[str, Any]) -> Task:
+    obj = TASKS.get(name)
+    try:
+        task = obj(**args) if (inspect.isclass(obj) or callable(obj)) and not isinstance(obj, Task) else obj
+    except TypeError as exc:
+        raise UserError(f"task {name!r}: bad arguments in task.args: {exc}") from exc
+    if not hasattr(task, "rows"):
+        raise UserError(f"task {name!r} did not produce a Task (an object with rows(split)); got {type(task).__name__}")
+    return task
+
+
+def build_task_rows(cfg: RunConfig, rewards: RewardRunner) -> tuple[list[dict], list[dict]]:
+    load_plugins(cfg.plugins)
+    task = build_task(cfg.task.name, cfg.task.args)
+    train, heldout = task.rows("train"), task.rows("heldout")
+    if not train:
+        raise UserError(f"task {cfg.task.name!r}: the train split is empty (check task.args)")
+    rewards.check_rows(train, f"task {cfg.task.name!r} train split")
+    if heldout:
+        rewards.check_rows(heldout, f"task {cfg.task.name!r} heldout split")
+    else:
+        print(f"warning: task {cfg.task.name!r} has no held-out split; no evaluation", file=sys.stderr)
+    return train, heldout
+
+
+def build_policy(cfg: RunConfig):
+    """Base model + LoRA adapters (the reference is the same model with adapters disabled)."""
+    from grpo.models import add_lora, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
+
+    device = resolve_device(cfg.model.device)
+    path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, cfg.model.dtype, device)
+    model.config.use_cache = False
+    targets: Any = cfg.model.lora_target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    model = add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout, targets)
+    return model, tokenizer
+
+
+def build_engine(cfg: RunConfig, model, tokenizer):
+    engine = cfg.rollout.engine
+    if engine == "auto":
+        import importlib.util
+
+        engine = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if engine == "hf":
+        from grpo.engines.hf import HFEngine
+
+        return HFEngine(model, tokenizer, seed=cfg.seed, max_batch_size=cfg.rollout.max_batch_size)
+    if engine == "vllm":
+        from grpo.engines.vllm import VLLMEngine  # raises a UserError naming the extra when vllm is missing
+
+        return VLLMEngine.from_config(cfg, model, tokenizer)
+    raise UserError(f"unknown rollout.engine {engine!r}")

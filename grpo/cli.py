@@ -1,0 +1,172 @@
+"""The ``grpo`` command line. Heavy imports happen inside the subcommands so ``grpo --help`` is instant.
+
+    grpo train CONFIG [key=value ...] [--resume]
+    grpo eval --task NAME --model SPEC [--adapter DIR ...] --n 16 --k 1,4,16
+    grpo verify --verifier NAME --input FILE.jsonl
+    grpo list [tasks|verifiers]
+    grpo rm train ...
+
+User mistakes print ``error: <one line>`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from grpo.errors import UserError
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def wrap(fn):
+        _COMMANDS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo", description="GRPO / RLVR training of LoRA adapters.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a LoRA adapter with GRPO from a YAML config")
+    p.add_argument("config", nargs="?", help="YAML config (configs/*.yaml); omit with --help-config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.0 steps=10")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
+
+    p = sub.add_parser("verify", help="score completions from a JSONL file with a verifier (JSON lines out)")
+    p.add_argument("--verifier", required=True, help="verifier name (grpo list verifiers) or module:attr")
+    p.add_argument("--input", required=True, help="JSONL rows: completion + the verifier's fields ('-' = stdin)")
+    p.add_argument("--args", default="{}", help="verifier constructor arguments as JSON, e.g. '{\"tolerance\": 1e-6}'")
+    p.add_argument("--workers", type=int, default=2, help="worker processes for isolated verifiers")
+    p.add_argument("--plugins", action="append", default=[], help="python file registering tasks/verifiers")
+
+    p = sub.add_parser("list", help="list registered tasks and verifiers with their source")
+    p.add_argument("what", nargs="?", choices=["tasks", "verifiers"], help="only tasks or only verifiers")
+    p.add_argument("--plugins", action="append", default=[], help="python file registering tasks/verifiers")
+
+    return parser
+
+
+@command("train")
+def _train(args: argparse.Namespace) -> int:
+    from grpo.config import describe, load_config
+
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    if not args.config:
+        raise UserError("grpo train needs a CONFIG file (see configs/), e.g. grpo train configs/arith.yaml")
+    cfg = load_config(args.config, args.overrides)
+    from grpo.trainer import run
+
+    summary = run(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"run directory: {cfg.run_dir}")
+    if "before" in summary and "after" in summary:
+        from grpo.trainer import before_after_table
+
+        print(before_after_table(summary["before"], summary["after"]))
+    return 0
+
+
+@command("verify")
+def _verify(args: argparse.Namespace) -> int:
+    from grpo.build import load_plugins
+    from grpo.rewards import RewardRunner
+
+    load_plugins(args.plugins)
+    try:
+        vargs = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--args is not valid JSON: {exc.msg}") from exc
+    rows = _read_verify_rows(args.input)
+    name = args.verifier
+    with RewardRunner({name: vargs}, workers=args.workers) as runner:
+        verifier = runner.verifier(name)
+        for i, row in enumerate(rows, 1):
+            missing = [f for f in getattr(verifier, "required_fields", verifier.fields) if f not in row]
+            if "completion" not in row or missing:
+                raise UserError(f"{args.input}:{i}: row needs 'completion' and {list(verifier.fields)}; missing "
+                                f"{(['completion'] if 'completion' not in row else []) + missing}")
+        batch = runner.score([{**row, "verifiers": {name: 1.0}} for row in rows], [str(r["completion"]) for r in rows])
+        for i in range(len(rows)):
+            print(json.dumps({"reward": batch.per_verifier[name][i], "reason": batch.reasons[name][i]}))
+        print(f"scored {len(rows)} rows, mean reward {sum(batch.total) / max(1, len(rows)):.3f}, "
+              f"errors {batch.errors.get(name, 0)}", file=sys.stderr)
+    return 0
+
+
+def _read_verify_rows(path: str) -> list[dict[str, Any]]:
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        if not os.path.isfile(path):
+            raise UserError(f"input file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i}: expected a JSON object")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+@command("list")
+def _list(args: argparse.Namespace) -> int:
+    from grpo.build import load_plugins
+    from grpo.registry import TASKS, VERIFIERS
+
+    load_plugins(args.plugins)
+    for title, registry in (("tasks", TASKS), ("verifiers", VERIFIERS)):
+        if args.what and args.what != title:
+            continue
+        print(f"{title}:")
+        entries = registry.entries()
+        width = max((len(n) for n in entries), default=0)
+        for name, entry in entries.items():
+            fields = getattr(entry.obj, "fields", None)
+            extra = f" [fields: {', '.join(fields)}]" if title == "verifiers" and fields else ""
+            print(f"  {name:<{width}}  {entry.description}{extra}  ({entry.source})")
+        for name, error in registry.failures().items():
+            print(f"  {name:<{width}}  FAILED TO LOAD: {error}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Typed run configuration: dataclasses with a help string per field, YAML files, dotted overrides.
+
+``load_config("configs/arith.yaml", ["loss.beta=0.1"])`` returns a validated
+``RunConfig``. Unknown keys are rejected with the closest valid key suggested; wrong
+types name the key, the expected type and the value. ``grpo train --help-config``
+prints every field with its help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from grpo.errors import UserError
+from grpo.registry import closest
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("smollm2-135m", "model spec: embedded name (smollm2-135m), a .gguf file, a local HF directory or a hub id")
+    dtype: str = opt("auto", "auto (bf16 on CUDA when supported, else float32), float32, bfloat16, float16")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N")
+    lora_rank: int = opt(16, "LoRA rank r")
+    lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps rollout and training log-probs identical)")
+    lora_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                         "module names that get LoRA adapters (or ['all-linear'])")
+    system_prompt: str | None = opt(None, "system message prepended to chat prompts (None: the template's default)")
+
+
+@dataclass
+class TaskConfig:
+    name: str = opt("arith", "registered task name (`grpo list tasks`) or module:attr")
+    args: dict[str, Any] = opt({}, "keyword arguments for the task (see its docstring)")
+    verifier_args: dict[str, dict[str, Any]] = opt({}, "per-verifier constructor arguments, e.g. {math: {tolerance: 1e-6}}")
+    verifier_weights: dict[str, float] = opt({}, "override the rows' verifier weights, e.g. {format: 0.1}")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm", "auto"] = opt("hf", "rollout engine: hf (transformers), vllm, or auto (vllm when importable)")
+    prompts_per_step: int = opt(8, "prompts P sampled per step")
+    num_generations: int = opt(8, "completions G per prompt (the group)")
+    max_new_tokens: int = opt(64, "completion length limit")
+    temperature: float = opt(1.0, "sampling temperature (also used for training log-probs)")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    max_batch_size: int = opt(256, "most sequences decoded at once by the hf engine")
+    vllm: dict[str, Any] = opt({}, "vllm engine options (mode: colocate|server, gpu_memory_utilization, ...)")
+
+
+@dataclass
+class LossConfig:
+    advantage_scale: Literal["group", "batch", "none"] = opt("group", "std scaling: group (GRPO), batch, none (Dr. GRPO)")
+    advantage_eps: float = opt(1e-4, "added to the std before dividing")
+    drop_zero_variance: bool = opt(False, "drop groups whose rewards are all equal from the update (DAPO dynamic sampling)")
+    epsilon_low: float = opt(0.2, "PPO clip: ratio lower bound 1 - epsilon_low")
+    epsilon_high: float = opt(0.2, "PPO clip: ratio upper bound 1 + epsilon_high (DAPO clip-higher: 0.28)")
+    beta: float = opt(0.04, "KL(k3) penalty coefficient to the reference (adapters off); 0 skips the reference pass")
+    update_passes: int = opt(1, "mu: optimisation passes over each batch (one optimizer step each)")
+    aggregation: Literal["seq_mean", "token_mean", "constant"] = opt(
+        "seq_mean", "loss aggregation: seq_mean (GRPO), token_mean (DAPO), constant (Dr. GRPO)")
+    mask_truncated: bool = opt(False, "exclude completions cut at max_new_tokens from the loss (DAPO overlong filtering)")
+    old_logprobs: Literal["auto", "rollout", "recompute"] = opt(
+        "auto", "ratio denominator: rollout (engine log-probs), recompute (a trainer pass), auto (ratio 1 "
+        "with one pass: the current policy detached; recompute when update_passes > 1)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-4, "AdamW learning rate for the adapter")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    betas: list[float] = opt([0.9, 0.99], "AdamW betas")
+    warmup_steps: int = opt(0, "linear warmup optimizer steps")
+    schedule: Literal["constant", "linear", "cosine"] = opt("constant", "learning-rate schedule after warmup")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    micro_batch_size: int = opt(16, "sequences per forward/backward (gradient accumulation over the batch)")
+    logprob_chunk_tokens: int = opt(512, "tokens per LM-head chunk when computing log-probs (memory bound)")
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = opt(0, "held-out evaluation every N steps (0: only before and after training)")
+    at_start: bool = opt(True, "evaluate before the first step")
+    at_end: bool = opt(True, "evaluate after the last step")
+    num_problems: int = opt(64, "held-out problems evaluated (0 = all)")
+    num_samples: int = opt(4, "samples per problem at the training temperature (pass@k uses k <= this)")
+    greedy: bool = opt(True, "also report greedy accuracy")
+    k: list[int] = opt([1], "k values for pass@k")
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("run", "run name (used in the default output directory)")
+    output_dir: str = opt("runs/{name}", "run directory ({name} is replaced)")
+    seed: int = opt(0, "seed for data order, sampling and LoRA init")
+    steps: int = opt(50, "training steps (one rollout batch and update each)")
+    checkpoint_every: int = opt(10, "save a resumable checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "checkpoints kept on disk (oldest deleted)")
+    threads: int = opt(0, "torch CPU threads (0 = torch default)")
+    verifier_workers: int = opt(2, "worker processes for isolated verifiers")
+    plugins: list[str] = opt([], "python files to import before building the task (register tasks/verifiers)")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "policy model and LoRA"})
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "task and its verifiers"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "sampling"})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "GRPO objective"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+
+# ---------------------------------------------------------------------------- building
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return {float: "number", int: "integer", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints accepted as floats)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = UserError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"config key {key}: expected {_type_name(tp)}, got {value!r}.{closest(str(value), [str(a) for a in args])}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                pass
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()} if args else value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config annotation {tp} at {key}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, validating every key and type."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '(top level)'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise UserError(f"unknown config key {full!r}.{closest(str(key), list(fields))} "
+                            f"Valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value if value is not None else {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    if "=" not in override:
+        raise UserError(f"override {override!r}: expected key=value, e.g. loss.beta=0.0")
+    key, _, raw = override.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"override {override!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field and range checks that types alone cannot express."""
+    checks = [
+        (cfg.steps >= 0, "steps must be >= 0"),
+        (cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1"),
+        (cfg.rollout.num_generations >= 2, "rollout.num_generations must be >= 2 (group-relative advantages need a group)"),
+        (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+        (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 for training (greedy gives no exploration)"),
+        (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (cfg.loss.epsilon_low >= 0 and cfg.loss.epsilon_high >= 0, "loss.epsilon_low/high must be >= 0"),
+        (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
+        (cfg.loss.update_passes >= 1, "loss.update_passes must be >= 1"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
+        (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
+        (cfg.model.lora_rank >= 1, "model.lora_rank must be >= 1"),
+        (cfg.eval.num_samples >= 1, "eval.num_samples must be >= 1"),
+        (all(1 <= k <= cfg.eval.num_samples for k in cfg.eval.k),
+         f"eval.k values must be between 1 and eval.num_samples ({cfg.eval.num_samples})"),
+        (cfg.checkpoint_every >= 0 and cfg.keep_checkpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"config: {message}")
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per config key: ``key (type, default): help``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
+            lines.extend(describe(tp, f"{prefix}{f.name}."))
+        else:
+            lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {getattr(instance, f.name)!r}): "
+                         f"{f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,58 @@
+"""The rollout engine interface: prompts in, groups of completions out.
+
+Engines know nothing about rewards or losses. The trainer hands them tokenised
+prompts and ``SamplingParams``; they return, per prompt, ``n`` completions with
+token ids, text, the sampled tokens' log-probabilities and a finish reason.
+
+Log-probabilities are those of the distribution ``softmax(logits / temperature)``
+at the sampled token, before top-k/top-p truncation, so they are comparable with
+what the trainer computes (``grpo.logprobs``) at the same temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # completions per prompt (the group size G)
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # one per token in token_ids
+    finish_reason: Literal["stop", "length"]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
+                 seed: int | None = None) -> list[list[Completion]]:
+        """``prompts``: token ids per prompt. Returns ``params.n`` completions per prompt.
+
+        With ``seed``, sampling uses a fresh seeded stream (evaluation) and leaves the
+        engine's own stream, which is checkpointed, untouched.
+        """
+
+    def sync_weights(self) -> None:
+        """Make the engine sample from the trainer's current adapter weights."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """RNG state etc., saved in checkpoints so a resumed run samples the same tokens."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...

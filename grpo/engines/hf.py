@@ -1,0 +1,161 @@
+"""Hugging Face engine: batched sampling with the trainer's own model and a KV cache.
+
+It shares the policy module with the trainer (no weight copy, nothing to sync) and
+runs its own decode loop over the model's forward, rather than ``model.generate``,
+for three reasons: the sampled tokens' log-probabilities are recorded exactly as the
+trainer defines them (temperature-scaled, before top-k/top-p) without keeping a
+``[steps, batch, vocab]`` tensor of scores; sampling draws from a dedicated, seeded
+``torch.Generator`` whose state is checkpointed (``generate`` only uses the global
+RNG); and rows that finish are dropped from the batch and its cache, so a group of
+mostly short answers does not pay for its longest one.
+
+Prompts are left-padded and prefilled once per prompt; the KV cache is then repeated
+``n`` times (``batch_repeat_interleave``), so a group of G completions costs one
+prefill, not G.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from grpo.engines.base import Completion, SamplingParams
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p (nucleus) truncation: removed entries become -inf.
+
+    logits: (B, V), already divided by the temperature. The most likely token always
+    survives, so every row keeps at least one finite entry.
+    """
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next token per row; return (tokens (B,), logprobs (B,)).
+
+    The log-probability is under softmax(logits / T) (T = 1 when greedy), before
+    truncation, matching ``grpo.logprobs.sampled_logprobs`` at the same temperature.
+    """
+    logits = logits.float()
+    if params.greedy:
+        tokens = logits.argmax(-1)
+        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, logprobs
+    scaled = logits / params.temperature
+    logprobs_all = scaled.log_softmax(-1)
+    probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class HFEngine:
+    """Rollout engine over a (peft) causal LM shared with the trainer."""
+
+    def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_size: int = 256):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = torch.tensor(sorted(eos_ids), device=self.device)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.eos_ids[0])
+
+    # ------------------------------------------------------------------ engine API
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
+                 seed: int | None = None) -> list[list[Completion]]:
+        """``seed`` draws from a fresh generator (evaluation), leaving the run's stream untouched."""
+        if not prompts:
+            return []
+        generator = self.generator
+        if seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+        per_chunk = max(1, self.max_batch_size // max(1, params.n))
+        out: list[list[Completion]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(prompts), per_chunk):
+                out.extend(self._generate(list(prompts[start:start + per_chunk]), params, generator))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def sync_weights(self) -> None:
+        pass  # the engine samples from the trainer's own module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def close(self) -> None:
+        pass
+
+    # ---------------------------------------------------------------- decode loop
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], params: SamplingParams,
+                  generator: torch.Generator) -> list[list[Completion]]:
+        P, G, dev = len(prompts), params.n, self.device
+        L = max(len(p) for p in prompts)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt")
+        input_ids = torch.full((P, L), self.pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((P, L), dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):  # left padding
+            input_ids[i, L - len(p):] = torch.tensor(p, device=dev)
+            mask[i, L - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]  # logits: (P, V)
+        if G > 1:
+            cache.batch_repeat_interleave(G)
+            logits, mask = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+        B = P * G
+        next_pos = mask.sum(-1)  # (B,) position of the next token
+        rows = torch.arange(B, device=dev)  # original row of each live cache row
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        logps: list[list[float]] = [[] for _ in range(B)]
+        finish = ["length"] * B
+        for step in range(params.max_new_tokens):
+            tok, lp = sample_tokens(logits, params, generator)
+            for r, t, l in zip(rows.tolist(), tok.tolist(), lp.tolist()):
+                tokens[r].append(t)
+                logps[r].append(l)
+            done = torch.zeros_like(tok, dtype=torch.bool) if params.ignore_eos else torch.isin(tok, self.eos_ids)
+            for r in rows[done].tolist():
+                finish[r] = "stop"
+            if step == params.max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):  # drop finished rows from the batch and the cache
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                tok, mask, next_pos, rows = tok[keep], mask[keep], next_pos[keep], rows[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            next_pos = next_pos + 1
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        completions = [Completion(tokens[r], texts[r], logps[r], finish[r]) for r in range(B)]  # type: ignore[arg-type]
+        return [completions[i * G:(i + 1) * G] for i in range(P)]

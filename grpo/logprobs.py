@@ -1,0 +1,106 @@
+"""Sampled-token log-probabilities from a causal LM, without a full [B, T, V] float32 tensor.
+
+The backbone gives hidden states (b, L, H); only the completion positions go through
+the LM head, a chunk of ``chunk_tokens`` positions at a time, each chunk under
+activation checkpointing so its (chunk, V) logits are neither kept for backward nor
+materialised for the whole batch. Peak extra memory is one chunk's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class PackedBatch:
+    """Prompts left-padded to a common length, completions right-padded after them.
+
+    Completion token j of row i sits at column ``prompt_len + j``, so completion
+    log-probs come out as a (b, T) tensor aligned with ``completion_mask``.
+    """
+
+    input_ids: torch.Tensor  # (b, Lp + T)
+    attention_mask: torch.Tensor  # (b, Lp + T)
+    position_ids: torch.Tensor  # (b, Lp + T)
+    prompt_len: int  # Lp
+    completion_ids: torch.Tensor  # (b, T)
+    completion_mask: torch.Tensor  # (b, T) 1 for real completion tokens
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+         device: torch.device | str = "cpu") -> PackedBatch:
+    b = len(prompts)
+    lp = max(len(p) for p in prompts)
+    t = max(1, max(len(c) for c in completions))
+    ids = torch.full((b, lp + t), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, lp + t), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, lp - len(p):lp] = torch.tensor(p, dtype=torch.long)
+        attn[i, lp - len(p):lp] = 1
+        if c:
+            ids[i, lp:lp + len(c)] = torch.tensor(c, dtype=torch.long)
+            attn[i, lp:lp + len(c)] = 1
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    ids, attn, positions = ids.to(device), attn.to(device), positions.to(device)
+    return PackedBatch(ids, attn, positions, lp, ids[:, lp:], attn[:, lp:])
+
+
+def _unwrap(model):
+    """(backbone, lm_head) of a (peft-wrapped) causal LM, or None when logits need the full head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None  # the head does more than a linear map: use the model's own forward
+    try:
+        backbone, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if backbone is None or head is None or backbone is base:
+        return None
+    return backbone, head
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature  # (n, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def sampled_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
+                     chunk_tokens: int = 512) -> torch.Tensor:
+    """log pi(completion token | prefix) at ``temperature``, shape (b, T); 0 where masked.
+
+    Differentiable w.r.t. the model's trainable parameters when grad is enabled.
+    """
+    b, t = batch.completion_ids.shape
+    lp = batch.prompt_len
+    parts = _unwrap(model)
+    if parts is None:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False)
+        logits = out.logits[:, lp - 1:lp - 1 + t].float() / temperature
+        logp = logits.log_softmax(-1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+        return logp * batch.completion_mask
+    backbone, head = parts
+    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = hidden[:, lp - 1:lp - 1 + t]  # (b, T, H): the state that predicts each completion token
+    flat_h = hidden.reshape(b * t, -1)
+    flat_y = batch.completion_ids.reshape(b * t)
+    keep = batch.completion_mask.reshape(b * t).nonzero().squeeze(-1)  # skip padding entirely
+    out_flat = hidden.new_zeros(b * t, dtype=torch.float32)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    pieces = []
+    for start in range(0, keep.numel(), chunk_tokens):
+        idx = keep[start:start + chunk_tokens]
+        h, y = flat_h.index_select(0, idx), flat_y.index_select(0, idx)
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logprobs, h, y, weight, bias, temperature, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(h, y, weight, bias, temperature))
+    if pieces:
+        out_flat = out_flat.index_put((keep,), torch.cat(pieces))
+    return out_flat.view(b, t)

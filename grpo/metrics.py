@@ -1,0 +1,92 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per step), TensorBoard events, ``reward.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Appends step metrics; on resume, drops lines past the checkpoint's step first."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0):
+        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = run_dir
+        if resume_step and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists() and not resume_step:
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> Path:
+        return plot_rewards(self.records(), self.run_dir / "reward.png")
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def plot_rewards(records: list[dict[str, Any]], out: Path) -> Path:
+    """Reward and accuracy over steps (train batches), with held-out accuracy points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "reward/mean" in r]
+    evals = [r for r in records if "heldout/accuracy" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r["reward/mean"] for r in train], color="tab:blue", alpha=0.35, label="train reward (batch)")
+        ax.plot(steps, _smooth([r["reward/mean"] for r in train]), color="tab:blue", label="train reward (smoothed)")
+        if "train/accuracy" in train[0]:
+            ax.plot(steps, _smooth([r["train/accuracy"] for r in train]), color="tab:green",
+                    label="train accuracy (smoothed)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["heldout/accuracy"] for r in evals], "o-", color="tab:red",
+                label="held-out accuracy (sampled)")
+        if "heldout/greedy_accuracy" in evals[0]:
+            ax.plot([r["step"] for r in evals], [r["heldout/greedy_accuracy"] for r in evals], "s--",
+                    color="tab:purple", label="held-out accuracy (greedy)")
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, max(1.02, max((r.get("reward/mean", 0) for r in train), default=1) + 0.05))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _smooth(values: list[float], alpha: float = 0.2) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else (1 - alpha) * acc + alpha * v
+        out.append(acc)
+    return out

