@@ -75,22 +75,98 @@ def sampled_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
 
     Differentiable w.r.t. the model's trainable parameters when grad is enabled.
     """
-    b, t = batch.completion_ids.shape
+    t = batch.completion_ids.shape[1]
     lp = batch.prompt_len
     parts = _unwrap(model)
     if parts is None:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, use_cache=False)
-        logits = out.logits[:, lp - 1:lp - 1 + t].float() / temperature
-        logp = logits.log_softmax(-1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
-        return logp * batch.completion_mask
+        return _full_forward_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                      batch.completion_ids, batch.completion_mask, lp, temperature)
     backbone, head = parts
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, lp - 1:lp - 1 + t]  # (b, T, H): the state that predicts each completion token
+    return _head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens)
+
+
+@dataclass
+class GroupedBatch:
+    """Sequences that share prompts: each distinct prompt appears once.
+
+    Sequence i continues prompt ``group_index[i]``; its completion is row i of
+    ``completion_ids``. The prompt is encoded once and its KV cache is indexed out to
+    its sequences, so a group of G completions pays for its prompt once, not G times
+    (forward and backward: the indexing is differentiable).
+    """
+
+    prompt_ids: torch.Tensor  # (p, Lp) left-padded distinct prompts
+    prompt_mask: torch.Tensor  # (p, Lp)
+    group_index: torch.Tensor  # (b,) prompt row of each sequence
+    completion_ids: torch.Tensor  # (b, T) right-padded
+    completion_mask: torch.Tensor  # (b, T)
+
+    def flat(self, pad_id: int) -> PackedBatch:
+        prompts = [row[m.bool()].tolist() for row, m in zip(self.prompt_ids, self.prompt_mask)]
+        seq_prompts = [prompts[g] for g in self.group_index.tolist()]
+        completions = [row[m.bool()].tolist() for row, m in zip(self.completion_ids, self.completion_mask)]
+        return pack(seq_prompts, completions, pad_id, self.prompt_ids.device)
+
+
+def pack_grouped(prompts: list[list[int]], group_index: list[int], completions: list[list[int]], pad_id: int,
+                 device: torch.device | str = "cpu") -> GroupedBatch:
+    lp = max(len(p) for p in prompts)
+    t = max(1, max(len(c) for c in completions))
+    p_ids = torch.full((len(prompts), lp), pad_id, dtype=torch.long)
+    p_mask = torch.zeros((len(prompts), lp), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        p_ids[i, lp - len(p):] = torch.tensor(p, dtype=torch.long)
+        p_mask[i, lp - len(p):] = 1
+    c_ids = torch.full((len(completions), t), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(completions), t), dtype=torch.long)
+    for i, c in enumerate(completions):
+        c_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        c_mask[i, :len(c)] = 1
+    return GroupedBatch(p_ids.to(device), p_mask.to(device), torch.tensor(group_index, device=device),
+                        c_ids.to(device), c_mask.to(device))
+
+
+def grouped_logprobs(model, batch: GroupedBatch, temperature: float = 1.0, chunk_tokens: int = 512,
+                     pad_id: int = 0) -> torch.Tensor:
+    """``sampled_logprobs`` for a ``GroupedBatch``, encoding each distinct prompt once. (b, T)."""
+    parts = _unwrap(model)
+    if parts is None:
+        return sampled_logprobs(model, batch.flat(pad_id), temperature, chunk_tokens)
+    backbone, head = parts
+    positions = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = backbone(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=positions,
+                   use_cache=True)
+    cache, last = out.past_key_values, out.last_hidden_state[:, -1]  # last: (p, H) predicts token 0
+    idx = batch.group_index
+    cache.batch_select_indices(idx)  # (p, ...) -> (b, ...), differentiable indexing
+    t = batch.completion_ids.shape[1]
+    mask = torch.cat([batch.prompt_mask[idx], batch.completion_mask], dim=1)  # (b, Lp + T)
+    c_pos = batch.prompt_mask.sum(-1)[idx][:, None] + torch.arange(t, device=idx.device)  # (b, T)
+    hidden = backbone(input_ids=batch.completion_ids, attention_mask=mask, position_ids=c_pos,
+                      past_key_values=cache, use_cache=True).last_hidden_state  # (b, T, H)
+    hidden = torch.cat([last[idx][:, None], hidden[:, :-1]], dim=1)  # state that predicts token j
+    return _head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens)
+
+
+def _full_forward_logprobs(model, input_ids, attention_mask, position_ids, completion_ids, completion_mask,
+                           lp: int, temperature: float) -> torch.Tensor:
+    t = completion_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    logits = out.logits[:, lp - 1:lp - 1 + t].float() / temperature
+    logp = logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    return logp * completion_mask
+
+
+def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, head,
+                   temperature: float, chunk_tokens: int) -> torch.Tensor:
+    """Chunked LM head over the unmasked positions only. hidden: (b, T, H) -> (b, T)."""
+    b, t = targets.shape
     flat_h = hidden.reshape(b * t, -1)
-    flat_y = batch.completion_ids.reshape(b * t)
-    keep = batch.completion_mask.reshape(b * t).nonzero().squeeze(-1)  # skip padding entirely
+    flat_y = targets.reshape(b * t)
+    keep = mask.reshape(b * t).nonzero().squeeze(-1)  # skip padding entirely
     out_flat = hidden.new_zeros(b * t, dtype=torch.float32)
     weight, bias = head.weight, getattr(head, "bias", None)
     pieces = []

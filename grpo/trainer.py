@@ -28,7 +28,7 @@ from grpo.config import RunConfig, to_dict
 from grpo.engines.base import Completion, SamplingParams
 from grpo.errors import UserError
 from grpo.evaluate import evaluate
-from grpo.logprobs import pack, sampled_logprobs
+from grpo.logprobs import grouped_logprobs, pack_grouped
 from grpo.metrics import MetricsLogger
 from grpo.prompts import encode_prompt
 from grpo.rewards import RewardRunner
@@ -202,22 +202,27 @@ class Trainer:
         return Rollout(seq_prompts, completions, rewards, adv.advantages, keep)
 
     def _micro_batches(self, rollout: Rollout) -> list[list[int]]:
-        # Sort by length so each micro-batch pads little; the order is deterministic.
-        order = sorted(rollout.keep, key=lambda i: (len(rollout.prompt_ids[i]) + len(rollout.completions[i].token_ids), i))
+        # Keep a group's sequences together (its prompt is encoded once per micro-batch),
+        # shortest completions first inside a group; the order is deterministic.
+        G = self.cfg.rollout.num_generations
+        order = sorted(rollout.keep, key=lambda i: (i // G, len(rollout.completions[i].token_ids), i))
         mb = self.cfg.optim.micro_batch_size
         return [order[s:s + mb] for s in range(0, len(order), mb)]
 
     def _pack(self, rollout: Rollout, idx: list[int]):
-        return pack([rollout.prompt_ids[i] for i in idx], [rollout.completions[i].token_ids for i in idx],
-                    self.tokenizer.pad_token_id, self.device)
+        G = self.cfg.rollout.num_generations
+        groups = sorted({i // G for i in idx})
+        row_of = {g: r for r, g in enumerate(groups)}
+        return pack_grouped([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
+                            [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device)
 
     def _logprobs(self, batch, grad: bool, adapters: bool = True) -> torch.Tensor:
-        T, chunk = self.cfg.rollout.temperature, self.cfg.optim.logprob_chunk_tokens
+        T, chunk, pad = self.cfg.rollout.temperature, self.cfg.optim.logprob_chunk_tokens, self.tokenizer.pad_token_id
         with torch.set_grad_enabled(grad):
             if adapters:
-                return sampled_logprobs(self.model, batch, T, chunk)
+                return grouped_logprobs(self.model, batch, T, chunk, pad)
             with self.model.disable_adapter():
-                return sampled_logprobs(self.model, batch, T, chunk)
+                return grouped_logprobs(self.model, batch, T, chunk, pad)
 
     def _update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.cfg

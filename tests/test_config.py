@@ -1,0 +1,114 @@
+"""Config loading: every shipped YAML validates; bad input gives one clear line."""
+
+from pathlib import Path
+
+import pytest
+
+from grpo.cli import main
+from grpo.config import RunConfig, apply_override, describe, load_config
+from grpo.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS, "configs/ holds no YAML"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_names_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{path.name} must start with a comment showing its launch command"
+    assert "grpo " in path.read_text().split("\n\n")[0], f"{path.name}: header must show the grpo command"
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(UserError, match=r"unknown config key 'loss.betaa'.*Did you mean 'beta'"):
+        load_config(_write(tmp_path, "loss:\n  betaa: 0.1\n"))
+    with pytest.raises(UserError, match=r"'stpes'.*Did you mean 'steps'"):
+        load_config(None, ["stpes=3"])
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    with pytest.raises(UserError, match=r"loss.beta: expected number, got 'abc'"):
+        load_config(_write(tmp_path, "loss:\n  beta: abc\n"))
+    with pytest.raises(UserError, match=r"steps: expected integer, got 1.5"):
+        load_config(None, ["steps=1.5"])
+    with pytest.raises(UserError, match=r"rollout.engine: expected one of"):
+        load_config(None, ["rollout.engine=tgi"])
+    with pytest.raises(UserError, match=r"expected true/false"):
+        load_config(None, ["loss.mask_truncated=maybe"])
+
+
+def test_section_must_be_mapping(tmp_path):
+    with pytest.raises(UserError, match="config section loss: expected a mapping"):
+        load_config(_write(tmp_path, "loss: 3\n"))
+
+
+def test_range_checks():
+    with pytest.raises(UserError, match="num_generations must be >= 2"):
+        load_config(None, ["rollout.num_generations=1"])
+    with pytest.raises(UserError, match="eval.k values"):
+        load_config(None, ["eval.num_samples=2", "eval.k=[1,4]"])
+
+
+def test_int_accepted_where_float_expected_and_overrides_parse_yaml():
+    cfg = load_config(None, ["loss.beta=0", "optim.betas=[0.9, 0.95]", "model.lora_target_modules=[q_proj]"])
+    assert cfg.loss.beta == 0.0 and isinstance(cfg.loss.beta, float)
+    assert cfg.optim.betas == [0.9, 0.95]
+    assert cfg.model.lora_target_modules == ["q_proj"]
+
+
+def test_override_syntax_errors():
+    with pytest.raises(UserError, match="expected key=value"):
+        apply_override({}, "loss.beta")
+    with pytest.raises(UserError, match="is not a section"):
+        apply_override({"steps": 3}, "steps.x=1")
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    with pytest.raises(UserError, match="line 2"):
+        load_config(_write(tmp_path, "steps: 3\nloss: [\n"))
+
+
+def test_describe_lists_every_key_with_help():
+    text = "\n".join(describe())
+    for key in ("loss.beta", "rollout.num_generations", "optim.lr", "eval.k", "model.lora_rank"):
+        assert key in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "missing.yaml"], "config file not found: missing.yaml"),
+    (["train", "{cfg}", "nosuch=1"], "unknown config key 'nosuch'"),
+    (["train", "{cfg}", "loss.beta=x"], "loss.beta: expected number"),
+    (["train", "{cfg}", "model.name=/no/such/model/dir"], "model path not found: /no/such/model/dir"),
+    (["train", "{cfg}", "model.name=./nowhere.gguf"], "model file not found: ./nowhere.gguf"),
+    (["train", "{cfg}", "task.name=arithh"], "unknown task 'arithh'. Did you mean 'arith'"),
+])
+def test_cli_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    cfg = _write(tmp_path, f"output_dir: {tmp_path / 'run'}\n")
+    argv = [a.replace("{cfg}", str(cfg)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    plugin = tmp_path / "p.py"
+    plugin.write_text(
+        "from grpo.registry import TASKS\nfrom tasks.loaders import read_records\n"
+        f"@TASKS.register('from_file')\nclass T:\n    def rows(self, split):\n        return read_records({str(empty)!r})\n")
+    cfg = _write(tmp_path, f"output_dir: {tmp_path / 'run'}\nplugins: [{plugin}]\ntask: {{name: from_file}}\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "no records (the dataset is empty)" in capsys.readouterr().err

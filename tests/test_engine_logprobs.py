@@ -1,0 +1,132 @@
+"""HF engine and trainer log-probs agree; grouped (shared-prompt) log-probs equal the flat ones."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo.engines.base import SamplingParams
+from grpo.engines.hf import HFEngine, filter_logits
+from grpo.logprobs import grouped_logprobs, pack, pack_grouped, sampled_logprobs
+from grpo.models import add_lora
+
+
+@pytest.fixture()
+def policy(tiny_model_dir):
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, ["q_proj", "v_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero adapters, so "adapters on" differs from the base
+            torch.nn.init.normal_(p, std=0.2)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.padding_side = "left"
+    return model, tok
+
+
+PROMPTS = [[1, 10, 11, 12, 13], [1, 20], [1, 30, 31]]
+
+
+def test_engine_returns_groups_with_logprobs_and_finish_reasons(policy):
+    model, tok = policy
+    engine = HFEngine(model, tok, seed=0)
+    out = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=6, temperature=1.0))
+    assert len(out) == 3 and all(len(g) == 3 for g in out)
+    for group in out:
+        for c in group:
+            assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
+            assert all(lp <= 0 for lp in c.logprobs)
+            assert c.finish_reason == ("stop" if c.token_ids[-1] == tok.eos_token_id else "length")
+            if c.finish_reason == "length":
+                assert len(c.token_ids) == 6
+
+
+def test_engine_logprobs_match_trainer_logprobs(policy):
+    """The rollout's sampled-token log-probs equal a full forward's at the same temperature."""
+    model, tok = policy
+    engine = HFEngine(model, tok, seed=3)
+    groups = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, temperature=0.7))
+    prompts = [p for p, g in zip(PROMPTS, groups) for _ in g]
+    comps = [c for g in groups for c in g]
+    model.eval()
+    with torch.no_grad():
+        lp = sampled_logprobs(model, pack(prompts, [c.token_ids for c in comps], tok.pad_token_id), 0.7)
+    for i, c in enumerate(comps):
+        assert torch.allclose(lp[i, :len(c.logprobs)], torch.tensor(c.logprobs), atol=1e-4)
+
+
+def test_seeded_generation_is_reproducible_and_seed_param_leaves_stream(policy):
+    model, tok = policy
+    params = SamplingParams(n=2, max_new_tokens=6)
+    a = HFEngine(model, tok, seed=7)
+    b = HFEngine(model, tok, seed=7)
+    b.generate(PROMPTS, params, seed=123)  # an evaluation with its own seed
+    assert [c.token_ids for g in a.generate(PROMPTS, params) for c in g] == \
+           [c.token_ids for g in b.generate(PROMPTS, params) for c in g]
+    state = a.state_dict()
+    x = a.generate(PROMPTS, params)
+    a.load_state_dict(state)
+    assert [c.token_ids for g in x for c in g] == [c.token_ids for g in a.generate(PROMPTS, params) for c in g]
+
+
+def test_batched_greedy_equals_one_at_a_time(policy):
+    """Left padding and dropping finished rows do not change what each prompt decodes."""
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    greedy = SamplingParams(n=1, max_new_tokens=10, temperature=0.0)
+    batched = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
+    single = [engine.generate([p], greedy)[0][0].token_ids for p in PROMPTS]
+    assert batched == single
+
+
+def test_ignore_eos_generates_exact_length(policy):
+    model, tok = policy
+    out = HFEngine(model, tok).generate(PROMPTS[:1], SamplingParams(n=4, max_new_tokens=7, ignore_eos=True))
+    assert all(len(c.token_ids) == 7 and c.finish_reason == "length" for c in out[0])
+
+
+def test_filter_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # top_p 0.7: 0.5 < 0.7 keeps the second token (mass before it 0.5), drops the third (mass before it 0.8)
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.4)).tolist() == [[False, True, True, True]]
+
+
+def test_grouped_logprobs_and_gradients_equal_flat(policy):
+    model, _ = policy
+    prompts = [[1, 10, 11, 12], [1, 20, 21]]
+    comps = [[30, 31, 32], [33], [40, 41, 42, 43, 44], [45, 46]]
+    group_index = [0, 0, 1, 1]
+    flat = sampled_logprobs(model, pack([prompts[g] for g in group_index], comps, 0), 0.7)
+    grouped = grouped_logprobs(model, pack_grouped(prompts, group_index, comps, 0), 0.7)
+    assert torch.allclose(flat, grouped, atol=1e-5)
+    flat.sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    grouped.sum().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(p.grad, ref[n], atol=1e-5), n
+
+
+def test_chunking_does_not_change_logprobs(policy):
+    model, _ = policy
+    batch = pack([[1, 10, 11], [1, 12]], [[30, 31, 32, 33], [40, 41]], 0)
+    whole = sampled_logprobs(model, batch, 1.0, chunk_tokens=1024)
+    tiny_chunks = sampled_logprobs(model, batch, 1.0, chunk_tokens=2)
+    assert torch.allclose(whole, tiny_chunks, atol=1e-6)
+    assert (whole[1, 2:] == 0).all()  # padding positions are 0
+
+
+def test_reference_is_base_model_with_adapters_off(policy, tiny_model_dir):
+    model, _ = policy
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = pack([[1, 10, 11]], [[30, 31, 32]], 0)
+    with torch.no_grad(), model.disable_adapter():
+        ref = sampled_logprobs(model, batch)
+    with torch.no_grad():
+        expected = sampled_logprobs(base, batch)
+        on = sampled_logprobs(model, batch)
+    assert torch.allclose(ref, expected, atol=1e-6)
+    assert not torch.allclose(on, expected, atol=1e-4)
