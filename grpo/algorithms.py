@@ -58,6 +58,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageSca
     return Advantages(adv.reshape(-1).to(rewards.dtype), zero_var)
 
 
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """``min(exp(trainer - engine), cap)`` per token, no gradient. Shapes (b, T)."""
+    return torch.exp(trainer_logprobs.detach() - engine_logprobs).clamp(max=cap)
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate, Schulman's k3: ``exp(d) - d - 1``, d = ref - logp.
 
@@ -79,7 +85,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 mask: torch.Tensor, *, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
                 beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
                 aggregation: LossAggregation = "seq_mean", num_sequences: int | None = None,
-                num_tokens: int | None = None, max_tokens: int | None = None) -> PolicyLoss:
+                num_tokens: int | None = None, max_tokens: int | None = None,
+                importance_weights: torch.Tensor | None = None) -> PolicyLoss:
     """PPO clipped surrogate with a KL penalty, aggregated as GRPO, DAPO or Dr. GRPO.
 
     logprobs, old_logprobs, ref_logprobs, mask: (b, T) for a micro-batch of b sequences;
@@ -89,7 +96,12 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         surrogate = min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)
         loss_t = -surrogate + beta * k3(logp, ref_logp)
 
-    Separate ``epsilon_low`` / ``epsilon_high`` is DAPO's clip-higher. Aggregation:
+    Separate ``epsilon_low`` / ``epsilon_high`` is DAPO's clip-higher.
+    ``importance_weights`` (b, T), if given, multiply the surrogate term per token: the
+    truncated importance sampling correction ``min(pi_trainer / pi_engine, C)`` for
+    samples drawn by an engine whose numerics differ from the trainer's (Yao et al.
+    2025, "Your efficient RL framework secretly brings you off-policy RL training").
+    Aggregation:
 
     * ``seq_mean`` (GRPO): mean over sequences of the per-sequence token mean;
     * ``token_mean`` (DAPO): sum over all tokens / number of tokens in the batch;
@@ -106,7 +118,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     surrogate = torch.min(unclipped, clipped_ratio * adv)
     clipped = (clipped_ratio * adv < unclipped) & (mask > 0)
-    per_token = -surrogate
+    per_token = -surrogate if importance_weights is None else -surrogate * importance_weights.detach()
     if beta != 0.0:
         if ref_logprobs is None:
             raise ValueError("beta != 0 needs ref_logprobs")

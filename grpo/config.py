@@ -77,6 +77,8 @@ class LossConfig:
     old_logprobs: Literal["auto", "rollout", "recompute"] = opt(
         "auto", "ratio denominator: rollout (engine log-probs), recompute (a trainer pass), auto (ratio 1 "
         "with one pass: the current policy detached; recompute when update_passes > 1)")
+    tis_cap: float = opt(0.0, "truncated importance sampling: weight each token by min(pi_trainer / pi_engine, "
+                              "tis_cap) to correct engine/trainer mismatch (vLLM); 0 = off, typical 2.0")
 
 
 @dataclass
@@ -260,6 +262,7 @@ def validate(cfg: RunConfig) -> None:
         (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
         (cfg.loss.epsilon_low >= 0 and cfg.loss.epsilon_high >= 0, "loss.epsilon_low/high must be >= 0"),
         (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
+        (cfg.loss.tis_cap == 0 or cfg.loss.tis_cap >= 1, "loss.tis_cap must be 0 (off) or >= 1"),
         (cfg.loss.update_passes >= 1, "loss.update_passes must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),

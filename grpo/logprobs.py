@@ -1,9 +1,9 @@
 """Sampled-token log-probabilities from a causal LM, without a full [B, T, V] float32 tensor.
 
 The backbone gives hidden states (b, L, H); only the completion positions go through
-the LM head, a chunk of ``chunk_tokens`` positions at a time, each chunk under
-activation checkpointing so its (chunk, V) logits are neither kept for backward nor
-materialised for the whole batch. Peak extra memory is one chunk's logits.
+the LM head, a chunk of ``chunk_tokens`` positions at a time (on CUDA under activation
+checkpointing, so a chunk's (chunk, V) logits are not kept for backward). No
+[batch, seq, vocab] float32 tensor is ever formed for the whole batch.
 """
 
 from __future__ import annotations
@@ -162,7 +162,13 @@ def _full_forward_logprobs(model, input_ids, attention_mask, position_ids, compl
 
 def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, head,
                    temperature: float, chunk_tokens: int) -> torch.Tensor:
-    """Chunked LM head over the unmasked positions only. hidden: (b, T, H) -> (b, T)."""
+    """Chunked LM head over the unmasked positions only. hidden: (b, T, H) -> (b, T).
+
+    On CUDA each chunk runs under activation checkpointing, so its (chunk, V) logits
+    are recomputed in backward instead of kept (memory is the limit there). On CPU,
+    where memory is plentiful and arithmetic is the limit, the logits of a chunk are
+    kept and the recomputation (about a fifth of a small model's update) is skipped.
+    """
     b, t = targets.shape
     flat_h = hidden.reshape(b * t, -1)
     flat_y = targets.reshape(b * t)
@@ -173,7 +179,7 @@ def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     for start in range(0, keep.numel(), chunk_tokens):
         idx = keep[start:start + chunk_tokens]
         h, y = flat_h.index_select(0, idx), flat_y.index_select(0, idx)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and h.is_cuda:
             pieces.append(checkpoint(_chunk_logprobs, h, y, weight, bias, temperature, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(h, y, weight, bias, temperature))

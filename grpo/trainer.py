@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from grpo import checkpoint
-from grpo.algorithms import group_advantages, masked_mean, policy_loss
+from grpo.algorithms import group_advantages, masked_mean, policy_loss, truncated_importance_weights
 from grpo.config import RunConfig, to_dict
 from grpo.engines.base import Completion, SamplingParams
 from grpo.errors import UserError
@@ -252,11 +252,18 @@ class Trainer:
             for idx, batch, ref_lp, old_lp in zip(micro, packed, ref, old):
                 logp = self._logprobs(batch, grad=True)
                 mask = batch.completion_mask
-                out = policy_loss(logp, logp.detach() if old_lp is None else old_lp,
+                old_lp = logp.detach() if old_lp is None else old_lp
+                engine_lp = self._rollout_logprobs(rollout, idx, batch)
+                tis = None
+                if cfg.loss.tis_cap:  # samples came from the engine's numerics, not the trainer's
+                    trainer_old = old_lp if old_mode != "rollout" else logp.detach()
+                    tis = truncated_importance_weights(trainer_old, engine_lp, cfg.loss.tis_cap)
+                out = policy_loss(logp, old_lp,
                                   rollout.advantages[idx].to(self.device), mask,
                                   epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
                                   beta=cfg.loss.beta, ref_logprobs=ref_lp, aggregation=cfg.loss.aggregation,
-                                  num_sequences=n_seq, num_tokens=n_tok, max_tokens=cfg.rollout.max_new_tokens)
+                                  num_sequences=n_seq, num_tokens=n_tok, max_tokens=cfg.rollout.max_new_tokens,
+                                  importance_weights=tis)
                 if not torch.isfinite(out.loss):
                     raise TrainingDiverged(f"non-finite loss at step {self.step + 1}")
                 out.loss.backward()
@@ -265,7 +272,6 @@ class Trainer:
                 sums["kl"] += masked_mean(out.kl.detach(), mask) * weight
                 sums["clip"] += masked_mean(out.clipped.float(), mask) * weight
                 sums["ratio"] += masked_mean(out.ratio.detach(), mask) * weight
-                engine_lp = self._rollout_logprobs(rollout, idx, batch)
                 sums["engine_logprob_diff"] += masked_mean((engine_lp - logp.detach()).abs(), mask) * weight
             params = [p for p in self.model.parameters() if p.requires_grad]
             if cfg.optim.max_grad_norm > 0:

@@ -143,3 +143,16 @@ def test_masked_tokens_do_not_contribute_gradient():
 def test_masked_mean():
     assert masked_mean(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1, 1, 0])) == 2.0
     assert masked_mean(torch.tensor([1.0]), torch.tensor([0])) == 0.0
+
+
+def test_truncated_importance_weights_scale_the_surrogate():
+    from grpo.algorithms import truncated_importance_weights
+
+    # trainer ln 0.5 vs engine ln 0.25: weight 2, capped at 1.5; trainer 0.25 vs engine 0.5: 0.5 (no cap below)
+    w = truncated_importance_weights(torch.log(torch.tensor([[0.5, 0.25]])), torch.log(torch.tensor([[0.25, 0.5]])), 1.5)
+    assert torch.allclose(w, torch.tensor([[1.5, 0.5]]))
+    # ratio 1, A = 1: surrogate 1 per token; weights [1.5, 0.5] -> token_mean loss -(1.5 + 0.5) / 2 = -1
+    logp = torch.zeros(1, 2)
+    out = policy_loss(logp, logp, torch.tensor([1.0]), torch.ones(1, 2), aggregation="token_mean",
+                      importance_weights=w)
+    assert out.loss.item() == pytest.approx(-1.0)

@@ -151,3 +151,22 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_model_dir, toy_pl
     err = capsys.readouterr().err
     assert "diverged" in err and "step-000001" in err
     assert (run_dir / "checkpoints" / "step-000001" / "state.pt").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"loss.beta": 0.0},
+    {"loss.aggregation": "token_mean", "loss.epsilon_high": 0.28, "loss.mask_truncated": True},
+    {"loss.aggregation": "constant", "loss.advantage_scale": "none", "loss.drop_zero_variance": True},
+    {"loss.update_passes": 2, "loss.old_logprobs": "recompute", "loss.tis_cap": 2.0},
+    {"loss.old_logprobs": "rollout", "loss.advantage_scale": "batch", "optim.schedule": "cosine",
+     "optim.warmup_steps": 1},
+], ids=["beta0", "dapo", "dr_grpo", "mu2_tis", "rollout_old"])
+def test_objective_variants_run(tiny_model_dir, toy_plugin, tmp_path, overrides):
+    run_dir = tmp_path / "run"
+    args = _cfg_args(tiny_model_dir, run_dir, toy_plugin, steps=1, **{"eval.at_start": False, **overrides})
+    assert main(["train", "--no-progress", *args]) == 0
+    rec = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in rec if "loss" in r)
+    assert all(json.dumps(v) != "NaN" for v in step.values())
+    if overrides.get("loss.beta") == 0.0:
+        assert step["kl"] == 0.0
