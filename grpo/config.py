@@ -58,6 +58,7 @@ class RolloutConfig:
     temperature: float = opt(1.0, "sampling temperature (also used for training log-probs)")
     top_p: float = opt(1.0, "nucleus sampling threshold")
     top_k: int = opt(0, "top-k sampling (0 = off)")
+    ignore_eos: bool = opt(False, "always generate max_new_tokens tokens (fixed-length benchmarks)")
     max_batch_size: int = opt(256, "most sequences decoded at once by the hf engine")
     vllm: dict[str, Any] = opt({}, "vllm engine options (mode: colocate|server, gpu_memory_utilization, ...)")
 
@@ -171,6 +172,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()} if args else value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

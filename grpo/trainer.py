@@ -138,32 +138,13 @@ class Trainer:
     # ------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        P, G = cfg.rollout.prompts_per_step, cfg.rollout.num_generations
-        sampling = SamplingParams(n=G, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                  top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
+        sampling = self.sampling_params()
         summary: dict[str, Any] = {}
         if cfg.eval.at_start and self.step == 0 and self.heldout_rows:
             summary["before"] = self._evaluate(0)
         bar = self._progress_bar()
         while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            rows = [self.train_rows[i] for i in self.sampler.next(P)]                  # prompts
-            prompt_ids = [self._encode(r["prompt"]) for r in rows]
-            groups = self.engine.generate(prompt_ids, sampling)                        # rollout
-            t_gen = time.perf_counter()
-            flat_rows = [r for r in rows for _ in range(G)]
-            completions = [c for g in groups for c in g]
-            scored = self.rewards.score(flat_rows, [c.text for c in completions])     # verify
-            t_score = time.perf_counter()
-            rollout = self._advantages(prompt_ids, completions, scored.total)          # advantages
-            stats = self._update(rollout)                                              # policy update
-            self.engine.sync_weights()                                                 # engine sync
-            self.step += 1
-            t_end = time.perf_counter()
-            metrics = {**self._rollout_metrics(rollout, scored), **stats,
-                       "time/generate": t_gen - t0, "time/score": t_score - t_gen,
-                       "time/update": t_end - t_score, "time/step": t_end - t0,
-                       "lr": self.scheduler.get_last_lr()[0]}
+            metrics = self.train_step(sampling)
             self.metrics.log(self.step, metrics)                                       # log
             self._show(bar, metrics)
             if cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0 and self.step < cfg.steps:
@@ -176,6 +157,33 @@ class Trainer:
             summary["after"] = self._evaluate(self.step)
         self._finish(summary)
         return summary
+
+    def sampling_params(self) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=r.num_generations, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                              top_p=r.top_p, top_k=r.top_k, ignore_eos=r.ignore_eos)
+
+    def train_step(self, sampling: SamplingParams) -> dict[str, float]:
+        """One GRPO step; returns its metrics."""
+        P, G = self.cfg.rollout.prompts_per_step, sampling.n
+        t0 = time.perf_counter()
+        rows = [self.train_rows[i] for i in self.sampler.next(P)]                      # prompts
+        prompt_ids = [self._encode(r["prompt"]) for r in rows]
+        groups = self.engine.generate(prompt_ids, sampling)                            # rollout
+        t_gen = time.perf_counter()
+        flat_rows = [r for r in rows for _ in range(G)]
+        completions = [c for g in groups for c in g]
+        scored = self.rewards.score(flat_rows, [c.text for c in completions])         # verify
+        t_score = time.perf_counter()
+        rollout = self._advantages(prompt_ids, completions, scored.total)              # advantages
+        stats = self._update(rollout)                                                  # policy update
+        self.engine.sync_weights()                                                     # engine sync
+        self.step += 1
+        t_end = time.perf_counter()
+        return {**self._rollout_metrics(rollout, scored), **stats,
+                "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/update": t_end - t_score,
+                "time/step": t_end - t0, "lr": self.scheduler.get_last_lr()[0],
+                "tokens/generated": sum(len(c.token_ids) for c in completions)}
 
     # ------------------------------------------------------------- the pieces
     def _encode(self, prompt: Any) -> list[int]:
@@ -235,6 +243,7 @@ class Trainer:
         old_mode = cfg.loss.old_logprobs
         if old_mode == "auto":
             old_mode = "detached" if cfg.loss.update_passes == 1 else "recompute"
+        t0 = time.perf_counter()
         self.model.eval()  # reference and old log-probs without dropout
         ref = [self._logprobs(b, grad=False, adapters=False) for b in packed] if cfg.loss.beta else [None] * len(packed)
         if old_mode == "recompute":
@@ -244,11 +253,14 @@ class Trainer:
         else:
             old = [None] * len(packed)
         self.model.train()
+        t_ref = time.perf_counter()
+        t_policy = t_opt = 0.0
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "engine_logprob_diff": 0.0}
         grad_norm = 0.0
         for _ in range(cfg.loss.update_passes):
             self.optimizer.zero_grad(set_to_none=True)
             sums = dict.fromkeys(sums, 0.0)
+            t_pass = time.perf_counter()
             for idx, batch, ref_lp, old_lp in zip(micro, packed, ref, old):
                 logp = self._logprobs(batch, grad=True)
                 mask = batch.completion_mask
@@ -273,6 +285,7 @@ class Trainer:
                 sums["clip"] += masked_mean(out.clipped.float(), mask) * weight
                 sums["ratio"] += masked_mean(out.ratio.detach(), mask) * weight
                 sums["engine_logprob_diff"] += masked_mean((engine_lp - logp.detach()).abs(), mask) * weight
+            t1 = time.perf_counter()
             params = [p for p in self.model.parameters() if p.requires_grad]
             if cfg.optim.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
@@ -282,7 +295,10 @@ class Trainer:
                 raise TrainingDiverged(f"non-finite gradient norm at step {self.step + 1}")
             self.optimizer.step()
             self.scheduler.step()
-        return {"loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
+            t2 = time.perf_counter()
+            t_policy, t_opt = t_policy + (t1 - t_pass), t_opt + (t2 - t1)
+        return {"time/reference_and_old": t_ref - t0, "time/policy_forward_backward": t_policy,
+                "time/optimizer": t_opt, "tokens/trained": int(sum(int(b.prompt_mask.sum()) + int(b.completion_mask.sum()) for b in packed)),"loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
                 "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"],
                 "sequences_in_loss": n_seq, "tokens_in_loss": n_tok}
 

@@ -112,3 +112,8 @@ def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
     cfg = _write(tmp_path, f"output_dir: {tmp_path / 'run'}\nplugins: [{plugin}]\ntask: {{name: from_file}}\n")
     assert main(["train", str(cfg)]) == 2
     assert "no records (the dataset is empty)" in capsys.readouterr().err
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 parses 1e-5 as a string; a float key accepts it as the number it means
+    assert load_config(_write(tmp_path, "optim:\n  lr: 1e-5\n")).optim.lr == 1e-5

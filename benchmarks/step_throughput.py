@@ -1,0 +1,232 @@
+"""GRPO step throughput and memory: this trainer vs TRL's GRPOTrainer, same work, alternating.
+
+    .venv/bin/pip install trl==1.16.0        # benchmark-only dependency
+    .venv/bin/python benchmarks/step_throughput.py --prompts 4 --group 8 --tokens 128 --steps 3
+
+Both systems run the same GRPO work: same model, prompts, group size G, fixed completion
+length (EOS ignored, so both generate the same number of tokens), LoRA rank/alpha/targets,
+beta, one update pass, same learning rate. Each runs in its own worker process (so peak
+memory is its own); the driver alternates one step of each, and reports the median step
+time after the warm-up steps, generation and training tokens/s, peak memory (RSS on CPU,
+torch.cuda.max_memory_allocated on GPU) and the ratios. Our per-phase times come from the
+trainer's own metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------------- workers
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompts(n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": f"What is {a} + {b}? Explain step by step."}]
+            for a, b in [(3, 4), (7, 8), (2, 9), (6, 5), (1, 8), (9, 9), (4, 4), (5, 7)][:n]] * (1 + n // 8)
+
+
+def worker_ours(args) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from grpo.config import load_config
+    from grpo.registry import TASKS
+    from grpo.trainer import Trainer
+    from tasks.base import Task
+
+    prompts = _prompts(args.prompts)[:args.prompts]
+
+    class BenchTask(Task):
+        def rows(self, split):
+            return [{"id": str(i), "prompt": p, "answer": "0", "verifiers": {"math": 1.0}} for i, p in enumerate(prompts)]
+
+    TASKS.add("_bench", BenchTask, source="benchmark")
+    cfg = load_config(None, [
+        f"model.name={args.model}", f"model.device={args.device}", f"model.lora_rank={args.rank}",
+        f"model.lora_alpha={2 * args.rank}", f"model.lora_target_modules=[{','.join(LORA_TARGETS)}]",
+        "task.name=_bench", f"output_dir={args.out}/ours", f"rollout.prompts_per_step={args.prompts}",
+        f"rollout.num_generations={args.group}", f"rollout.max_new_tokens={args.tokens}", "rollout.ignore_eos=true",
+        f"loss.beta={args.beta}", f"optim.lr={args.lr}", f"optim.micro_batch_size={args.prompts * args.group}",
+        "eval.at_start=false", "eval.at_end=false", "checkpoint_every=0", f"steps={10 ** 6}",
+    ])
+    trainer = Trainer(cfg, progress=False)
+    trainer.setup()
+    sampling = trainer.sampling_params()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        if args.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+        m = trainer.train_step(sampling)
+        print(json.dumps({"step_s": m["time/step"], "generate_s": m["time/generate"], "score_s": m["time/score"],
+                          "reference_s": m["time/reference_and_old"], "policy_s": m["time/policy_forward_backward"],
+                          "optimizer_s": m["time/optimizer"], "gen_tokens": m["tokens/generated"],
+                          "train_tokens": m["tokens/trained"], "peak_mb": _peak_memory_mb(args.device)}), flush=True)
+    trainer.cleanup()
+
+
+def worker_trl(args) -> None:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from grpo.models import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    prompts = _prompts(args.prompts)[:args.prompts]
+    data = Dataset.from_list([{"prompt": p} for p in prompts] * 10_000)
+    tokens = args.tokens
+
+    class Gate(TrainerCallback):
+        """Blocks before each step until the driver says 'step'; reports the step's time after."""
+
+        def on_step_begin(self, *a, **k):
+            line = sys.stdin.readline()
+            if line.strip() != "step":
+                os._exit(0)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            n = args.prompts * args.group
+            print(json.dumps({"step_s": time.perf_counter() - self.t0, "gen_tokens": n * tokens,
+                              "peak_mb": _peak_memory_mb(args.device)}), flush=True)
+
+    config = GRPOConfig(
+        output_dir=f"{args.out}/trl", per_device_train_batch_size=args.prompts * args.group,
+        num_generations=args.group, max_completion_length=tokens, gradient_accumulation_steps=1,
+        num_iterations=1, beta=args.beta, learning_rate=args.lr, max_steps=10 ** 6, logging_steps=10 ** 6,
+        save_strategy="no", report_to=[], use_cpu=not args.device.startswith("cuda"),
+        bf16=args.device.startswith("cuda"), temperature=1.0, seed=0,
+        generation_kwargs={"min_new_tokens": tokens}, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0 + (i % 2) for i in range(len(completions))],
+                          args=config, train_dataset=data, processing_class=tokenizer,
+                          peft_config=LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LORA_TARGETS,
+                                                 task_type="CAUSAL_LM"),
+                          callbacks=[Gate()])
+    print("ready", flush=True)
+    trainer.train()
+
+
+# ------------------------------------------------------------------------------ driver
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per system")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--systems", default="ours,trl")
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--json", default=None, help="write all step records here")
+    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        {"ours": worker_ours, "trl": worker_trl}[args.worker](args)
+        return
+
+    systems = args.systems.split(",")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    procs = {}
+    for name in systems:
+        cmd = [sys.executable, __file__, "--worker", name] + [a for a in sys.argv[1:] if a != "--worker"]
+        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        _expect_ready(name, procs[name])
+    records: dict[str, list[dict]] = {n: [] for n in systems}
+    for i in range(args.warmup + args.steps):
+        for name in systems:  # alternate: one step of each system in turn
+            p = procs[name]
+            p.stdin.write("step\n")
+            p.stdin.flush()
+            rec = _read_record(name, p)
+            rec["warmup"] = i < args.warmup
+            records[name].append(rec)
+            print(f"{name:5s} step {i + 1}: {rec['step_s']:.2f} s", file=sys.stderr, flush=True)
+    for p in procs.values():
+        p.stdin.close()
+        p.wait(timeout=120)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "records": records}, f, indent=2)
+    report(args, records)
+
+
+def _expect_ready(name: str, proc: subprocess.Popen) -> None:
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            return
+    raise SystemExit(f"{name} worker exited before it was ready (exit {proc.wait()})")
+
+
+def _read_record(name: str, proc: subprocess.Popen) -> dict:
+    for line in proc.stdout:
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"{name} worker died (exit {proc.wait()})")
+
+
+def report(args, records: dict[str, list[dict]]) -> None:
+    rows = {}
+    for name, recs in records.items():
+        measured = [r for r in recs if not r["warmup"]]
+        step = statistics.median(r["step_s"] for r in measured)
+        row = {"step_s": step, "peak_mb": max(r["peak_mb"] for r in recs)}
+        if "generate_s" in measured[0]:
+            gen = statistics.median(r["generate_s"] for r in measured)
+            upd = statistics.median(r["reference_s"] + r["policy_s"] + r["optimizer_s"] for r in measured)
+            row.update(gen_tok_s=measured[0]["gen_tokens"] / gen, train_tok_s=measured[0]["train_tokens"] / upd,
+                       **{k: statistics.median(r[k] for r in measured)
+                          for k in ("generate_s", "score_s", "reference_s", "policy_s", "optimizer_s")})
+        rows[name] = row
+    print(f"\nGRPO step: model {args.model}, {args.device}, {args.prompts} prompts x G={args.group}, "
+          f"{args.tokens} new tokens (fixed), LoRA r={args.rank}, beta={args.beta}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up\n")
+    print("| system | s/step | gen tok/s | train tok/s | peak MB |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['step_s']:.2f} | {r.get('gen_tok_s', float('nan')):.0f} | "
+              f"{r.get('train_tok_s', float('nan')):.0f} | {r['peak_mb']:.0f} |")
+    if "ours" in rows:
+        o = rows["ours"]
+        print(f"\nours per phase (s): generate {o['generate_s']:.2f}, score {o['score_s']:.2f}, "
+              f"reference {o['reference_s']:.2f}, policy fwd+bwd {o['policy_s']:.2f}, optimizer {o['optimizer_s']:.3f}")
+    if "ours" in rows and "trl" in rows:
+        print(f"step time ours/trl = {rows['ours']['step_s'] / rows['trl']['step_s']:.3f}, "
+              f"peak memory ours/trl = {rows['ours']['peak_mb'] / rows['trl']['peak_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
