@@ -152,8 +152,14 @@ class Registry(Generic[T]):
         load_plugin_file(path, f"plugin file {path}", self)
 
 
+_BUILTIN_PACKAGES = ("grpo", "tasks", "verifiers")
+
+
 def _module_source(obj: Any) -> str:
     module = getattr(obj, "__module__", None) or "?"
+    # This package's own modules are built-ins whatever imported them first.
+    if module.split(".")[0] in _BUILTIN_PACKAGES:
+        return "built-in"
     return f"module {module}"
 
 

@@ -76,7 +76,7 @@ def test_override_syntax_errors():
 
 def test_invalid_yaml_reports_line(tmp_path):
     with pytest.raises(UserError, match="line 2"):
-        load_config(_write(tmp_path, "steps: 3\nloss: [\n"))
+        load_config(_write(tmp_path, "steps: 3\nloss: a: b\n"))
 
 
 def test_describe_lists_every_key_with_help():
