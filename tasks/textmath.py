@@ -1,0 +1,181 @@
+"""Word and competition maths from local files: ``gsm8k`` and ``math`` (no hub access).
+
+Both read a local data file with ``tasks.loaders.read_records`` (``.jsonl``, ``.json``,
+``.parquet`` or a ``datasets`` directory), rename columns with ``fields`` (row field ->
+column in the file), and produce chat rows whose ``answer`` the ``math`` verifier checks:
+
+* ``gsm8k``: ``question`` + ``answer`` where the answer text ends with ``#### <n>``;
+  the row's ``answer`` is ``<n>`` (thousands separators removed).
+* ``math``: ``problem`` + ``answer``, or ``problem`` + ``solution`` whose last
+  ``\\boxed{...}`` is the answer (as in the MATH dataset).
+
+The held-out split is a second file (``heldout_path``; train rows whose question also
+appears there are dropped, so the splits stay disjoint) or else a deterministic share
+of the file chosen by a hash of the question text (duplicates land in the same split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from typing import Any, Mapping
+
+from grpo.errors import UserError
+from grpo.registry import TASKS
+from tasks.base import Split, Task
+from tasks.loaders import map_fields, read_records
+
+DEFAULT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+class _TextMath(Task):
+    """Shared loading, prompting and splitting; subclasses turn a record into (question, answer)."""
+
+    task_name = ""
+    required: tuple[str, ...] = ()
+
+    def __init__(self, path: str, heldout_path: str | None = None, heldout_fraction: float = 0.1,
+                 fields: Mapping[str, str] | None = None, template: str = DEFAULT_TEMPLATE,
+                 system: str | None = None, train_size: int | None = None, heldout_size: int | None = None,
+                 split: str | None = None, seed: int = 0, verifiers: dict[str, float] | None = None):
+        name = self.task_name
+        if not path:
+            raise UserError(f"{name}: set task.args.path to a local data file (.jsonl, .json, .parquet)")
+        if heldout_path is None and not 0 <= heldout_fraction < 1:
+            raise UserError(f"{name}: heldout_fraction must be in [0, 1), got {heldout_fraction}")
+        if "{question}" not in template:
+            raise UserError(f"{name}: template must contain {{question}} (where the problem text goes)")
+        for what, size in (("train_size", train_size), ("heldout_size", heldout_size)):
+            if size is not None and size < 1:
+                raise UserError(f"{name}: {what} must be >= 1 (or left out for all rows)")
+        if fields is not None and not isinstance(fields, Mapping):
+            raise UserError(f"{name}: fields must map row fields to column names, e.g. {{question: prompt}}")
+        self.path, self.heldout_path = path, heldout_path
+        self.heldout_fraction, self.fields, self.template = heldout_fraction, dict(fields or {}), template
+        self.system, self.split, self.seed = system, split, seed
+        self.sizes = {"train": train_size, "heldout": heldout_size}
+        self.verifiers = dict(verifiers or {"math": 1.0})
+        self._cache: dict[str, list[dict[str, Any]]] | None = None
+
+    # Subclasses: (question, answer) of one mapped record; ``where`` names it in errors.
+    def parse_record(self, row: dict[str, Any], where: str) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def _load(self, path: str) -> list[tuple[str, str]]:
+        records = read_records(path, split=self.split)
+        rows = map_fields(records, self.fields, self.required, f"{self.task_name} data {path}")
+        return [self.parse_record(row, f"{self.task_name} data {path}: record {i}")
+                for i, row in enumerate(rows, 1)]
+
+    def _split_of(self, question: str) -> Split:
+        h = int(hashlib.sha256(f"{self.seed}:{question}".encode()).hexdigest()[:8], 16)
+        return "heldout" if h / 0xFFFFFFFF < self.heldout_fraction else "train"
+
+    def _splits(self) -> dict[str, list[tuple[str, str]]]:
+        if self._cache is None:
+            items = self._load(self.path)
+            if self.heldout_path is not None:
+                heldout = self._load(self.heldout_path)
+                seen = {q for q, _ in heldout}
+                train = [it for it in items if it[0] not in seen]
+                if len(train) < len(items):
+                    print(f"warning: {self.task_name}: dropped {len(items) - len(train)} train rows that also "
+                          f"appear in {self.heldout_path}", file=sys.stderr)
+            else:
+                train = [it for it in items if self._split_of(it[0]) == "train"]
+                heldout = [it for it in items if self._split_of(it[0]) == "heldout"]
+            if not train:
+                raise UserError(f"{self.task_name}: no training rows left in {self.path} after the held-out "
+                                "split; lower heldout_fraction or add data")
+            self._cache = {"train": train, "heldout": heldout}
+        return self._cache
+
+    def prompt(self, question: str) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        # str.replace, not str.format: LaTeX braces in the template or question stay as written
+        messages.append({"role": "user", "content": self.template.replace("{question}", question)})
+        return messages
+
+    def rows(self, split: Split) -> list[dict[str, Any]]:
+        items = self._splits()[split]
+        if self.sizes[split] is not None:
+            items = items[:self.sizes[split]]
+        return [{
+            "id": f"{self.task_name}-{split}-{i}",
+            "prompt": self.prompt(question),
+            "answer": answer,
+            "verifiers": dict(self.verifiers),
+        } for i, (question, answer) in enumerate(items)]
+
+
+@TASKS.register("gsm8k")
+class GSM8K(_TextMath):
+    """Grade-school word problems from a local JSONL (question, answer ending in '#### n'); math verifier.
+
+    Args:
+        path: local data file (.jsonl/.json/.parquet or a datasets directory).
+        heldout_path: a second file for the held-out split (e.g. the test set); without
+            it, ``heldout_fraction`` of ``path`` is held out by a hash of the question.
+        fields: row field -> column name, e.g. ``{question: prompt, answer: solution}``.
+        template: the user message; ``{question}`` is replaced by the problem text.
+        system: optional system message.
+        train_size / heldout_size: at most this many rows per split (default all).
+        split: the split name inside a ``datasets`` directory holding several.
+        seed: salt of the split hash.
+        verifiers: verifier name -> weight (default ``{"math": 1.0}``; add e.g. ``format: 0.1``).
+    Rows: chat prompt, ``answer`` (the number after ``####``).
+    """
+
+    task_name = "gsm8k"
+    required = ("question", "answer")
+
+    def parse_record(self, row: dict[str, Any], where: str) -> tuple[str, str]:
+        question, text = str(row["question"]), str(row["answer"])
+        if "####" not in text:
+            raise UserError(f"{where}: answer has no '#### <number>' final line: {text[-60:]!r}")
+        answer = text.rsplit("####", 1)[1].strip().replace(",", "").rstrip(".")
+        if not answer:
+            raise UserError(f"{where}: nothing after '####' in the answer")
+        return question, answer
+
+
+@TASKS.register("math")
+class MATH(_TextMath):
+    """Competition maths from a local JSONL (problem + answer, or the last \\boxed{} of solution); math verifier.
+
+    Args: as ``gsm8k`` (``fields`` may map ``problem``, ``answer`` and ``solution``).
+    Rows: chat prompt (``{question}`` in the template is the problem), ``answer`` (the
+    ``answer`` column when present and non-empty, else the last ``\\boxed{}`` of ``solution``).
+    """
+
+    task_name = "math"
+    required = ("problem",)
+
+    def parse_record(self, row: dict[str, Any], where: str) -> tuple[str, str]:
+        answer = row.get("answer")
+        if answer is None or not str(answer).strip():
+            solution = row.get("solution")
+            if solution is None or not str(solution).strip():
+                raise UserError(f"{where}: needs an 'answer' or a 'solution' with \\boxed{{}}; "
+                                f"columns: {sorted(row)} (map them with task.args.fields)")
+            answer = last_boxed(str(solution))
+            if answer is None:
+                raise UserError(f"{where}: no 'answer' and no complete \\boxed{{...}} in 'solution'")
+        answer = str(answer).strip()
+        if not answer:
+            raise UserError(f"{where}: the \\boxed{{}} answer in 'solution' is empty")
+        return str(row["problem"]), answer
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` (nested braces), None if there is none."""
+    starts = [i for i in (text.rfind("\\boxed{"), text.rfind("\\fbox{")) if i >= 0]
+    if not starts:
+        return None
+    open_at = text.index("{", max(starts))
+    depth = 0
+    for i in range(open_at, len(text)):  # no import from verifiers/: tasks register before verifiers load
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[open_at + 1:i]
+    return None
