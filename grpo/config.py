@@ -50,6 +50,48 @@ class TaskConfig:
 
 
 @dataclass
+class VLLMOptions:
+    """The keys of ``rollout.vllm`` (kept a mapping in RolloutConfig; checked against these fields)."""
+
+    mode: Literal["colocate", "server"] = opt(
+        "colocate", "colocate: vLLM inside the trainer's process, on its device; server: a separately started "
+                    "`vllm serve` (other GPUs or machines; launch command in docs/vllm.md)")
+    gpu_memory_utilization: float = opt(
+        0.3, "colocate: share of the device's memory vLLM may take (its base weights + KV cache), the rest is "
+             "the trainer's; on CPU a share of RAM (unless kv_cache_gb is set)")
+    kv_cache_gb: float = opt(0.0, "colocate: KV cache size in GiB instead of the memory share (0 = use the share)")
+    sleep: bool = opt(False, "colocate, CUDA only: vLLM sleeps (level 1: base weights offloaded to CPU RAM, KV cache "
+                             "freed) from the end of each generation until the next, so training gets the memory")
+    max_model_len: int = opt(0, "colocate: longest prompt + completion vLLM reserves for (0 = the model's limit)")
+    enforce_eager: bool = opt(False, "colocate: no CUDA graphs / torch.compile (starts faster, decodes slower)")
+    engine_args: dict[str, Any] = opt({}, "colocate: further vllm.LLM keyword arguments, passed through as given")
+    server_url: str = opt("http://127.0.0.1:8000", "server: base URL of the vLLM OpenAI-compatible server")
+    adapter_dir: str = opt("", "directory each update's adapter is written to for vLLM to load (server mode: a path "
+                               "the server can read, e.g. a shared filesystem); empty = a temporary directory")
+    request_timeout_s: float = opt(600.0, "server: seconds to wait for one HTTP request")
+    max_concurrent_requests: int = opt(64, "server: requests in flight at once (one per prompt, n = G each)")
+
+
+def vllm_options(rollout: "RolloutConfig") -> VLLMOptions:
+    """``rollout.vllm`` as a validated VLLMOptions (unknown keys and bad values raise UserError)."""
+    opts = from_dict(VLLMOptions, dict(rollout.vllm), "rollout.vllm.")
+    checks = [
+        (0 < opts.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization must be in (0, 1]"),
+        (opts.kv_cache_gb >= 0, "rollout.vllm.kv_cache_gb must be >= 0"),
+        (opts.max_model_len >= 0, "rollout.vllm.max_model_len must be >= 0"),
+        (opts.request_timeout_s > 0, "rollout.vllm.request_timeout_s must be > 0"),
+        (opts.max_concurrent_requests >= 1, "rollout.vllm.max_concurrent_requests must be >= 1"),
+        (opts.mode == "colocate" or not opts.sleep, "rollout.vllm.sleep applies to mode colocate only"),
+        (opts.server_url.startswith(("http://", "https://")),
+         f"rollout.vllm.server_url must start with http:// or https://, got {opts.server_url!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"config: {message}")
+    return opts
+
+
+@dataclass
 class RolloutConfig:
     engine: Literal["hf", "vllm", "auto"] = opt("hf", "rollout engine: hf (transformers), vllm, or auto (vllm when importable)")
     prompts_per_step: int = opt(8, "prompts P sampled per step")
@@ -60,7 +102,8 @@ class RolloutConfig:
     top_k: int = opt(0, "top-k sampling (0 = off)")
     ignore_eos: bool = opt(False, "always generate max_new_tokens tokens (fixed-length benchmarks)")
     max_batch_size: int = opt(256, "most sequences decoded at once by the hf engine")
-    vllm: dict[str, Any] = opt({}, "vllm engine options (mode: colocate|server, gpu_memory_utilization, ...)")
+    vllm: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "vllm engine options, the rollout.vllm.* keys below (docs/vllm.md)", "keys": VLLMOptions})
 
 
 @dataclass
@@ -282,6 +325,7 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")
+    vllm_options(cfg.rollout)
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
@@ -297,4 +341,6 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
         else:
             lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {getattr(instance, f.name)!r}): "
                          f"{f.metadata.get('help', '')}")
+            if "keys" in f.metadata:  # a mapping whose keys are described by a dataclass
+                lines.extend(describe(f.metadata["keys"], f"{prefix}{f.name}."))
     return lines
