@@ -44,15 +44,26 @@ def _prompts(n: int) -> list[list[dict]]:
 def worker_ours(args) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from grpo.config import load_config
-    from grpo.registry import TASKS
+    from grpo.registry import TASKS, VERIFIERS
     from grpo.trainer import Trainer
     from tasks.base import Task
+    from verifiers.base import Score, Verifier
 
     prompts = _prompts(args.prompts)[:args.prompts]
 
+    class Alternating(Verifier):
+        """Reward 0, 1, 0, 1, ... by position: the same rewards as the TRL worker's, so both
+        systems see nonzero advantages and do the same update work."""
+        isolation = "inline"
+
+        def score(self, completions, **fields):
+            return [Score(float(i % 2), "alternating") for i in range(len(completions))]
+
+    VERIFIERS.add("_bench_alternating", Alternating, source="benchmark")
+
     class BenchTask(Task):
         def rows(self, split):
-            return [{"id": str(i), "prompt": p, "answer": "0", "verifiers": {"math": 1.0}} for i, p in enumerate(prompts)]
+            return [{"id": str(i), "prompt": p, "verifiers": {"_bench_alternating": 1.0}} for i, p in enumerate(prompts)]
 
     TASKS.add("_bench", BenchTask, source="benchmark")
     cfg = load_config(None, [

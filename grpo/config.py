@@ -312,6 +312,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.loss.epsilon_low >= 0 and cfg.loss.epsilon_high >= 0, "loss.epsilon_low/high must be >= 0"),
         (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
         (cfg.loss.tis_cap == 0 or cfg.loss.tis_cap >= 1, "loss.tis_cap must be 0 (off) or >= 1"),
+        (not (cfg.loss.tis_cap and cfg.loss.old_logprobs == "rollout"),
+         "loss.tis_cap with loss.old_logprobs=rollout would correct the engine/trainer difference twice "
+         "(the ratio pi/pi_engine already does): use old_logprobs auto/recompute with tis_cap, or rollout alone"),
         (cfg.loss.update_passes >= 1, "loss.update_passes must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),

@@ -117,3 +117,10 @@ def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     # YAML 1.1 parses 1e-5 as a string; a float key accepts it as the number it means
     assert load_config(_write(tmp_path, "optim:\n  lr: 1e-5\n")).optim.lr == 1e-5
+
+
+def test_tis_cap_with_rollout_old_logprobs_is_rejected():
+    # Both would correct the engine/trainer difference: the ratio pi/pi_engine and the TIS weight.
+    with pytest.raises(UserError, match="twice"):
+        load_config(None, ["loss.old_logprobs=rollout", "loss.tis_cap=2"])
+    load_config(None, ["loss.old_logprobs=recompute", "loss.tis_cap=2"])

@@ -238,8 +238,6 @@ def old_logprobs_choice(cfg) -> str:
                                                  "the current policy detached, equal to recompute with one pass")}
     if mode == "rollout":
         line = "old log-probs are vLLM's (loss.old_logprobs=rollout): the clipped ratio pi_trainer / pi_vllm absorbs the difference"
-        if cap:
-            line += f", and loss.tis_cap={cap:g} weights by min(pi_trainer / pi_vllm, cap) on top (both corrections)"
     else:
         line = f"old log-probs from the trainer ({how[mode]})"
         line += (f", truncated importance sampling min(pi_trainer / pi_vllm, {cap:g}) corrects the difference"
