@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", nargs="?", choices=["tasks", "verifiers"], help="only tasks or only verifiers")
     p.add_argument("--plugins", action="append", default=[], help="python file registering tasks/verifiers")
 
+    from grpo.evaluate_cli import add_eval_parser, run_eval  # light: no torch at import
+
+    add_eval_parser(sub)
+    command("eval")(run_eval)
+
+    from grpo.rm.cli import add_rm_parser, run_rm  # light: no torch at import
+
+    add_rm_parser(sub)
+    command("rm")(run_rm)
+
     return parser
 
 

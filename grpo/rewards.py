@@ -36,6 +36,7 @@ class RewardBatch:
     reasons: dict[str, list[str]]  # name -> (B,) reason ('' where not applied)
     correct: list[bool]  # (B,) every correctness verifier that applied gave >= 1
     errors: dict[str, int] = field(default_factory=dict)  # name -> crashed/timed-out items
+    correlations: dict[str, float] = field(default_factory=dict)  # "learned~check" -> Pearson r
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -44,6 +45,7 @@ class RewardBatch:
             if applied:
                 out[f"reward/{name}"] = sum(applied) / len(applied)
             out[f"errors/{name}"] = float(self.errors.get(name, 0))
+        out.update({f"reward_corr/{pair}": r for pair, r in self.correlations.items()})
         return out
 
 
@@ -125,7 +127,22 @@ class RewardRunner:
             checks = [per_verifier[n][i] for n in weights[i] if self.verifier(n).correctness]
             applied = [c for c in checks if c is not None]
             correct.append(bool(applied) and all(c >= CORRECT_THRESHOLD for c in applied))
-        return RewardBatch(total, per_verifier, reasons, correct, errors)
+        return RewardBatch(total, per_verifier, reasons, correct, errors, self._correlations(names, per_verifier))
+
+    def _correlations(self, names: list[str], per_verifier: dict[str, list[float | None]]) -> dict[str, float]:
+        """Pearson r between each verifier that asks for it (``report_correlation``, e.g. a
+        learned reward model) and each correctness verifier, over the completions both scored:
+        a learned reward that rises while this falls is being gamed (reward hacking)."""
+        out = {}
+        for a in names:
+            if not getattr(self.verifier(a), "report_correlation", False):
+                continue
+            for b in names:
+                if b != a and self.verifier(b).correctness:
+                    r = pearson(per_verifier[a], per_verifier[b])
+                    if r is not None:
+                        out[f"{a}~{b}"] = r
+        return out
 
     def _run(self, verifier: Verifier, name: str, completions: list[str],
              fields: list[dict[str, Any]]) -> tuple[list[Score], int]:
@@ -183,6 +200,22 @@ class RewardRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def pearson(xs: Sequence[float | None], ys: Sequence[float | None]) -> float | None:
+    """Pearson correlation over positions where both are scored; None when undefined
+    (fewer than 2 such positions, or either side constant)."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    if len(pairs) < 2:
+        return None
+    mx = sum(x for x, _ in pairs) / len(pairs)
+    my = sum(y for _, y in pairs) / len(pairs)
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    syy = sum((y - my) ** 2 for _, y in pairs)
+    if sxx <= 1e-12 or syy <= 1e-12:
+        return None
+    return sxy / (sxx * syy) ** 0.5
 
 
 def _checked(score: Any) -> Score:

@@ -27,7 +27,7 @@ from grpo.algorithms import group_advantages, masked_mean, policy_loss, truncate
 from grpo.config import RunConfig, to_dict
 from grpo.engines.base import Completion, SamplingParams
 from grpo.errors import UserError
-from grpo.evaluate import evaluate
+from grpo.evaluate import EVAL_SEED_OFFSET, evaluate
 from grpo.logprobs import grouped_logprobs, pack_grouped
 from grpo.metrics import MetricsLogger
 from grpo.prompts import encode_prompt
@@ -140,14 +140,18 @@ class Trainer:
         cfg = self.cfg
         sampling = self.sampling_params()
         summary: dict[str, Any] = {}
-        if cfg.eval.at_start and self.step == 0 and self.heldout_rows:
-            summary["before"] = self._evaluate(0)
+        if cfg.eval.at_start and self.heldout_rows:
+            if self.step == 0:
+                summary["before"] = self._evaluate(0)
+            elif (before := self._logged_eval(0)) is not None:
+                summary["before"] = before  # resumed: the evaluation logged before step 1
         bar = self._progress_bar()
         while self.step < cfg.steps:
             metrics = self.train_step(sampling)
             self.metrics.log(self.step, metrics)                                       # log
             self._show(bar, metrics)
-            if cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0 and self.step < cfg.steps:
+            if (cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0 and self.heldout_rows
+                    and (self.step < cfg.steps or not cfg.eval.at_end)):  # at_end evaluates the last step
                 self._evaluate(self.step)                                              # eval
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self._save_checkpoint()                                                # checkpoint
@@ -268,8 +272,8 @@ class Trainer:
                 engine_lp = self._rollout_logprobs(rollout, idx, batch)
                 tis = None
                 if cfg.loss.tis_cap:  # samples came from the engine's numerics, not the trainer's
-                    trainer_old = old_lp if old_mode != "rollout" else logp.detach()
-                    tis = truncated_importance_weights(trainer_old, engine_lp, cfg.loss.tis_cap)
+                    # (config validation forbids tis_cap with old_logprobs=rollout: old_lp is the trainer's)
+                    tis = truncated_importance_weights(old_lp, engine_lp, cfg.loss.tis_cap)
                 out = policy_loss(logp, old_lp,
                                   rollout.advantages[idx].to(self.device), mask,
                                   epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
@@ -322,7 +326,8 @@ class Trainer:
         rows = self.heldout_rows[:cfg.eval.num_problems] if cfg.eval.num_problems else self.heldout_rows
         result = evaluate(self.engine, self._encode, rows, self.rewards, n=cfg.eval.num_samples,
                           temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                          ks=cfg.eval.k, greedy=cfg.eval.greedy, seed=cfg.seed + 777, top_p=cfg.rollout.top_p)
+                          ks=cfg.eval.k, greedy=cfg.eval.greedy, seed=cfg.seed + EVAL_SEED_OFFSET,
+                          top_p=cfg.rollout.top_p)
         self.metrics.log(step, result.metrics)
         eval_dir = self.run_dir / "eval"
         eval_dir.mkdir(exist_ok=True)
@@ -331,10 +336,18 @@ class Trainer:
                 f.write(json.dumps(s) + "\n")
         m = result.metrics
         line = f"[eval step {step}] held-out accuracy (T={cfg.rollout.temperature:g}, {cfg.eval.num_samples} samples x {len(rows)} problems): {m['heldout/accuracy']:.3f} ± {m['heldout/accuracy_stderr']:.3f}"
+        line += "".join(f", pass@{k}: {m[f'heldout/pass@{k}']:.3f}" for k in cfg.eval.k if k > 1)
         if "heldout/greedy_accuracy" in m:
             line += f", greedy: {m['heldout/greedy_accuracy']:.3f}"
         print(line, file=sys.stderr, flush=True)
         return m
+
+    def _logged_eval(self, step: int) -> dict[str, float] | None:
+        """The held-out metrics logged at ``step`` (metrics.jsonl), if any."""
+        for record in self.metrics.records():
+            if record.get("step") == step and "heldout/accuracy" in record:
+                return {k: v for k, v in record.items() if k != "step"}
+        return None
 
     # -------------------------------------------------------------- progress
     def _progress_bar(self):
@@ -380,7 +393,16 @@ class Trainer:
         self.metrics.plot()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if "before" in summary and "after" in summary:
-            (self.run_dir / "before_after.md").write_text(before_after_table(summary["before"], summary["after"]))
+            e, r = self.cfg.eval, self.cfg.rollout
+            setting = {"steps": self.step, "num_problems": e.num_problems, "num_samples": e.num_samples, "k": e.k,
+                       "temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens,
+                       "greedy": e.greedy, "seed": self.cfg.seed + EVAL_SEED_OFFSET, "split": "heldout"}
+            (self.run_dir / "before_after.md").write_text(
+                f"Held-out evaluation before and after {self.step} steps ({e.num_samples} samples per problem at "
+                f"T={r.temperature:g}; ± is the standard error over problems).\n\n"
+                + before_after_table(summary["before"], summary["after"]))
+            (self.run_dir / "before_after.json").write_text(
+                json.dumps({"eval": setting, "before": summary["before"], "after": summary["after"]}, indent=2))
 
     def cleanup(self) -> None:
         for name in ("metrics", "rewards", "engine"):
@@ -390,10 +412,15 @@ class Trainer:
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
+    """Markdown: each held-out metric before and after training, ± its standard error where known."""
+    def cell(m: dict[str, float], k: str) -> str:
+        return f"{m[k]:.3f} ± {m[k + '_stderr']:.3f}" if k + "_stderr" in m else f"{m[k]:.3f}"
+
     keys = [k for k in before if k in after and not k.endswith("_stderr")]
-    lines = ["| metric | before | after |", "|---|---|---|"]
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
     for k in keys:
-        lines.append(f"| {k.removeprefix('heldout/')} | {before[k]:.3f} | {after[k]:.3f} |")
+        change = after[k] - before[k]
+        lines.append(f"| {k.removeprefix('heldout/')} | {cell(before, k)} | {cell(after, k)} | {change:+.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,7 @@
 """Imports the built-in verifier modules so their ``@VERIFIERS.register`` decorators run."""
 
 import verifiers.format  # noqa: F401
+import verifiers.countdown  # noqa: F401
 import verifiers.mathcheck  # noqa: F401
 import verifiers.code  # noqa: F401
+import verifiers.reward_model  # noqa: F401
