@@ -72,7 +72,7 @@ def worker_ours(args) -> None:
         "task.name=_bench", f"output_dir={args.out}/ours", f"rollout.prompts_per_step={args.prompts}",
         f"rollout.num_generations={args.group}", f"rollout.max_new_tokens={args.tokens}", "rollout.ignore_eos=true",
         f"loss.beta={args.beta}", f"optim.lr={args.lr}", f"optim.micro_batch_size={args.prompts * args.group}",
-        "eval.at_start=false", "eval.at_end=false", "checkpoint_every=0", f"steps={10 ** 6}",
+        "eval.at_start=false", "eval.at_end=false", "checkpoint_every=0", f"steps={10 ** 6}", f"threads={args.threads}",
     ])
     trainer = Trainer(cfg, progress=False)
     trainer.setup()
@@ -102,6 +102,9 @@ def worker_trl(args) -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from grpo.models import resolve_model_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured steps per system")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--systems", default="ours,trl")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads in both workers (0 = torch default)")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--json", default=None, help="write all step records here")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
