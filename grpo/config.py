@@ -278,21 +278,25 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config", expected: str = "config keys") -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a one-line UserError (with the line) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of {expected} at the top level")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from exc
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     for override in overrides:
         apply_override(data, override)
     cfg = from_dict(RunConfig, data)

@@ -142,17 +142,9 @@ def _build(data: dict[str, Any], source: str) -> EvalSettings:
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
-    import yaml
+    from grpo.config import read_yaml_mapping
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"eval config file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of eval settings (task, model, n, k, ...) or a training config")
+    data = read_yaml_mapping(path, "eval config", "eval settings (task, model, n, k, ...) or a training config")
     if _is_training_config(data):
         return _from_training_config(path)
     return {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from grpo.config import ModelConfig, apply_override, from_dict, opt, to_dict
+from grpo.config import ModelConfig, apply_override, from_dict, opt, read_yaml_mapping, to_dict
 from grpo.errors import UserError
 
 
@@ -69,19 +69,7 @@ class RMConfig:
 
 def load_rm_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RMConfig:
     """A YAML file (or the defaults) plus dotted overrides, validated like ``grpo train``'s config."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     for override in overrides:
         apply_override(data, override)
     cfg = from_dict(RMConfig, data)
