@@ -165,12 +165,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str] | str):
-    """Wrap ``model`` with trainable LoRA adapters (peft); everything else is frozen."""
+def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str] | str,
+             task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with trainable LoRA adapters (peft); everything else is frozen
+    (with ``task_type="SEQ_CLS"`` peft also keeps the score head trainable and saved)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules, task_type="CAUSAL_LM", bias="none")
+                        target_modules=target_modules, task_type=task_type, bias="none")
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

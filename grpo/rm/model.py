@@ -75,15 +75,9 @@ def build_for_training(model_cfg) -> tuple[Any, Any, str]:
 
 def add_lora_with_head(model, rank: int, alpha: float, dropout: float, target_modules: list[str] | str):
     """LoRA on the backbone (as ``grpo.models.add_lora``) plus a fully trained score head."""
-    from peft import LoraConfig, get_peft_model
+    from grpo.models import add_lora
 
-    # task_type SEQ_CLS makes peft keep the head ("score"/"classifier") trainable and saved.
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="SEQ_CLS", bias="none")
-    try:
-        model = get_peft_model(model, config)
-    except ValueError as exc:
-        raise UserError(f"LoRA: {str(exc).strip().splitlines()[0]} (check model.lora_target_modules)") from exc
+    model = add_lora(model, rank, alpha, dropout, target_modules, task_type="SEQ_CLS")
     if not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n):
         raise UserError("the reward head is not trainable: peft found no 'score' or 'classifier' module")
     return model
