@@ -93,10 +93,9 @@ def _verify(args: argparse.Namespace) -> int:
     from grpo.rewards import RewardRunner
 
     load_plugins(args.plugins)
-    try:
-        vargs = json.loads(args.args)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--args is not valid JSON: {exc.msg}") from exc
+    from grpo.config import json_object_arg
+
+    vargs = json_object_arg(args.args, "--args")
     rows = _read_verify_rows(args.input)
     name = args.verifier
     with RewardRunner({name: vargs}, workers=args.workers) as runner:

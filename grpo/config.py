@@ -278,6 +278,19 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+def json_object_arg(text: str, flag: str) -> dict[str, Any]:
+    """A command-line flag's JSON object (``--task-args '{"digits": 2}'``); one-line UserError otherwise."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{flag} is not valid JSON ({exc.msg}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object, e.g. '{{\"digits\": 2}}'; got {text!r}")
+    return value
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config", expected: str = "config keys") -> dict[str, Any]:
     """The top-level mapping of a YAML file; a one-line UserError (with the line) otherwise."""
     path = Path(path)

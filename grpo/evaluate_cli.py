@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from grpo.config import ModelConfig, RolloutConfig, RunConfig, from_dict, opt
+from grpo.config import ModelConfig, RolloutConfig, RunConfig, from_dict, json_object_arg, opt
 from grpo.errors import UserError
 
 _MODEL, _ROLLOUT = ModelConfig(), RolloutConfig()  # one source of truth for the shared defaults
@@ -125,7 +125,7 @@ def resolve_settings(args: argparse.Namespace) -> EvalSettings:
     cli = {f.name: getattr(args, f.name) for f in fields(EvalSettings) if hasattr(args, f.name)}
     for name in _JSON_FLAGS:
         if name in cli:
-            cli[name] = _json_arg(name, cli[name])
+            cli[name] = json_object_arg(cli[name], "--" + name.replace("_", "-"))
     settings = _build({**data, **_normalise(cli, "command line")}, "command line")
     default_ks = {1, settings.n, *(4 ** i for i in range(1, 16) if 4 ** i < settings.n)}
     settings.k = sorted(set(settings.k) or default_ks)
@@ -199,17 +199,6 @@ def _parse_ks(value: Any, source: str) -> Any:
             return [int(part) for part in value.replace(" ", "").split(",") if part]
         except ValueError:
             raise UserError(f"{source}: k must be integers separated by commas, e.g. 1,4,16; got {value!r}") from None
-    return value
-
-
-def _json_arg(name: str, text: str) -> Any:
-    flag = "--" + name.replace("_", "-")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{flag} is not valid JSON ({exc.msg}): {text!r}") from exc
-    if not isinstance(value, dict):
-        raise UserError(f"{flag} must be a JSON object, e.g. '{{\"digits\": 2}}'; got {text!r}")
     return value
 
 

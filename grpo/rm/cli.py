@@ -115,10 +115,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _build_pairs(args: argparse.Namespace) -> int:
+    from grpo.config import json_object_arg
     from grpo.rm.pairs import build_pairs, write_jsonl
 
-    task_args = _json_arg(args.task_args, "--task-args")
-    verifier_args = _json_arg(args.verifier_args, "--verifier-args")
+    task_args = json_object_arg(args.task_args, "--task-args")
+    verifier_args = json_object_arg(args.verifier_args, "--verifier-args")
     pairs, stats = build_pairs(
         args.task, args.model, adapter=args.adapter, split=args.split, num_prompts=args.num_prompts, n=args.n,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, pair_by=args.pair_by,
@@ -135,11 +136,3 @@ def _build_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_arg(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{flag} is not valid JSON: {exc.msg}") from exc
-    if not isinstance(value, dict):
-        raise UserError(f"{flag} must be a JSON object, got {text!r}")
-    return value
