@@ -164,17 +164,35 @@ def _module_source(obj: Any) -> str:
 
 
 def _import_path(path: str, kind: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise UserError(f"cannot import {kind} {path!r}: {type(exc).__name__}: {exc}") from exc
+    """``package.module:attr``, or ``path/to/file.py:attr`` (the file is imported as a plugin)."""
+    module_name, _, attr = path.rpartition(":")
+    if module_name.endswith(".py"):
+        module = _import_file(module_name, kind)
+        module_name = module.__name__
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise UserError(f"cannot import {kind} {path!r}: {type(exc).__name__}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UserError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
+
+
+def _plugin_module_name(path: Path) -> str:
+    return f"grpo_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+
+
+def _import_file(file: str, kind: str) -> Any:
+    """The module of a ``file.py:attr`` target (imported once, like a plugin file)."""
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise UserError(f"{kind} {file}: file not found")
+    load_plugin_file(path, f"file {file}")
+    return sys.modules[_plugin_module_name(path)]
 
 
 def load_plugin_file(path: str | Path, source: str, *registries: Registry) -> None:
@@ -186,7 +204,7 @@ def load_plugin_file(path: str | Path, source: str, *registries: Registry) -> No
     path = Path(path)
     if not path.is_file():
         raise UserError(f"plugin file not found: {path}")
-    module_name = f"grpo_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+    module_name = _plugin_module_name(path)
     if module_name in sys.modules:
         return
     for registry in registries:

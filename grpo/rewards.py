@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from grpo.errors import UserError
 from grpo.registry import VERIFIERS
 from verifiers.base import Score, Verifier, build_verifier
+from verifiers.foreign import foreign_verifier, is_foreign_function
 
 CORRECT_THRESHOLD = 1.0 - 1e-6
 
@@ -74,8 +75,12 @@ class RewardRunner:
     def verifier(self, name: str) -> Verifier:
         if name not in self._verifiers:
             obj = VERIFIERS.get(name)
+            args = self.verifier_args.get(name, {})
+            if ":" in name and is_foreign_function(obj):  # a TRL / verl reward function named by path
+                self._verifiers[name] = foreign_verifier(obj, name, **args)
+                return self._verifiers[name]
             try:
-                self._verifiers[name] = build_verifier(obj, **self.verifier_args.get(name, {}))
+                self._verifiers[name] = build_verifier(obj, **args)
             except TypeError as exc:
                 raise UserError(f"verifier {name!r}: bad arguments in task.verifier_args.{name}: {exc}") from exc
         return self._verifiers[name]
@@ -113,7 +118,7 @@ class RewardRunner:
         for name in names:
             idx = [i for i in range(B) if name in weights[i]]
             verifier = self.verifier(name)
-            wanted = verifier.fields
+            wanted = _wanted_fields(verifier, [rows[i] for i in idx])
             fields = [{f: rows[i].get(f) for f in wanted} for i in idx]
             scores, n_err = self._run(verifier, name, [completions[i] for i in idx], fields)
             values: list[float | None] = [None] * B
@@ -150,11 +155,13 @@ class RewardRunner:
             return [], 0
         if verifier.isolation == "inline":
             try:
-                cols = {f: [row[f] for row in fields] for f in verifier.fields}
+                cols = {f: [row[f] for row in fields] for f in (fields[0] if fields else ())}
                 scores = verifier(completions, **cols)
                 if len(scores) != len(completions):
                     raise RuntimeError(f"returned {len(scores)} scores for {len(completions)} completions")
                 return [_checked(s) for s in scores], 0
+            except UserError:  # a contract broken by the verifier's author stops the run (one error line)
+                raise
             except Exception as exc:
                 _warn(f"verifier {name!r} raised {type(exc).__name__}: {exc}; its {len(completions)} rewards are 0")
                 return [Score(0.0, f"error: {type(exc).__name__}: {exc}"[:200])] * len(completions), len(completions)
@@ -168,6 +175,8 @@ class RewardRunner:
             except concurrent.futures.TimeoutError:
                 scores.append(Score(0.0, f"error: timeout after {verifier.timeout_s:g}s"))
                 n_err += 1
+            except UserError:
+                raise
             except MemoryError:
                 scores.append(Score(0.0, f"error: memory limit {verifier.memory_mb} MB"))
                 n_err += 1
@@ -200,6 +209,14 @@ class RewardRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _wanted_fields(verifier: Verifier, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The row columns a verifier reads: its ``fields``, or every column when it sets
+    ``all_fields`` (TRL reward functions receive all dataset columns)."""
+    if not getattr(verifier, "all_fields", False):
+        return list(verifier.fields)
+    return sorted({k for row in rows for k in row if k != "verifiers"})
 
 
 def pearson(xs: Sequence[float | None], ys: Sequence[float | None]) -> float | None:
