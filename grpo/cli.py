@@ -44,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="score completions from a JSONL file with a verifier (JSON lines out)")
     p.add_argument("--verifier", required=True, help="verifier name (grpo list verifiers) or module:attr")
-    p.add_argument("--input", required=True, help="JSONL rows: completion + the verifier's fields ('-' = stdin)")
+    p.add_argument("--input", help="JSONL rows: completion + the verifier's fields ('-' = stdin)")
     p.add_argument("--args", default="{}", help="verifier constructor arguments as JSON, e.g. '{\"tolerance\": 1e-6}'")
     p.add_argument("--workers", type=int, default=2, help="worker processes for isolated verifiers")
     p.add_argument("--plugins", action="append", default=[], help="python file registering tasks/verifiers")
+    from grpo.audit import add_audit_arguments  # light: no torch at import
+
+    add_audit_arguments(p)
 
     p = sub.add_parser("list", help="list registered tasks and verifiers with their source")
     p.add_argument("what", nargs="?", choices=["tasks", "verifiers"], help="only tasks or only verifiers")
@@ -95,6 +98,12 @@ def _verify(args: argparse.Namespace) -> int:
     load_plugins(args.plugins)
     from grpo.config import json_object_arg
 
+    if args.audit:
+        from grpo.audit import run_audit_command
+
+        return run_audit_command(args, _read_verify_rows)
+    if not args.input:
+        raise UserError("grpo verify needs --input FILE.jsonl (or --audit with --task NAME)")
     vargs = json_object_arg(args.args, "--args")
     rows = _read_verify_rows(args.input)
     name = args.verifier
