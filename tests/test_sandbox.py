@@ -199,6 +199,42 @@ def test_fresh_interpreter_launcher_without_zygote():
     assert r.ok, r.reason
 
 
+def test_inside_modules_are_standalone_stdlib_code():
+    """The boot stub loads verifiers/sandbox/inside/ alone in `python -I -S`: its modules may
+    import only the standard library and each other (relative imports)."""
+    import ast
+    from pathlib import Path
+
+    inside = Path(__file__).resolve().parents[1] / "verifiers" / "sandbox" / "inside"
+    modules = sorted(inside.glob("*.py"))
+    assert {m.stem for m in modules} >= {"harness", "pid1", "program", "zygote", "wire"}
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert name.partition(".")[0] in sys.stdlib_module_names, f"{path.name} imports {name}"
+
+
+def test_sandbox_does_not_import_the_code_verifier():
+    """Output comparison lives in verifiers.io_compare: no verifiers.code <-> sandbox cycle,
+    not even through a function-local import."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "verifiers" / "sandbox"
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "verifiers.code", path
+            elif isinstance(node, ast.Import):
+                assert "verifiers.code" not in [a.name for a in node.names], path
+
+
 # ------------------------------------------------------------------- adversarial battery
 EQ_ANYTHING = '''
 class Anything:

@@ -5,7 +5,7 @@ Row fields (one of ``tests`` / ``io_cases`` is required):
 * ``tests``: self-contained Python test code run against the program: plain
   ``assert`` statements, or HumanEval's ``def check(candidate): ...`` followed by
   ``check(entry_point)``. The tests run in a separate, trusted process; the program's
-  functions and classes reach them as proxies (see ``verifiers/sandbox.py`` and
+  functions and classes reach them as proxies (see ``verifiers/sandbox/`` and
   ``docs/sandbox.md``), so nothing the program does can make an assertion pass.
 * ``prefix`` (optional): code placed before the completion (HumanEval's prompt: the
   signature, docstring and helper functions the completion continues or redefines).
@@ -34,6 +34,8 @@ from typing import Any, Sequence
 from grpo.errors import UserError
 from grpo.registry import VERIFIERS
 from verifiers.base import Score, Verifier
+from verifiers.io_compare import compare_output, output_lines  # noqa: F401  (public here too)
+from verifiers.sandbox import IOJob, Limits, Sandbox, TestsJob
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PY_TAGS = {"", "python", "py", "python3", "py3"}
@@ -62,27 +64,6 @@ def build_program(completion: str, prefix: str | None = None, entry_point: str |
     if code is completion:  # continuation of the prefix (e.g. a function body)
         return prefix + code
     return prefix.rstrip("\n") + "\n\n" + code
-
-
-def output_lines(text: str) -> list[str]:
-    """Lines of program output as compared: trailing spaces and trailing blank lines dropped."""
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    return lines
-
-
-def compare_output(expected: str, actual: str) -> tuple[bool, str]:
-    """Full line-list equality (no credit for a prefix or extra lines), with a short reason."""
-    want, got = output_lines(expected), output_lines(actual)
-    if want == got:
-        return True, "ok"
-    for i, (w, g) in enumerate(zip(want, got)):
-        if w != g:
-            return False, f"line {i + 1}: expected {w[:40]!r}, got {g[:40]!r}"
-    if len(got) < len(want):
-        return False, f"output ended after {len(got)} of {len(want)} lines"
-    return False, f"{len(got) - len(want)} extra line(s) after the expected {len(want)}"
 
 
 def _check_io_cases(cases: Any) -> list[dict[str, str]]:
@@ -130,16 +111,12 @@ class PythonTests(Verifier):
 
     def sandbox(self):
         if self._sandbox is None:
-            from verifiers.sandbox import Limits, Sandbox
-
             limits = Limits(wall_s=self.timeout_s, cpu_s=self.cpu_s, memory_mb=self.memory_mb,
                             max_output_bytes=self.max_output_kb * 1024)
             self._sandbox = Sandbox(limits, workers=self.workers)
         return self._sandbox
 
     def score(self, completions: Sequence[str], **fields: Sequence[Any]) -> list[Score]:
-        from verifiers.sandbox import IOJob, TestsJob
-
         n = len(completions)
         tests = fields.get("tests") or [None] * n
         prefixes = fields.get("prefix") or [None] * n

@@ -1,0 +1,309 @@
+"""The harness: the trusted process that runs the tests and writes the verdict.
+
+It starts init (and so the program) *before* it reads the tests, so the tests are never
+in the program's memory; then it runs the tests, calling the program's functions through
+proxies (``proxy.py``), counting every executed ``assert``, and writes the verdict to
+its stdout, a pipe only it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from . import pid1
+from .linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER, PR_SET_DUMPABLE, \
+    count_own_processes, prctl, set_rlimit, socketpair, unshare
+from .proxy import Remote
+from .wire import FRAME, ProgramGone, ProtocolError, Timeout, describe_exit, frame, read_exact, recv, send, \
+    write_all
+
+
+def main() -> None:
+    """Entry point of the harness process (``python -I -S``), reading the job from stdin."""
+    result_fd = os.dup(1)
+    os.dup2(2, 1)  # test code's prints go to stderr, never into the verdict channel
+    iso: dict[str, Any] = {}
+    try:
+        hdr = json.loads(read_exact(0, FRAME.unpack(read_exact(0, 4))[0]))
+        # The harness itself is trusted but may run heavy test code: cap it too.
+        set_rlimit("RLIMIT_AS", 4096 * 1024 * 1024)
+        if os.geteuid() != 0 or hdr.get("mode", "auto") != "auto":
+            hdr["own_processes"] = count_own_processes()  # before a PID namespace hides them
+        mode = _enter_namespaces(iso, hdr.get("mode", "auto"))
+        ctl_h, ctl_i = socketpair()
+        rpc_h, rpc_c = socketpair() if hdr["kind"] == "tests" else (-1, -1)
+        init_pid = os.fork()
+        if init_pid == 0:  # -------- init: forked before the tests are read
+            try:
+                os.close(result_fd)
+                os.close(ctl_h)
+                if rpc_h >= 0:
+                    os.close(rpc_h)
+                pid1.main(hdr, mode, ctl_i, rpc_c)
+            finally:
+                os._exit(0)
+        os.close(ctl_i)
+        if rpc_c >= 0:
+            os.close(rpc_c)
+        second = json.loads(read_exact(0, FRAME.unpack(read_exact(0, 4))[0]))
+        os.close(0)
+        ready = recv(ctl_h, time.monotonic() + 30)
+        iso.update(ready.get("layers", {}))
+        if hdr["kind"] == "io":
+            out = {"cases": _harness_io(hdr, ctl_h)}
+        else:
+            out = _harness_tests(hdr, second, ctl_h, rpc_h)
+        os.close(ctl_h)  # init kills everything left in the namespace and exits
+        try:
+            os.waitpid(init_pid, 0)
+        except ChildProcessError:
+            pass
+        out.update(nonce=second["nonce"], isolation=iso)
+        write_all(result_fd, frame(json.dumps(out).encode()))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(3)
+    os._exit(0)
+
+
+def _enter_namespaces(iso: dict[str, Any], want: str) -> str:
+    """New network + PID (+ IPC) namespaces for init and the program; returns the mode:
+    ``root`` (also a separate uid), ``userns`` (inside a user namespace) or ``none``."""
+    flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC
+    if want == "none":
+        flags = 0
+    if flags and want == "auto" and os.geteuid() == 0:
+        try:
+            unshare(flags)
+            iso.update(mode="root", uid_separation=True, netns=True, pidns=True, ipcns=True)
+            return "root"
+        except OSError as exc:
+            iso["unshare_error"] = str(exc)
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        if not flags:
+            raise OSError("namespaces not requested")
+        unshare(CLONE_NEWUSER | flags)
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"0 {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"0 {gid} 1")
+        iso.update(mode="userns", uid_separation=False, netns=True, pidns=True, ipcns=True)
+        return "userns"
+    except OSError as exc:
+        if flags:
+            iso["userns_error"] = str(exc)
+    try:
+        prctl(PR_SET_DUMPABLE, 0)  # same uid as the program: at least refuse ptrace//proc/pid/mem
+    except OSError:
+        pass
+    iso.update(mode="none", uid_separation=False, netns=False, pidns=False, ipcns=False)
+    return "none"
+
+
+# ------------------------------------------------------------------- harness: stdin/stdout
+def _harness_io(hdr: dict[str, Any], ctl: int) -> list[dict[str, Any]]:
+    lim = hdr["limits"]
+    results = []
+    for text, cap in zip(hdr["inputs"], hdr["output_caps"]):
+        send(ctl, {"op": "io", "stdin": text, "cap": cap})
+        try:
+            results.append(recv(ctl, time.monotonic() + lim["wall_s"] + 30))
+        except (Timeout, EOFError, ProtocolError):
+            break
+    return results
+
+
+# --------------------------------------------------------------------- harness: the tests
+def _harness_tests(hdr: dict[str, Any], second: dict[str, Any], ctl: int, rpc: int) -> dict[str, Any]:
+    import ast
+    import builtins
+    import importlib
+
+    lim = hdr["limits"]
+    partial = bool(second.get("partial"))
+    send(ctl, {"op": "serve"})  # the program loads while the tests compile
+    deadline = time.monotonic() + lim["wall_s"]
+    try:
+        tree = ast.parse(second["tests"], "<tests>")
+        written = sum(isinstance(node, ast.Assert) for node in ast.walk(tree))
+        code = compile(_AssertCounter().visit(tree), "<tests>", "exec")
+    except SyntaxError as exc:
+        return _verdict(False, 0, 1, "error", f"error: the tests do not parse: {exc.msg} (line {exc.lineno})")
+    remote = Remote(rpc, deadline)
+    tally = _Tally(partial)
+    try:
+        hello = remote.recv()
+        if not hello.get("ok"):
+            msg = f"{hello.get('e', 'Error')}: {hello.get('msg', '')}"
+            return _verdict(False, 0, 1, "failed", f"program failed to load: {msg}"[:200])
+        ns: dict[str, Any] = {"__name__": "__tests__", "__builtins__": builtins}
+        names = hello.get("names", {})
+        if not isinstance(names, dict):
+            raise ProtocolError("bad names")
+        for name, enc in names.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ProtocolError("bad name")
+            if name.startswith(("__", "_sandbox")) or hasattr(builtins, name):
+                continue  # the tests keep their __builtins__ and the real len, abs, AssertionError...
+            if name in _SAFE_MODULES or isinstance(enc, dict) and set(enc) == {"m"}:
+                # A module the program imported: the harness's own copy of it, and only
+                # side-effect-free stdlib modules; a program's fake `math` is never used.
+                module = name if name in _SAFE_MODULES else str(enc["m"])
+                if module.partition(".")[0] in _SAFE_MODULES:
+                    try:
+                        ns[name] = importlib.import_module(module)
+                    except Exception:
+                        pass
+                continue
+            ns[name] = remote.decode(enc)
+        ns["_sandbox_record_"] = tally.record
+        _run_with_alarm(code, ns, deadline)
+    except Timeout:
+        return _verdict(False, tally.passed, tally.total + 1, "timeout", f"timeout after {lim['wall_s']:g}s"
+                        + _after(tally))
+    except (ProgramGone, EOFError):
+        why = f"program failed: {remote.broken}"
+        if remote.broken in ("", "program process exited"):  # ask init how it ended
+            why = "program exited before the tests finished"
+            try:
+                info = recv(ctl, time.monotonic() + 1.0)
+                if isinstance(info, dict) and info.get("op") == "exited":
+                    why = describe_exit(info, lim)
+            except (Timeout, EOFError, OSError, ProtocolError):
+                pass
+        return _verdict(False, tally.passed, tally.total + 1, "crashed", why + _after(tally))
+    except ProtocolError as exc:
+        return _verdict(False, tally.passed, tally.total + 1, "failed", f"program sent bad data: {exc}")
+    except BaseException as exc:  # noqa: BLE001 - any error in the tests is a failure
+        line = "" if isinstance(exc, _AssertFailed) else _test_line(exc)
+        return _verdict(False, tally.passed, tally.total + (0 if isinstance(exc, _AssertFailed) else 1), "failed",
+                        f"{_exc_text(exc)}{line}"[:200])
+    if remote.broken:  # the tests swallowed a protocol error or a vanished program
+        return _verdict(False, tally.passed, tally.total + 1, "crashed", f"program failed: {remote.broken}")
+    if tally.total == 0:
+        if written:  # e.g. `for x in f(): assert ...` with an empty f(), or check() never called
+            return _verdict(False, 0, 1, "failed", "no assertion ran (the tests hold asserts that never executed)")
+        return _verdict(True, 1, 1, "passed", "passed (tests without assert ran to completion)")
+    ok = tally.passed == tally.total
+    reason = f"passed {tally.passed}/{tally.total} assertions" if ok else tally.first_failure
+    return _verdict(ok, tally.passed, tally.total, "passed" if ok else "failed", reason)
+
+
+def _verdict(ok: bool, passed: int, total: int, status: str, reason: str) -> dict[str, Any]:
+    return {"ok": ok, "passed": passed, "total": total, "status": status, "reason": reason}
+
+
+def _after(tally) -> str:
+    return f" ({tally.passed} assertion(s) passed before)" if tally.total else ""
+
+
+def _exc_text(exc: BaseException) -> str:
+    if isinstance(exc, _AssertFailed):
+        return str(exc)
+    msg = str(exc)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _test_line(exc: BaseException) -> str:
+    tb, line = exc.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<tests>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f" (tests line {line})" if line else ""
+
+
+def _run_with_alarm(code, ns: dict[str, Any], deadline: float) -> None:
+    """exec the tests; SIGALRM at the deadline covers loops in the test code itself."""
+
+    def on_alarm(signum, frame):
+        raise Timeout()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(0.001, deadline - time.monotonic()))
+    try:
+        exec(code, ns)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# Modules a program's namespace may hand to the tests (the harness imports its own copy).
+_SAFE_MODULES = frozenset(
+    "abc array bisect calendar cmath collections copy dataclasses datetime decimal enum fractions "
+    "functools hashlib heapq itertools json math numbers operator random re statistics string struct "
+    "sys textwrap time typing unicodedata".split())
+
+
+class _AssertFailed(AssertionError):
+    pass
+
+
+_TRUTH = bool  # captured at import: the tests' namespace cannot rebind it
+
+
+class _Tally:
+    """Counts assertions; in strict mode the first failure stops the tests."""
+
+    def __init__(self, partial: bool):
+        self.partial = partial
+        self.passed = self.total = 0
+        self.first_failure = ""
+
+    def record(self, value: Any, lineno: int, source: str, error: BaseException | None = None) -> None:
+        self.total += 1
+        try:
+            ok = error is None and _TRUTH(value)
+        except Exception as exc:  # a program object has no trusted truth value
+            if not self.partial:
+                raise
+            ok, error = False, exc
+        if ok:
+            self.passed += 1
+            return
+        why = f"{type(error).__name__}: {error}" if error is not None else "AssertionError"
+        msg = f"assertion {self.total} failed (tests line {lineno}): {source[:80]}" + \
+            ("" if error is None else f" -> {why[:60]}")
+        self.first_failure = self.first_failure or msg
+        if not self.partial:
+            raise _AssertFailed(msg)
+
+
+class _AssertCounter:
+    """AST pass: ``assert c, m`` -> record(bool(c)) so assertions can be counted.
+
+    Strict mode keeps Python's semantics (an exception in ``c`` propagates); partial
+    mode catches it, counts the assertion as failed and goes on.
+    """
+
+    def visit(self, tree):
+        import ast
+
+        class T(ast.NodeTransformer):
+            def visit_Assert(self, node):
+                src = ast.unparse(node.test)
+                rec = ast.parse(
+                    "try:\n"
+                    "    _sandbox_value_ = TEST\n"
+                    "    _sandbox_err_ = None\n"
+                    "except Exception as _sandbox_e_:\n"
+                    "    if not _sandbox_record_.__self__.partial: raise\n"
+                    "    _sandbox_value_, _sandbox_err_ = False, _sandbox_e_\n"
+                    f"_sandbox_record_(_sandbox_value_, {node.lineno}, {src!r}, _sandbox_err_)\n").body
+                rec[0].body[0].value = node.test  # TEST -> <the assert's condition>
+                for n in rec:
+                    ast.copy_location(n, node)
+                    for sub in ast.walk(n):
+                        ast.copy_location(sub, node)
+                return rec
+
+        return ast.fix_missing_locations(T().visit(tree))

@@ -1,0 +1,154 @@
+"""Linux system calls the sandbox needs (ctypes): namespaces, mounts, prctl, seccomp,
+capabilities, rlimits. Where a call is missing (not Linux) it raises ``OSError(ENOSYS)``
+and the layer that needs it reports itself off.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 32, 4096, 8192, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 38
+
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def call(name: str, *args) -> None:
+    import ctypes
+    import errno
+
+    fn = getattr(libc(), name, None)
+    if fn is None:  # not Linux: every layer that needs it reports itself off
+        raise OSError(errno.ENOSYS, f"{name}: not available on this system")
+    if fn(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    call("unshare", flags)
+
+
+def mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = (lambda s: None if s is None else s.encode())
+    call("mount", enc(src), enc(target), enc(fstype), flags, enc(data))
+
+
+def prctl(option: int, arg: int) -> None:
+    import ctypes
+
+    call("prctl", option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+
+# seccomp: refuse sockets other than AF_UNIX (and io_uring, x32 and foreign-ABI syscalls).
+_SECCOMP_ARCH = {  # machine -> (AUDIT_ARCH, socket nr, io_uring_setup nr, has x32 bit)
+    "x86_64": (0xC000003E, 41, 425, True),
+    "aarch64": (0xC00000B7, 198, 425, False),
+}
+
+
+_SECCOMP: list = []  # [(fprog, filter array)] built once (in the zygote), reused by every fork
+
+
+def seccomp_program():
+    import ctypes
+    import errno
+    import platform
+
+    if _SECCOMP:
+        return _SECCOMP[0]
+    spec = _SECCOMP_ARCH.get(platform.machine())
+    if spec is None:
+        _SECCOMP.append(None)
+        return None
+    arch, nr_socket, nr_uring, x32 = spec
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM
+    deny_net = 0x00050000 | errno.EACCES
+    # (code, jt, jf, k); jump offsets are relative to the next instruction.
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, deny), (ld, 0, 0, 0)]
+    if x32:
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, deny)]
+    prog += [(jeq, 0, 1, nr_uring), (ret, 0, 0, deny),
+             (jeq, 1, 0, nr_socket), (ret, 0, 0, allow),
+             (ld, 0, 0, 16), (jeq, 0, 1, 1), (ret, 0, 0, allow), (ret, 0, 0, deny_net)]
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                    ("k", ctypes.c_uint)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+
+    arr = (Filter * len(prog))(*[Filter(*ins) for ins in prog])
+    _SECCOMP.append((Prog(len(prog), arr), arr))
+    return _SECCOMP[0]
+
+
+def install_seccomp() -> bool:
+    import ctypes
+
+    built = seccomp_program()
+    if built is None:
+        return False
+    try:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        call("prctl", PR_SET_SECCOMP, ctypes.c_ulong(2), ctypes.byref(built[0]), ctypes.c_ulong(0),
+             ctypes.c_ulong(0))
+    except OSError:
+        return False
+    return True
+
+
+def socketpair() -> tuple[int, int]:
+    import socket
+
+    a, b = socket.socketpair()
+    return a.detach(), b.detach()
+
+
+def set_rlimit(name: str, soft: int, hard: int | None = None) -> None:
+    import resource
+
+    res = getattr(resource, name)
+    cur_soft, cur_hard = resource.getrlimit(res)
+    hard = soft if hard is None else hard
+    if cur_hard != resource.RLIM_INFINITY:
+        hard = min(hard, cur_hard)
+        soft = min(soft, hard)
+    resource.setrlimit(res, (soft, hard))
+
+
+def drop_capabilities() -> None:
+    import ctypes
+
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable (x2): all empty
+    call("capset", header, data)
+
+
+def count_own_processes() -> int:
+    uid, n = os.getuid(), 0
+    try:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    n += os.stat(f"/proc/{entry}").st_uid == uid
+                except OSError:
+                    pass
+    except OSError:
+        return 1024
+    return n
