@@ -307,10 +307,72 @@ def test_bad_options_are_user_errors(kwargs, message):
 
 
 def test_fallback_names_are_documented():
-    import verifiers.mathcheck as mc
+    import verifiers.math
 
     for name in FALLBACKS:
-        assert f"``{name}``" in mc.__doc__
+        assert f"``{name}``" in verifiers.math.__doc__
+
+
+# ------------------------------------------------------------------------ package layout
+def test_old_import_path_is_the_package():
+    """``verifiers.mathcheck`` re-exports the package's objects themselves, not copies, and the
+    registered ``math`` verifier is the package's class."""
+    import verifiers.math
+    import verifiers.mathcheck
+
+    names = set(verifiers.math.__all__)
+    assert names == set(verifiers.mathcheck.__all__)
+    assert {"check", "equivalent", "extract_answer", "normalize", "parse", "ParseError", "MathVerifier"} <= names
+    for name in names:
+        assert getattr(verifiers.mathcheck, name) is getattr(verifiers.math, name), name
+    assert VERIFIERS.get("math") is verifiers.math.MathVerifier
+
+
+def _package_imports(path) -> set[str]:
+    """Modules of ``verifiers.math`` (and the front module itself) that the file at ``path``
+    imports, anywhere in it (function-local imports included)."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            targets = [node.module]
+            if node.module == "verifiers.math":
+                targets = [f"verifiers.math.{a.name}" for a in node.names] + ["verifiers.math"]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        out.update(t for t in targets if t == "verifiers.math" or t.startswith("verifiers.math."))
+    return out
+
+
+def test_math_package_has_no_import_cycle_and_small_files():
+    from pathlib import Path
+
+    import verifiers.math
+
+    package = Path(verifiers.math.__file__).parent
+    files = {"verifiers.math" if p.stem == "__init__" else f"verifiers.math.{p.stem}": p
+             for p in sorted(package.glob("*.py"))}
+    graph = {name: _package_imports(path) & set(files) for name, path in files.items()}
+    for path in files.values():
+        assert len(path.read_text().splitlines()) <= 600, path
+    assert len(graph) >= 8
+    # Only the front module may import the front module's name; the concerns never do.
+    assert not any("verifiers.math" in deps for name, deps in graph.items() if name != "verifiers.math")
+    done: set[str] = set()
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        assert name not in stack, f"import cycle: {' -> '.join(stack + (name,))}"
+        if name in done:
+            return
+        for dep in graph.get(name, ()):
+            visit(dep, stack + (name,))
+        done.add(name)
+
+    for name in graph:
+        visit(name, ())
 
 
 def test_grpo_verify_end_to_end(tmp_path):

@@ -2,6 +2,6 @@
 
 import verifiers.format  # noqa: F401
 import verifiers.countdown  # noqa: F401
-import verifiers.mathcheck  # noqa: F401
+import verifiers.math  # noqa: F401
 import verifiers.code  # noqa: F401
 import verifiers.reward_model  # noqa: F401
