@@ -1,16 +1,26 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, resumable checkpoints in a plain format (no pickle).
 
-``run_dir/checkpoints/step-000010/`` holds the adapter (PEFT format) and
-``state.pt`` (optimizer, scheduler, RNG states, data position, engine state). A
-checkpoint is written into a temporary directory and renamed into place, so a run
-killed mid-write leaves the previous checkpoint intact and never a half one.
+``run_dir/checkpoints/step-000010/`` holds the adapter (PEFT format),
+``state.safetensors`` (every tensor of the training state: optimizer moments, RNG
+states, ...) and ``state.json`` (everything else: step, sampler position, optimizer
+param groups, Python/NumPy RNG states, the run's config, and the SHA-256 of both
+weight files). Loading runs no code from the checkpoint: JSON and safetensors hold
+data only, and a file that does not parse, does not match its recorded hash or
+holds an unknown structure is a one-line ``CheckpointError``.
+
+A checkpoint is written into ``checkpoints/.tmp-*`` and renamed into place, so a run
+killed mid-write leaves the previous checkpoint intact and never a half one; leftover
+``.tmp-*`` directories are removed when the next run starts (``remove_partial``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +31,14 @@ import torch
 from grpo.errors import UserError
 
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
+ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
+FORMAT, VERSION = "grpo-lora-training-state", 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be loaded: missing files, corrupt, foreign or tampered."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -38,14 +56,93 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --------------------------------------------------------------------- encoding
+def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a training state into JSON-able data and named tensors.
+
+    Tensors become ``{"__tensor__": name}``, tuples ``{"__tuple__": [...]}``, NumPy
+    arrays ``{"__ndarray__": [...], "dtype": ...}``, dicts with non-string keys (the
+    optimizer's per-parameter state) ``{"__items__": [[key, value], ...]}``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            name = f"t{len(tensors)}"
+            tensors[name] = x.detach().to("cpu", copy=True).contiguous()
+            return {"__tensor__": name}
+        if isinstance(x, np.ndarray):
+            return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: enc(v) for k, v in x.items()}
+            return {"__items__": [[enc(k), enc(v)] for k, v in x.items()]}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot store {type(x).__name__} in a checkpoint (plain data and tensors only)")
+
+    return enc(obj), tensors
+
+
+_NDARRAY_DTYPES = {"uint32", "int64", "float64", "float32", "int32", "uint8"}
+
+
+def decode_state(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``encode_state``; unknown markers or missing tensors raise ValueError."""
+
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        if "__tensor__" in x:
+            if x["__tensor__"] not in tensors:
+                raise ValueError(f"tensor {x['__tensor__']!r} missing from {STATE_TENSORS}")
+            return tensors[x["__tensor__"]]
+        if "__tuple__" in x:
+            return tuple(dec(v) for v in x["__tuple__"])
+        if "__ndarray__" in x:
+            if x.get("dtype") not in _NDARRAY_DTYPES:
+                raise ValueError(f"unsupported array dtype {x.get('dtype')!r}")
+            return np.asarray(x["__ndarray__"], dtype=x["dtype"])
+        if "__items__" in x:
+            return {_hashable(dec(k)): dec(v) for k, v in x["__items__"]}
+        bad = [k for k in x if k.startswith("__")]
+        if bad:
+            raise ValueError(f"unknown marker {bad[0]!r}")
+        return {k: dec(v) for k, v in x.items()}
+
+    return dec(data)
+
+
+def _hashable(key: Any) -> Any:
+    if isinstance(key, (str, int, float, bool, tuple)) or key is None:
+        return key
+    raise ValueError(f"invalid mapping key {key!r}")
+
+
+# ------------------------------------------------------------------------ save
 def save(run_dir: Path, step: int, model, state: dict[str, Any], keep: int) -> Path:
+    from safetensors.torch import save_file
+
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
     try:
         model.save_pretrained(tmp / "adapter")
-        torch.save(state, tmp / "state.pt")
+        data, tensors = encode_state(state)
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        record = {"format": FORMAT, "version": VERSION, "state": data,
+                  "sha256": {name: _sha256(tmp / name) for name in (STATE_TENSORS, ADAPTER_WEIGHTS)
+                             if (tmp / name).is_file()}}
+        (tmp / STATE_JSON).write_text(json.dumps(record))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -58,11 +155,27 @@ def save(run_dir: Path, step: int, model, state: dict[str, Any], keep: int) -> P
     return final
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Delete ``checkpoints/.tmp-*`` left by a run killed mid-write; return what was removed.
+
+    Call it only while holding the run directory's lock (no live writer)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.pt").is_file()]
+    partial = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return partial
+
+
+# ------------------------------------------------------------------------ find
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories (``step-N`` with a state file), oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and ((p / STATE_JSON).is_file() or (p / "state.pt").is_file())]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -71,19 +184,104 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model) -> dict[str, Any]:
-    """Load adapter weights into ``model`` (in place); return the saved training state."""
-    from peft import set_peft_model_state_dict
+def find_resumable(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint that reads back intact, with its training state.
+
+    A corrupt newest checkpoint is skipped with a warning naming it and the one used
+    instead; none intact (or none at all) is a ``CheckpointError``. Reads files only:
+    call it before loading any model.
+    """
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+    problems = []
+    for path in reversed(found):
+        try:
+            state = read_state(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        for problem in problems:
+            print(f"warning: {problem}; resuming from the previous checkpoint {path.name} instead", file=sys.stderr)
+        return path, state
+    raise CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'}: {problems[0]}"
+                          + (f" (and {len(problems) - 1} older ones unreadable)" if len(problems) > 1 else ""))
+
+
+# ------------------------------------------------------------------------ load
+def read_state(path: Path) -> dict[str, Any]:
+    """The training state of checkpoint ``path``, checked (hashes, structure); no code runs."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights = path / "adapter" / "adapter_model.safetensors"
+    if not (path / STATE_JSON).is_file():
+        if (path / "state.pt").is_file():
+            raise CheckpointError(f"checkpoint {path} is in the old pickle format (state.pt), which is not loaded "
+                                  "because unpickling can run code; continue it with the version that wrote it")
+        raise CheckpointError(f"checkpoint {path} has no {STATE_JSON}")
+    try:
+        record = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({STATE_JSON} is not valid JSON: {exc})") from exc
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} was not written by grpo train ({STATE_JSON} has no "
+                              f"format {FORMAT!r})")
+    if record.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has state format version {record.get('version')!r}; "
+                              f"this version reads {VERSION}")
+    hashes = record.get("sha256")
+    if not isinstance(hashes, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt ({STATE_JSON} lacks file hashes)")
+    for name in (STATE_TENSORS, ADAPTER_WEIGHTS):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete ({name} missing)")
+        if hashes.get(name) != _sha256(path / name):
+            raise CheckpointError(f"checkpoint {path} is corrupt ({name} does not match its recorded SHA-256)")
+    try:
+        tensors = load_file(str(path / STATE_TENSORS))
+        state = decode_state(record.get("state"), tensors)
+    except (SafetensorError, ValueError, TypeError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({exc})") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {path} is corrupt (its state has no step)")
+    return state
+
+
+def load_adapter(path: Path, model) -> None:
+    """Load checkpoint ``path``'s adapter weights into ``model`` (in place)."""
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
-        raise UserError(f"checkpoint {path} has no adapter weights ({weights.name} missing)")
-    result = set_peft_model_state_dict(model, load_file(str(weights), device=str(next(model.parameters()).device)))
+        raise CheckpointError(f"checkpoint {path} has no adapter weights ({weights.name} missing)")
+    try:
+        tensors = load_file(str(weights), device=str(next(model.parameters()).device))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path}: adapter weights unreadable ({exc})") from exc
+    try:
+        result = set_peft_model_state_dict(model, tensors)
+    except RuntimeError as exc:  # shape mismatch: a different lora_rank or model
+        raise CheckpointError(f"checkpoint {path} does not match the model's adapters: {str(exc).splitlines()[0]}") from exc
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise UserError(f"checkpoint {path} does not match the model's adapters (unexpected keys: {unexpected[:3]})")
-    return torch.load(path / "state.pt", weights_only=False)
+        raise CheckpointError(f"checkpoint {path} does not match the model's adapters (unexpected keys: {unexpected[:3]})")
+
+
+def load(path: Path, model) -> dict[str, Any]:
+    """Load adapter weights into ``model`` (in place); return the saved training state."""
+    state = read_state(path)
+    load_adapter(path, model)
+    return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

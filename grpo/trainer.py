@@ -100,7 +100,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
-        self._prepare_run_dir()
+        resumed = self._claim_run_dir()  # before any model is loaded or file written
         self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers)
         self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
         self.model, self.tokenizer = build_policy(cfg)
@@ -113,17 +113,23 @@ class Trainer:
         self.sampler = Sampler(len(self.train_rows), cfg.seed)
         self._prompt_cache: dict[str, list[int]] = {}
         resume_step = 0
-        if self.resume:
-            resume_step = self._load_checkpoint()
+        if resumed is not None:
+            resume_step = self._load_checkpoint(*resumed)
         self.metrics = MetricsLogger(self.run_dir, resume_step)
 
-    def _prepare_run_dir(self) -> None:
-        run_dir = self.run_dir
-        if not self.resume and checkpoint.latest(run_dir) is not None:
-            raise UserError(f"run directory {run_dir} already holds checkpoints: add --resume to continue it, "
-                            "or choose another output_dir / name")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+    def _claim_run_dir(self) -> tuple[Path, dict[str, Any]] | None:
+        """Lock and check the run directory; on --resume, read the checkpoint and check the
+        config against it (grpo.resume); only then write config.yaml."""
+        from grpo import resume, rundir
+
+        self.run_lock = rundir.claim(self.run_dir, self.resume)
+        resumed = None
+        if self.resume:
+            resumed = checkpoint.find_resumable(self.run_dir)
+            resume.reconcile(resumed[1].get("config"), to_dict(self.cfg), resumed[0].name)
+        with rundir.os_errors(f"cannot write the run directory {self.run_dir}"):
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        return resumed
 
     def _lr_factor(self, opt_step: int) -> float:
         o = self.cfg.optim
@@ -371,13 +377,15 @@ class Trainer:
                  "config": to_dict(self.cfg)}
         return checkpoint.save(self.run_dir, self.step, self.model, state, self.cfg.keep_checkpoints)
 
-    def _load_checkpoint(self) -> int:
-        path = checkpoint.latest(self.run_dir)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
-        state = checkpoint.load(path, self.model)
+    def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> int:
+        from grpo.resume import apply_optimizer_settings
+
+        checkpoint.load_adapter(path, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        o = self.cfg.optim
+        if (state.get("config") or {}).get("optim") != to_dict(o):  # changed on resume: the config wins
+            apply_optimizer_settings(self.optimizer, self.scheduler, o.lr, o.weight_decay, tuple(o.betas))
         self.sampler.load_state_dict(state["sampler"])
         self.engine.load_state_dict(state["engine"])
         checkpoint.set_rng_state(state["rng"])
@@ -409,6 +417,8 @@ class Trainer:
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:

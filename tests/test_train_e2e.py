@@ -150,7 +150,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_model_dir, toy_pl
     assert main(["train", "--no-progress", *args]) == 2
     err = capsys.readouterr().err
     assert "diverged" in err and "step-000001" in err
-    assert (run_dir / "checkpoints" / "step-000001" / "state.pt").exists()
+    assert (run_dir / "checkpoints" / "step-000001" / "state.json").exists()
 
 
 @pytest.mark.parametrize("overrides", [

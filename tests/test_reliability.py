@@ -1,0 +1,218 @@
+"""Reliability: checkpoints load no code, runs own their directory, resume checks the config."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from grpo import checkpoint
+from grpo.cli import main
+from conftest import tiny_run_config
+
+
+def _args(model_dir, plugin, run_dir, **kw):
+    home = next(p for p in run_dir.parents if p.is_dir())
+    empty = home / "empty.yaml"
+    empty.write_text("# all settings come from overrides\n")
+    return ["train", "--no-progress", str(empty), *tiny_run_config(model_dir, run_dir, plugin, **kw)]
+
+
+FAST = {"steps": 1, "eval.at_start": False, "eval.at_end": False}
+
+
+# ------------------------------------------------------------ checkpoint format
+def test_state_round_trips_through_json_and_safetensors():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.99))
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    state = {"step": 7, "optimizer": opt.state_dict(), "rng": checkpoint.rng_state(), "gen": torch.Generator().get_state()}
+    data, tensors = checkpoint.encode_state(state)
+    json.dumps(data)  # plain data only
+    back = checkpoint.decode_state(json.loads(json.dumps(data)), tensors)
+    assert back["step"] == 7
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert set(back["optimizer"]["state"]) == {0, 1}  # integer keys survive
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # the restored RNG states continue the same streams
+    checkpoint.set_rng_state(back["rng"])
+    a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    checkpoint.set_rng_state(state["rng"])
+    assert a == (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+
+def test_decode_rejects_unknown_markers_and_missing_tensors():
+    with pytest.raises(ValueError, match="unknown marker"):
+        checkpoint.decode_state({"__reduce__": ["os.system", "true"]}, {})
+    with pytest.raises(ValueError, match="missing"):
+        checkpoint.decode_state({"__tensor__": "t9"}, {})
+
+
+class _Planted:
+    def __reduce__(self):
+        return (open, (os.environ["PLANTED_MARKER"], "w"))
+
+
+def test_resume_never_unpickles_a_planted_state_file(tiny_model_dir, toy_plugin, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 0
+    ckpt = checkpoint.latest(run_dir)
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("PLANTED_MARKER", str(marker))
+    (ckpt / "state.json").unlink()
+    (ckpt / "state.pt").write_bytes(pickle.dumps({"step": 1, "x": _Planted()}))
+    assert main([*_args(tiny_model_dir, toy_plugin, run_dir, **FAST), "--resume"]) == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert "error: " in err and "pickle" in err and "Traceback" not in err
+
+
+def test_tampered_checkpoint_is_a_one_line_error(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 0
+    weights = checkpoint.latest(run_dir) / "state.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    assert main([*_args(tiny_model_dir, toy_plugin, run_dir, **FAST), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no intact checkpoint") and "SHA-256" in err[-1]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2})) == 0
+    newest = checkpoint.latest(run_dir)
+    assert newest.name == "step-000002"
+    (newest / "state.json").write_text("{truncated")
+    capsys.readouterr()
+    assert main([*_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2}), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "step-000002 is corrupt" in err and "resuming from the previous checkpoint step-000001" in err
+    assert "resumed from" in err and "(step 1)" in err
+
+
+# ------------------------------------------------------------------ run directory
+def test_leftover_partial_checkpoint_is_removed_on_start(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 0
+    partial = run_dir / "checkpoints" / ".tmp-killed"
+    (partial / "adapter").mkdir(parents=True)
+    (partial / "state.safetensors").write_bytes(b"half")
+    assert main([*_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2}), "--resume"]) == 0
+    assert not partial.exists()
+    assert "half-written" in capsys.readouterr().err
+
+
+def test_foreign_non_empty_directory_is_refused(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("my: own\n")
+    (run_dir / "summary.json").write_text('{"mine": 1}')
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 2
+    assert "not a grpo run directory" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == "my: own\n"
+    assert (run_dir / "summary.json").read_text() == '{"mine": 1}'
+
+
+def test_output_path_that_is_a_file_is_a_one_line_error(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    path = tmp_path / "file"
+    path.write_text("x")
+    assert main(_args(tiny_model_dir, toy_plugin, path, **FAST)) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(_args(tiny_model_dir, toy_plugin, path / "sub", **FAST)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_resume_on_empty_directory_fails_before_loading_anything(tiny_model_dir, toy_plugin, tmp_path, monkeypatch,
+                                                                  capsys):
+    import grpo.build
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(grpo.build, "build_policy", no_model)
+    run_dir = tmp_path / "empty"
+    run_dir.mkdir()
+    assert main([*_args(tiny_model_dir, toy_plugin, run_dir, **FAST), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert list(run_dir.iterdir()) == []
+
+
+def test_second_run_in_the_same_directory_is_refused_while_the_first_holds_it(tmp_path):
+    from grpo import rundir
+    from grpo.errors import UserError
+
+    run_dir = tmp_path / "run"
+    lock = rundir.claim(run_dir, resume=False)
+    with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()}\)"):
+        rundir.claim(run_dir, resume=False)
+    lock.release()
+    rundir.claim(run_dir, resume=False).release()  # released: free again
+
+
+def test_lock_of_a_killed_process_is_not_stale(tmp_path):
+    import subprocess
+    import sys
+
+    from grpo import rundir
+
+    run_dir = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from grpo import rundir; "
+            "rundir.claim(Path(sys.argv[1]), resume=False); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        from grpo.errors import UserError
+
+        with pytest.raises(UserError, match="in use"):
+            rundir.claim(run_dir, resume=False)
+        proc.kill()
+        proc.wait()
+        rundir.claim(run_dir, resume=False).release()  # the kernel dropped the dead holder's lock
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ------------------------------------------------------------- resume vs config
+def test_resume_refuses_fixed_keys_and_keeps_config_yaml(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 0
+    before = (run_dir / "config.yaml").read_text()
+    capsys.readouterr()
+    args = _args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2, "model.lora_rank": 8, "seed": 3})
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "model.lora_rank: 4 -> 8" in err and "seed: 0 -> 3" in err and "Traceback" not in err
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_resume_applies_a_changed_lr(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 0
+    capsys.readouterr()
+    args = _args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2, "optim.lr": 0.003})
+    assert main([*args, "--resume"]) == 0
+    assert "resume: optim.lr changed 0.05 -> 0.003" in capsys.readouterr().err
+    lrs = [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [0.05, 0.003]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.003
+    state = checkpoint.read_state(checkpoint.latest(run_dir))
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.003
+
+
+def test_config_changes_lists_added_task_args_as_changes():
+    from grpo.resume import config_changes
+
+    saved = {"task": {"name": "arith", "args": {}}, "optim": {"lr": 0.1}}
+    current = {"task": {"name": "arith", "args": {"digits": 3}}, "optim": {"lr": 0.1}}
+    assert config_changes(saved, current) == {"task.args": ({}, "(unset)"), "task.args.digits": ("(unset)", 3)}
