@@ -34,7 +34,7 @@ def sandbox():
 
 def _sandbox_processes(sb: Sandbox) -> list[int]:
     """Host pids running under one of this sandbox's uids (there must be none between runs)."""
-    uids = set(range(sb._uid0, sb._uid0 + sb.workers))
+    uids = set(range(sb._uid0, sb._uid0 + 2 * sb.MAX_WORKERS))  # programs and tests
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -563,3 +563,184 @@ def test_hidden_paths_are_not_visible(sandbox):
         pytest.skip("no mount namespace on this machine: paths cannot be hidden")
     (r,) = sandbox.run_many([TestsJob(program, "assert seen() == [False, False]\n")])
     assert r.ok, r.reason
+
+
+# ------------------------------------------------- host services, host files, dataset tests
+@pytest.fixture
+def unix_server():
+    """A host service on a mode-777 socket under /run and on an abstract socket, answering
+    a token to whoever connects; yields (path, abstract name, token, connections)."""
+    run_dir = "/run" if os.path.isdir("/run") and os.access("/run", os.W_OK) else None
+    if run_dir is None:
+        pytest.skip("no writable /run here")
+    name = f"grpo-sbx-{secrets.token_hex(6)}"
+    path = os.path.join(run_dir, name + ".sock")
+    token = "unix-" + secrets.token_hex(4)
+    servers, connections, stop = [], [], threading.Event()
+    for addr in (path, "\0" + name):
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(addr)
+        srv.listen(8)
+        srv.settimeout(0.1)
+        servers.append(srv)
+    os.chmod(path, 0o777)
+
+    def serve():
+        while not stop.is_set():
+            for srv in servers:
+                try:
+                    conn, _ = srv.accept()
+                except (socket.timeout, OSError):
+                    continue
+                connections.append(conn)
+                conn.sendall(token.encode())
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield path, name, token, connections
+    finally:
+        stop.set()
+        thread.join()
+        for srv in servers:
+            srv.close()
+        os.unlink(path)
+
+
+UNIX_CLIENT = '''
+import socket
+def reach():
+    got = []
+    for addr in ({path!r}, "\\0" + {name!r}):
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(1)
+            s.connect(addr)
+            got.append(s.recv(100).decode())
+        except OSError as e:
+            got.append(type(e).__name__)
+    return got
+'''
+
+
+@pytest.mark.parametrize("mode", ["auto", "userns", "none"])
+def test_unix_sockets_of_host_services_are_unreachable(unix_server, mode):
+    """seccomp refuses socket()/connect() of every family, AF_UNIX included: a read-only or
+    hidden filesystem alone does not stop connect() to a world-writable socket, and the
+    abstract namespace is only per network namespace (mode 'none' has neither)."""
+    path, name, token, connections = unix_server
+    program = UNIX_CLIENT.format(path=path, name=name)
+    naive: dict = {}
+    exec(program, naive)  # self-check: unsandboxed, the program reaches both sockets
+    assert naive["reach"]() == [token, token] and len(connections) == 2
+    connections.clear()
+    with Sandbox(LIMITS, workers=1, mode=mode) as sb:
+        (r,) = sb.run_many([TestsJob(program, f"assert reach() == [{token!r}, {token!r}]\n", partial=True)])
+    assert r.passed == 0, r.reason
+    assert connections == []
+
+
+@pytest.fixture
+def host_secret_dir():
+    """A world-readable directory outside every path the old deny-list hid (like /opt),
+    holding a secret and a code_jsonl dataset with stored solutions."""
+    base = "/opt" if os.path.isdir("/opt") else "/srv"
+    made_base = not os.path.isdir(base)
+    os.makedirs(base, exist_ok=True)
+    d = os.path.join(base, f"grpo-sbx-{secrets.token_hex(6)}")
+    os.mkdir(d)
+    os.chmod(d, 0o755)
+    secret = os.path.join(d, "secret.txt")
+    with open(secret, "w") as f:
+        f.write("SECRET-" + secrets.token_hex(8))
+    os.chmod(secret, 0o644)
+    dataset = os.path.join(d, "problems.jsonl")
+    with open(dataset, "w") as f:
+        f.write('{"id": "add", "prompt": "Write add(a, b).", "entry_point": "add", '
+                '"tests": "assert add(1, 2) == 3\\nassert add(2, 2) == 4\\n", '
+                '"solution": "def add(a, b):\\n    return a + b\\n"}\n')
+    os.chmod(dataset, 0o644)
+    try:
+        yield d, secret, dataset
+    finally:
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+        if made_base:
+            os.rmdir(base)
+
+
+def test_filesystem_view_is_an_allow_list(sandbox, host_secret_dir):
+    _, secret, dataset = host_secret_dir
+    if not sandbox.report()["layers"].get("mountns"):
+        pytest.skip("no mount namespace on this machine: the host filesystem stays visible")
+    program = (f"import os\ndef seen():\n    return [os.path.exists(p) for p in ({secret!r}, {dataset!r}, "
+               f"'/etc/passwd', {os.path.abspath(__file__)!r}, {sys.prefix!r})]\n"
+               "def top():\n    return sorted(os.listdir('/'))\n")
+    view = sandbox.view
+    allowed = {p.split("/")[1] for p in view["dirs"] + view["files"] + view["devices"]} | {"tmp", "proc"}
+    (r,) = sandbox.run_many([TestsJob(program, "assert seen() == [False] * 5\n"
+                                      f"assert set(top()) <= {allowed!r}\n")])
+    assert r.ok, r.reason
+    # a code_jsonl dataset's stored solution: a completion that reads it scores 0
+    from tasks.code import CodeJsonl
+    from verifiers.code import PythonTests
+
+    task = CodeJsonl(dataset, heldout_fraction=0.5)
+    (row,) = task.rows("train") + task.rows("heldout")
+    cheat = (f"import json\nrows = [json.loads(line) for line in open({dataset!r})]\nns = {{}}\n"
+             "exec(rows[0]['solution'], ns)\nadd = ns['add']\n")
+    assert "solution" not in row  # the row does not carry it; only the file does
+    v = PythonTests(timeout_s=5, workers=1)
+    try:
+        (score,) = v([cheat], tests=[row["tests"]], prefix=[None], entry_point=["add"], io_cases=[None])
+    finally:
+        v.close()
+    assert score.reward == 0.0 and "FileNotFoundError" in score.reason, score.reason
+
+
+def test_dataset_test_code_is_confined(sandbox, host_secret_dir, unix_server):
+    """The tests (from a dataset) run in their own confinement: no writes to the host, no
+    host files outside the allow-list, no signals to host processes, no host sockets; and
+    they still judge the program through the usual channel."""
+    _, secret, _ = host_secret_dir
+    sock_path = unix_server[0]
+    tag = secrets.token_hex(6)
+    targets = [f"/etc/grpo-sbx-{tag}", f"/root/grpo-sbx-{tag}", f"/grpo-sbx-{tag}"]
+    canary = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    tests = f'''
+import os, signal, socket
+def attempt(action):
+    try:
+        action()
+        return "done"
+    except Exception as exc:
+        return type(exc).__name__
+def write(path):
+    with open(path, "w") as f:
+        f.write("x")
+outcomes = [attempt(lambda p=p: write(p)) for p in {targets!r}]
+outcomes.append(attempt(lambda: open({secret!r}).read()))
+outcomes.append(attempt(lambda: os.kill({canary.pid}, signal.SIGKILL)))
+outcomes.append(attempt(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect({sock_path!r})))
+assert add(1, 2) == 3
+assert "done" not in outcomes, outcomes
+'''
+    try:
+        good, bad = sandbox.run_many([TestsJob("def add(a, b):\n    return a + b\n", tests),
+                                      TestsJob("def add(a, b):\n    return 0\n", tests)])
+        assert good.ok, good.reason
+        assert not bad.ok and "add(1, 2) == 3" in bad.reason
+        assert canary.poll() is None
+        assert unix_server[3] == []
+        assert [t for t in targets if os.path.exists(t)] == []
+        if good.isolation.get("mode") == "root":
+            assert good.isolation["tests_uid_separation"] is True
+            assert good.isolation["tests_view"] == "allow-list"
+    finally:
+        canary.kill()
+        canary.wait()
+        for t in targets:
+            if os.path.exists(t):
+                os.unlink(t)

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         rep = sb.report()
     print("isolation layers (harness/init):")
     for k, v in rep["layers"].items():
-        print(f"  {k:18s} {v}")
+        print(f"  {k:20s} {v}")
     print("seen from inside the sandbox (probe program):")
     for k, v in rep["probe"].items():
-        print(f"  {k:18s} {v}")
+        print(f"  {k:20s} {v}")
     return 0

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from verifiers.io_compare import compare_output
-from verifiers.sandbox.inside.view import stdlib_dirs
+from verifiers.sandbox.allowlist import filesystem_view
 from verifiers.sandbox.inside.wire import FRAME, MAX_MESSAGE_BYTES, describe_exit, frame
 from verifiers.sandbox.launch import Launcher, ZygoteLauncher, pump
 
@@ -60,39 +60,18 @@ class Result:
     wall_s: float = 0.0
 
 
-def _hidden_paths(extra: tuple[str, ...] = ()) -> list[str]:
-    """Directories the program must not see: site-packages (datasets, solutions), the
-    caller's working directory and project, home; never an ancestor of the stdlib."""
-    import site
-
-    keep = stdlib_dirs()
-    cands = [p for p in sys.path if p and ("site-packages" in p or "dist-packages" in p)]
-    try:
-        cands += site.getsitepackages() + [site.getusersitepackages()]
-    except AttributeError:  # virtualenv's old site.py
-        pass
-    cands += [os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-              os.path.expanduser("~"), *extra]
-    out: list[str] = []
-    for p in cands:
-        p = os.path.realpath(p)
-        if p == "/" or not os.path.isdir(p) or p.startswith("/tmp/") or p in out:
-            continue
-        if any(k == p or k.startswith(p + "/") for k in keep):
-            continue
-        out.append(p)
-    return sorted(out)
-
-
 class Sandbox:
     """A pool of ``workers`` threads, each driving one sandboxed execution at a time.
 
     ``run_many`` scores a batch (G completions x P prompts) in parallel; every job gets
-    a fresh harness process. Each worker slot has its own uid (when run as root), so the
-    process-count limit of one program never starves another.
+    a fresh harness process. Each worker slot has its own uid for the program and another
+    for the tests (when run as root), so the process-count limit of one program never
+    starves another, and the program and the tests cannot signal each other.
+    ``hide_paths``: directories inside the allow-listed view (the stdlib) to cover anyway.
     """
 
     BASE_UID = 1_700_000_000
+    MAX_WORKERS = 128  # uids per pool: [uid0, uid0 + 128) programs, [uid0 + 128, uid0 + 256) tests
 
     MODES = ("auto", "userns", "none")
 
@@ -105,10 +84,10 @@ class Sandbox:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode  # "userns" / "none" skip the stronger layers (for testing fallbacks)
         self.limits = limits or Limits()
-        self.workers = max(1, workers or os.cpu_count() or 1)
-        self._hidden = _hidden_paths(tuple(hide_paths))
+        self.workers = min(self.MAX_WORKERS, max(1, workers or os.cpu_count() or 1))
+        self._view = filesystem_view(tuple(hide_paths))
         block = random.Random().randrange(1 << 20)  # separate uid ranges for separate pools
-        self._uid0 = self.BASE_UID + block * 128
+        self._uid0 = self.BASE_UID + block * 2 * self.MAX_WORKERS
         self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
         for s in range(self.workers):
             self._slots.put(s)
@@ -116,6 +95,11 @@ class Sandbox:
         self._launcher: Launcher = ZygoteLauncher() if zygote else Launcher()
 
     # ---------------------------------------------------------------- public API
+    @property
+    def view(self) -> dict[str, Any]:
+        """The allow-list the program's and the tests' filesystem views are built from."""
+        return self._view
+
     def run_many(self, jobs: list[TestsJob | IOJob]) -> list[Result]:
         if not jobs:
             return []
@@ -155,7 +139,8 @@ class Sandbox:
             "program": job.program,
             "limits": asdict(lim),
             "uid": self._uid0 + slot,
-            "hide": self._hidden,
+            "tests_uid": self._uid0 + self.MAX_WORKERS + slot,
+            "view": self._view,
             "mode": self.mode,
         }
         nonce = secrets.token_hex(16)
@@ -194,13 +179,18 @@ class Sandbox:
             return Result(False, 0, 1, "error", f"error: sandbox harness failed: {tail[0][:150]}", wall_s=wall)
 
     def report(self) -> dict[str, Any]:
-        """Isolation layers in effect, measured by running a probe program in the sandbox."""
+        """Isolation layers in effect, measured by running a probe program in the sandbox
+        (and a trivial test run, for the tests' own confinement)."""
         res = self.run(IOJob(PROBE, [{"input": "", "output": ""}]))
+        tests = self.run(TestsJob("x = 1\n", "assert x == 1\n"))
         try:
             probe = json.loads(res.isolation.get("stdout", "") or "{}")
         except ValueError:
             probe = {"error": res.reason}
-        return {"layers": {k: v for k, v in res.isolation.items() if k != "stdout"}, "probe": probe}
+        layers = {k: v for k, v in res.isolation.items() if k != "stdout"}
+        layers.update((k, v) for k, v in tests.isolation.items() if k.startswith("tests_"))
+        layers["view_libraries"] = self._view["libs"]
+        return {"layers": layers, "probe": probe}
 
 
 def _io_result(job: IOJob, res: dict[str, Any], iso: dict[str, Any], wall: float,
@@ -242,7 +232,13 @@ try:
     s.connect(("1.1.1.1", 53)); out["network"] = "REACHABLE"
 except OSError as e:
     out["network"] = f"blocked ({e.strerror or e})"
+try:
+    u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); out["unix_sockets"] = "ALLOWED"
+except OSError as e:
+    out["unix_sockets"] = f"blocked ({e.strerror or e})"
 out["visible_processes"] = sum(p.isdigit() for p in os.listdir("/proc"))
+out["root_entries"] = sorted(os.listdir("/"))
+out["etc_passwd"] = "VISIBLE" if os.path.exists("/etc/passwd") else "absent"
 try:  # opened for appending and closed unwritten: changes nothing even where allowed
     os.close(os.open("/etc/passwd", os.O_WRONLY | os.O_APPEND)); out["write_etc"] = "ALLOWED"
 except OSError as e:

@@ -14,12 +14,14 @@ import signal
 import time
 from typing import Any
 
-from . import pid1
+from . import pid1, view
 from .linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER, PR_SET_DUMPABLE, \
-    count_own_processes, prctl, set_rlimit, socketpair, unshare
+    count_own_processes, drop_capabilities, install_seccomp, prctl, set_rlimit, socketpair, unshare
 from .proxy import Remote
 from .wire import FRAME, ProgramGone, ProtocolError, Timeout, describe_exit, frame, read_exact, recv, send, \
     write_all
+
+_TESTS_MAX_PROCESSES = 64  # RLIMIT_NPROC of the tests' own uid (processes + threads)
 
 
 def main() -> None:
@@ -51,6 +53,8 @@ def main() -> None:
             os.close(rpc_c)
         second = json.loads(read_exact(0, FRAME.unpack(read_exact(0, 4))[0]))
         os.close(0)
+        if hdr["kind"] == "tests":
+            _confine_tests(hdr, mode, iso)
         ready = recv(ctl_h, time.monotonic() + 30)
         iso.update(ready.get("layers", {}))
         if hdr["kind"] == "io":
@@ -70,6 +74,38 @@ def main() -> None:
         traceback.print_exc()
         os._exit(3)
     os._exit(0)
+
+
+def _confine_tests(hdr: dict[str, Any], mode: str, iso: dict[str, Any]) -> None:
+    """Test code comes from a dataset, trusted to judge but not to leave the host alone:
+    it gets its own confinement, separate from the program's (init was forked before, with
+    the harness's privileges). An allow-listed read-only root with a private ``/tmp`` and
+    no ``/proc``; a uid of its own (``root``) or no capabilities (``userns``); no sockets
+    (its network namespace has no interfaces either); file size and process caps."""
+    lim = hdr["limits"]
+    iso["tests_view"] = "host (no mount namespace)"
+    if mode != "none":
+        try:
+            view.enter_view(hdr["view"], lim["tmpfs_mb"], False, {})
+            iso["tests_view"] = "allow-list"
+        except OSError as exc:
+            iso["tests_view_error"] = str(exc)
+    if mode == "root":
+        uid = hdr["tests_uid"]
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        set_rlimit("RLIMIT_NPROC", _TESTS_MAX_PROCESSES)
+        os.setresuid(uid, uid, uid)
+    elif mode == "userns":
+        drop_capabilities()
+    iso["tests_uid_separation"] = mode == "root"
+    set_rlimit("RLIMIT_FSIZE", lim["file_size_mb"] * 1024 * 1024)
+    set_rlimit("RLIMIT_CORE", 0)
+    try:
+        prctl(PR_SET_DUMPABLE, 0)
+    except OSError:
+        pass
+    iso["tests_seccomp"] = install_seccomp()
 
 
 def _enter_namespaces(iso: dict[str, Any], want: str) -> str:

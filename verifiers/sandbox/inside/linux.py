@@ -47,16 +47,37 @@ def mount(src: str | None, target: str, fstype: str | None, flags: int, data: st
     call("mount", enc(src), enc(target), enc(fstype), flags, enc(data))
 
 
+def umount_detached(target: str) -> None:
+    call("umount2", target.encode(), 2)  # MNT_DETACH
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2) (glibc has no wrapper): ``new_root`` becomes ``/``."""
+    import ctypes
+    import errno
+    import platform
+
+    nr = _SECCOMP_ARCH.get(platform.machine(), (0, 0, 0, 0, False, 0))[5]
+    if not nr:
+        raise OSError(errno.ENOSYS, "pivot_root: unknown syscall number on this machine")
+    if libc().syscall(ctypes.c_long(nr), new_root.encode(), put_old.encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root: {os.strerror(err)}")
+
+
 def prctl(option: int, arg: int) -> None:
     import ctypes
 
     call("prctl", option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
 
 
-# seccomp: refuse sockets other than AF_UNIX (and io_uring, x32 and foreign-ABI syscalls).
-_SECCOMP_ARCH = {  # machine -> (AUDIT_ARCH, socket nr, io_uring_setup nr, has x32 bit)
-    "x86_64": (0xC000003E, 41, 425, True),
-    "aarch64": (0xC00000B7, 198, 425, False),
+# seccomp: refuse socket() and connect() of every family (AF_UNIX included: a pathname or
+# abstract Unix socket of a host service is a way out), io_uring, x32 and foreign-ABI
+# syscalls. Sockets made before the filter (the RPC and control socketpairs) keep working;
+# socketpair() stays allowed (it makes only a connected pair, nothing it can reach).
+_SECCOMP_ARCH = {  # machine -> (AUDIT_ARCH, socket, connect, io_uring_setup, has x32 bit, pivot_root)
+    "x86_64": (0xC000003E, 41, 42, 425, True, 155),
+    "aarch64": (0xC00000B7, 198, 203, 425, False, 41),
 }
 
 
@@ -74,7 +95,7 @@ def seccomp_program():
     if spec is None:
         _SECCOMP.append(None)
         return None
-    arch, nr_socket, nr_uring, x32 = spec
+    arch, nr_socket, nr_connect, nr_uring, x32, _ = spec
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM
     deny_net = 0x00050000 | errno.EACCES
@@ -83,8 +104,9 @@ def seccomp_program():
     if x32:
         prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, deny)]
     prog += [(jeq, 0, 1, nr_uring), (ret, 0, 0, deny),
-             (jeq, 1, 0, nr_socket), (ret, 0, 0, allow),
-             (ld, 0, 0, 16), (jeq, 0, 1, 1), (ret, 0, 0, allow), (ret, 0, 0, deny_net)]
+             (jeq, 0, 1, nr_socket), (ret, 0, 0, deny_net),
+             (jeq, 0, 1, nr_connect), (ret, 0, 0, deny_net),
+             (ret, 0, 0, allow)]
 
     class Filter(ctypes.Structure):
         _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),

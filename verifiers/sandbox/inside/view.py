@@ -1,101 +1,120 @@
-"""What the program sees of the filesystem: its mount namespace, built by init."""
+"""What a sandboxed process sees of the filesystem: a fresh root built from an allow-list.
+
+``enter_view`` (called by init for the program, and by the harness for the tests, each
+in its own mount namespace) makes a private mount namespace whose root is a new tmpfs
+holding only the caller's allow-list (``verifiers/sandbox/allowlist.py``), bind-mounted
+read-only, plus a private writable tmpfs on ``/tmp`` and, for the program, a ``/proc``
+of its PID namespace. The host's root is detached afterwards, so no other host path
+(projects, datasets, home directories, ``/opt``, ``/etc``, host sockets) exists there.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from .linux import CLONE_NEWNS, MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, \
-    MS_REC, MS_REMOUNT, mount, unshare
+    MS_REC, MS_REMOUNT, call, mount, pivot_root, umount_detached, unshare
+
+_STAGE = "/tmp"  # any existing directory: in the new namespace a tmpfs covers it (unseen by the host)
+_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
 
 
-def stdlib_dirs() -> list[str]:
-    """The interpreter's standard library directories (of the base install, not a venv)."""
-    import sysconfig
+def _locked_flags(path: str) -> int:
+    """The source mount's flags, which a bind remount inside a user namespace must keep."""
+    try:
+        f = os.statvfs(path).f_flag
+    except OSError:
+        return 0
+    pairs = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+             (os.ST_NOATIME, _MS_NOATIME), (os.ST_NODIRATIME, _MS_NODIRATIME),
+             (getattr(os, "ST_RELATIME", 4096), _MS_RELATIME))
+    return sum(ms for st, ms in pairs if f & st)
 
-    paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix,
-                                      "installed_base": sys.base_prefix,
-                                      "installed_platbase": sys.base_exec_prefix})
-    out = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")}
-    out |= {os.path.realpath(p) for p in sys.path if p and "lib-dynload" in p}
-    out = {p for p in out if os.path.isdir(p)}
-    return sorted(p for p in out if not any(p != q and p.startswith(q + "/") for q in out))
+
+def _bind(src: str, root: str, device: bool = False) -> None:
+    dst = root + src
+    if os.path.isdir(src):
+        os.makedirs(dst, mode=0o755, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), mode=0o755, exist_ok=True)
+        if not os.path.exists(dst):
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644))
+    mount(src, dst, None, MS_BIND)
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | _locked_flags(src)
+    mount(None, dst, None, flags if device else flags | MS_NODEV)
+
+
+def enter_view(view: dict[str, Any], tmp_mb: int, proc: bool, layers: dict[str, Any]) -> None:
+    """Replace this process's root by the allow-listed view (new mount namespace). Raises
+    OSError if a step fails; the caller then falls back and reports it."""
+    unshare(CLONE_NEWNS)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    os.umask(0o022)  # the directories made here must be traversable by the unprivileged uids
+    root = _STAGE
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
+    for path in view["dirs"] + view["files"]:
+        if os.path.exists(path):
+            _bind(path, root)
+    for path in view["cover"]:  # site-packages inside the stdlib: an empty read-only tmpfs
+        if os.path.isdir(root + path):
+            mount("tmpfs", root + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "size=4k,nr_inodes=16,mode=755")
+    for dev in view["devices"]:
+        _bind(dev, root, device=True)
+    os.mkdir(root + "/tmp", 0o1777)
+    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,nr_inodes=4096,mode=1777")
+    layers["private_proc"] = False
+    if proc:
+        os.mkdir(root + "/proc", 0o555)
+        try:
+            mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            layers["private_proc"] = True
+        except OSError:
+            pass
+    _switch_root(root)
+    try:
+        mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        layers["readonly_root"] = True
+    except OSError:
+        layers["readonly_root"] = False
+
+
+def _switch_root(root: str) -> None:
+    """Make ``root`` the root directory and drop every other host mount from view."""
+    old = root + "/.old-root"
+    os.mkdir(old, 0o700)
+    try:
+        pivot_root(root, old)
+        os.chdir("/")
+        umount_detached("/.old-root")
+        os.rmdir("/.old-root")
+    except OSError:  # e.g. an initramfs root, where pivot_root is refused: move + chroot
+        os.rmdir(old)
+        os.chdir(root)
+        mount(root, "/", None, MS_MOVE)
+        call("chroot", b".")
+        os.chdir("/")
 
 
 def setup_mounts(hdr: dict[str, Any], mode: str, layers: dict[str, Any]) -> str:
-    """Private mount namespace: a tmpfs working directory, tmpfs over /tmp-like and hidden
-    directories, a /proc of the new PID namespace, the rest read-only."""
+    """The program's filesystem: the allow-listed view with ``/tmp`` (its working directory),
+    or, without a mount namespace, a temporary directory on the host (the whole host
+    filesystem then stays visible: the documented degradation of mode ``none``)."""
     import tempfile
 
     lim = hdr["limits"]
     layers["mountns"] = False
     if mode != "none":
         try:
-            unshare(CLONE_NEWNS)
-            mount(None, "/", None, MS_REC | MS_PRIVATE)
-            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-                   f"size={lim['tmpfs_mb']}m,nr_inodes=4096,mode=1777")
-            if mode == "root":
-                layers["stdlib_exposed"] = _expose_stdlib()
-            hidden = []
-            for path in ["/var/tmp", "/dev/shm", "/run/lock", *hdr.get("hide", [])]:
-                if os.path.isdir(path) and not path.startswith("/tmp"):
-                    try:
-                        mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                               "size=4k,nr_inodes=16,mode=755")
-                        hidden.append(path)
-                    except OSError:
-                        pass
-            layers["hidden"] = [p for p in hidden if p in hdr.get("hide", [])]
-            try:
-                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-                layers["private_proc"] = True
-            except OSError:
-                layers["private_proc"] = False
-            try:
-                mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-                layers["readonly_root"] = True
-            except OSError:
-                layers["readonly_root"] = False
+            enter_view(hdr["view"], lim["tmpfs_mb"], True, layers)
             layers["mountns"] = True
+            layers["view"] = "allow-list"
             return "/tmp"
         except OSError as exc:
             layers["mount_error"] = str(exc)
+    layers["view"] = "host (no mount namespace)"
     workdir = tempfile.mkdtemp(prefix="sandbox-")
     if mode == "root":
         os.chown(workdir, hdr["uid"], hdr["uid"])
     return workdir
-
-
-def _expose_stdlib() -> list[str]:
-    """Make the stdlib readable by the unprivileged uid when it sits under a private
-    directory (pyenv in /root, mode 700): a tmpfs over that directory with the stdlib
-    bind-mounted back in. Also hides the rest of that directory."""
-    need, exposed = stdlib_dirs(), []
-    for path in need:
-        parts = path.split("/")
-        for i in range(2, len(parts)):
-            anc = "/".join(parts[:i])
-            if os.stat(anc).st_mode & 0o001:
-                continue
-            stage = f"/tmp/.sandbox-stage-{os.getpid()}"
-            os.makedirs(stage, exist_ok=True)
-            # bind every needed path under `anc` to the stage, cover `anc`, move them back
-            under = [q for q in need if q.startswith(anc + "/")]
-            staged = []
-            for j, q in enumerate(under):
-                s = f"{stage}/{j}"
-                os.mkdir(s)
-                mount(q, s, None, MS_BIND | MS_REC)
-                staged.append((s, q))
-            mount("tmpfs", anc, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,nr_inodes=256,mode=755")
-            for s, q in staged:
-                os.makedirs(q, mode=0o755, exist_ok=True)
-                mount(s, q, None, MS_MOVE)
-                os.rmdir(s)
-            os.rmdir(stage)
-            mount(None, anc, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-            exposed += [f"{q} (under a tmpfs over {anc})" for q in under]
-            break
-    return exposed
