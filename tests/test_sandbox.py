@@ -175,9 +175,23 @@ def test_report_shows_layers_in_effect(sandbox):
     assert rep["layers"]["seccomp"] in (True, False)
     assert rep["probe"]["network"].startswith("blocked")
     assert rep["probe"]["RLIMIT_AS"] == LIMITS.memory_mb * 1024 * 1024
+    assert rep["probe"]["unix_sockets"].startswith("blocked")
+    assert rep["layers"]["tests_seccomp"] is rep["layers"]["seccomp"]
     if rep["layers"]["mode"] != "none":
         assert rep["probe"]["visible_processes"] <= 3  # its own PID namespace
         assert rep["probe"]["cwd"] == "/tmp"
+        assert rep["layers"]["view"] == rep["layers"]["tests_view"] == "allow-list"
+        assert rep["probe"]["etc_passwd"] == "absent"
+
+
+def test_report_command_shows_a_forced_weaker_mode_honestly():
+    out = subprocess.run([sys.executable, "-m", "verifiers.sandbox", "--report", "--mode", "none"],
+                         capture_output=True, text=True, timeout=120, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert "mode                 none" in out
+    assert "view                 host (no mount namespace)" in out
+    assert "tests_uid_separation False" in out
+    assert "unix_sockets         blocked" in out
 
 
 @pytest.mark.parametrize("mode", ["userns", "none"])

@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m verifiers.sandbox",
                                  description="Sandbox for model-written Python (see docs/sandbox.md).")
     ap.add_argument("--report", action="store_true", help="print the isolation layers in effect here")
+    ap.add_argument("--mode", choices=Sandbox.MODES, default="auto",
+                    help="force a weaker mode to see what it keeps (auto: the strongest available)")
     args = ap.parse_args(argv)
     if not args.report:
         ap.print_help()
         return 0
-    with Sandbox(workers=1) as sb:
+    with Sandbox(workers=1, mode=args.mode) as sb:
         rep = sb.report()
     print("isolation layers (harness/init):")
     for k, v in rep["layers"].items():
