@@ -53,15 +53,20 @@ def enter_view(view: dict[str, Any], tmp_mb: int, proc: bool, layers: dict[str, 
     os.umask(0o022)  # the directories made here must be traversable by the unprivileged uids
     root = _STAGE
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
-    for path in view["dirs"] + view["files"]:
-        if os.path.exists(path):
-            _bind(path, root)
+    for path in view["dirs"]:
+        _bind(path, root)  # the stdlib: without it nothing works, so a failure is fatal
+    skipped = []
+    for path in view["files"] + view["devices"]:  # a missing library or device costs only itself
+        try:
+            _bind(path, root, device=path in view["devices"])
+        except OSError:
+            skipped.append(path)
+    if skipped:
+        layers["view_skipped"] = skipped
     for path in view["cover"]:  # site-packages inside the stdlib: an empty read-only tmpfs
         if os.path.isdir(root + path):
             mount("tmpfs", root + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                   "size=4k,nr_inodes=16,mode=755")
-    for dev in view["devices"]:
-        _bind(dev, root, device=True)
     os.mkdir(root + "/tmp", 0o1777)
     mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,nr_inodes=4096,mode=1777")
     layers["private_proc"] = False
