@@ -5,11 +5,13 @@ Processes of one execution (``docs/sandbox.md`` has the threat model)::
     caller (Sandbox, in the trainer)          -- enforces the wall clock from outside:
       |                                          kills the harness's process group
       +-- zygote    one per Sandbox, a pre-imported `python -I -S` that only forks harnesses
-          +-- harness   fresh process per run, trusted: reads the job from stdin, runs
-              |         the TESTS, writes the verdict to its stdout. No model code runs here.
-              +-- init  pid 1 of a new PID namespace, trusted: private mounts, seccomp,
+          +-- harness   fresh process per run, trusted code: reads the job from stdin,
+              |         forks init, confines itself (own uid, allow-listed view, seccomp),
+              |         runs the dataset's TESTS, writes the verdict to its stdout.
+              +-- init  pid 1 of a new PID namespace, trusted: allow-listed view, seccomp,
                   |     forks the program, times it, kills every process in the namespace.
-                  +-- program   untrusted: unprivileged uid, rlimits, no network, a private
+                  +-- program   untrusted: unprivileged uid, rlimits, no sockets, a read-only
+                                root holding only the stdlib and its libraries, a private
                                 tmpfs as working directory; fd 0/1/2 and one RPC socket.
 
 The program is forked *before* the harness reads the tests, so the tests are never in
@@ -26,13 +28,15 @@ caller compares the captured lines.
 Layers that depend on the machine (``python -m verifiers.sandbox --report`` prints
 what is in effect): as root, a separate uid per worker slot, network + PID + mount +
 IPC namespaces; unprivileged with user namespaces, the same namespaces inside a user
-namespace; otherwise rlimits, seccomp and process groups only. A seccomp filter
-(x86_64, aarch64) refuses non-Unix sockets in every mode.
+namespace; otherwise rlimits, seccomp and process groups only (the host filesystem then
+stays visible). A seccomp filter (x86_64, aarch64) refuses socket() and connect() of
+every family, Unix sockets included, in every mode.
 
 Layout: ``runner.py`` (limits, jobs, results, the worker pool) and ``launch.py`` (starting
 harnesses, reading verdicts) run in the caller; ``inside/`` holds the code of the sandbox's
 own processes (``zygote``, ``harness``, ``pid1``, ``program``, with ``proxy``, ``view``,
-``linux`` and ``wire``), standard library only, loaded by the boot stub on its own.
+``linux`` and ``wire``), standard library only, loaded by the boot stub on its own;
+``allowlist.py`` computes the filesystem view the program and the tests get.
 """
 
 from __future__ import annotations
