@@ -758,3 +758,18 @@ assert "done" not in outcomes, outcomes
         for t in targets:
             if os.path.exists(t):
                 os.unlink(t)
+
+
+def test_runs_and_their_tests_do_not_share_tmp(sandbox):
+    """Views are copies of the zygote's one (root mode): each run, and each run's tests,
+    still get a /tmp of their own."""
+    tag = secrets.token_hex(6)
+    writer = f"open('/tmp/marker-{tag}', 'w').write('x')\ndef add(a, b):\n    return a + b\n"
+    tests = f"import os\nassert not os.path.exists('/tmp/marker-{tag}')\nassert add(1, 2) == 3\n"
+    (first,) = sandbox.run_many([TestsJob(writer, tests)])
+    assert first.ok, first.reason  # the tests do not see the program's /tmp
+    reader = f"import os\ndef seen():\n    return os.path.exists('/tmp/marker-{tag}')\n"
+    (second,) = sandbox.run_many([TestsJob(reader, "assert seen() is False\n")])
+    assert second.ok, second.reason  # nor does the next run
+    if first.isolation.get("mode") == "root":
+        assert first.isolation["view_built"] == "once, by the zygote"

@@ -90,9 +90,10 @@ class ZygoteLauncher(Launcher):
     interpreter per run if the zygote cannot be started.
     """
 
-    def __init__(self):
+    def __init__(self, template: dict | None = None):
         import threading
 
+        self._template = template  # a filesystem view to build once in the zygote (mode auto, root)
         self._lock = threading.Lock()
         self._sock = None
         self._proc = None
@@ -109,11 +110,15 @@ class ZygoteLauncher(Launcher):
         self._stop(wait=False)
         ours = None
         try:
+            import json
+
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            env = {**ENV, "SANDBOX_ZYGOTE_FD": str(theirs.fileno())}
+            if self._template is not None:
+                env["SANDBOX_VIEW"] = json.dumps(self._template)
             self._proc = subprocess.Popen(boot_command("zygote"), stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
-                                          start_new_session=True, cwd="/",
-                                          env={**ENV, "SANDBOX_ZYGOTE_FD": str(theirs.fileno())})
+                                          start_new_session=True, cwd="/", env=env)
             theirs.close()
             ours.settimeout(60)
             if ours.recv(16) != b"ready":

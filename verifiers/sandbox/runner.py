@@ -92,7 +92,9 @@ class Sandbox:
         for s in range(self.workers):
             self._slots.put(s)
         self._executor = None
-        self._launcher: Launcher = ZygoteLauncher() if zygote else Launcher()
+        # mode auto: the zygote builds the view once, each run's namespaces copy it (root only)
+        template = self._view if mode == "auto" else None
+        self._launcher: Launcher = ZygoteLauncher(template) if zygote else Launcher()
 
     # ---------------------------------------------------------------- public API
     @property

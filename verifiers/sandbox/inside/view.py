@@ -18,6 +18,8 @@ from .linux import CLONE_NEWNS, MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID
 
 _STAGE = "/tmp"  # any existing directory: in the new namespace a tmpfs covers it (unseen by the host)
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
+# [True] in a zygote (and its forks) that built the view once: later views only copy it.
+TEMPLATE: list[bool] = []
 
 
 def _locked_flags(path: str) -> int:
@@ -48,6 +50,17 @@ def _bind(src: str, root: str, device: bool = False) -> None:
 def enter_view(view: dict[str, Any], tmp_mb: int, proc: bool, layers: dict[str, Any]) -> None:
     """Replace this process's root by the allow-listed view (new mount namespace). Raises
     OSError if a step fails; the caller then falls back and reports it."""
+    if TEMPLATE:  # already inside the view (forked from a zygote that built it): copy it
+        unshare(CLONE_NEWNS)
+        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,nr_inodes=4096,mode=1777")
+        layers["private_proc"] = False
+        if proc:
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            layers["private_proc"] = True
+        layers["readonly_root"] = True  # remounted read-only by the zygote
+        layers["view_built"] = "once, by the zygote"
+        return
+    layers["view_built"] = "for this run"
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     os.umask(0o022)  # the directories made here must be traversable by the unprivileged uids
@@ -70,8 +83,8 @@ def enter_view(view: dict[str, Any], tmp_mb: int, proc: bool, layers: dict[str, 
     os.mkdir(root + "/tmp", 0o1777)
     mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,nr_inodes=4096,mode=1777")
     layers["private_proc"] = False
+    os.mkdir(root + "/proc", 0o555)  # also in a zygote's view: each run mounts its own there
     if proc:
-        os.mkdir(root + "/proc", 0o555)
         try:
             mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             layers["private_proc"] = True

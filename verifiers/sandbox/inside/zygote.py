@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
-from . import harness
+from . import harness, view
 from .linux import libc, seccomp_program
+
+_ZYGOTE_TMP_MB = 1  # the zygote's own /tmp inside its view; runs mount their own over it
 
 
 def main() -> None:
@@ -23,6 +26,13 @@ def main() -> None:
         __import__(name)
     libc()
     seccomp_program()
+    spec = os.environ.pop("SANDBOX_VIEW", None)
+    if spec and os.geteuid() == 0:
+        try:  # root: build the allow-listed view once; each run's namespaces copy this one
+            view.enter_view(json.loads(spec), _ZYGOTE_TMP_MB, False, {})
+            view.TEMPLATE.append(True)
+        except OSError:
+            pass  # every run builds its own view (or reports why it cannot)
     sock = socket.socket(fileno=int(os.environ.pop("SANDBOX_ZYGOTE_FD")))
     parent = os.getppid()
     sock.send(b"ready")
