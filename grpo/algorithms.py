@@ -12,8 +12,13 @@ from typing import Literal, NamedTuple
 
 import torch
 
-AdvantageScale = Literal["group", "batch", "none"]
+AdvantageScale = Literal["group", "batch", "none", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
 LossAggregation = Literal["seq_mean", "token_mean", "constant"]
+RatioLevel = Literal["token", "sequence", "sequence_token"]
+
+# verl's bounds: exp() of a log-ratio beyond +-20 (ratio 5e8) only ever overflows a step.
+LOG_RATIO_CLAMP = 20.0
+KL_CLAMP = 10.0  # the k3 estimate is clamped to [-10, 10] after its exponent (verl low_var_kl)
 
 
 class Advantages(NamedTuple):
@@ -31,10 +36,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageSca
     * ``batch``: ``(r - mean_group) / (std_batch + eps)``, one std over all B rewards
       (REINFORCE++-style; less noise from small groups);
     * ``none`` (Dr. GRPO, Liu et al. 2025): ``r - mean_group``, no std scaling, which
-      removes the bias towards low-variance (too easy / too hard) questions.
+      removes the bias towards low-variance (too easy / too hard) questions;
+    * ``rloo`` (RLOO, Ahmadian et al. 2024): ``r_i - mean_{j != i} r_j``, the
+      leave-one-out baseline, ``= G / (G - 1) * (r_i - mean_group)``;
+    * ``reinforce_pp`` (REINFORCE++, Hu 2025): ``(r - mean_batch) / (std_batch + eps)``,
+      global batch normalisation with no per-prompt baseline;
+    * ``reinforce_pp_baseline`` (REINFORCE++-baseline, Hu 2025): ``a = r - mean_group``,
+      then ``(a - mean_batch(a)) / (std_batch(a) + eps)``.
 
     std is the unbiased sample std (as in the GRPO reference code and TRL). A group
-    with zero variance gets advantage 0 under every option.
+    with zero variance gets advantage 0 under every option except ``reinforce_pp``
+    (whose baseline is the batch mean, not the group's).
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with a multiple of {group_size} entries, got {tuple(rewards.shape)}")
@@ -53,6 +65,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageSca
         adv = centred / (std + eps)
     elif scale == "none":
         adv = centred
+    elif scale == "rloo":
+        adv = centred * (group_size / (group_size - 1)) if group_size > 1 else torch.zeros_like(centred)
+    elif scale == "reinforce_pp":
+        flat = grouped.reshape(-1)
+        std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
+        adv = (grouped - flat.mean()) / (std + eps)
+    elif scale == "reinforce_pp_baseline":
+        flat = centred.reshape(-1)
+        std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
+        adv = (centred - flat.mean()) / (std + eps)
     else:
         raise ValueError(f"unknown advantage scale {scale!r}")
     return Advantages(adv.reshape(-1).to(rewards.dtype), zero_var)
@@ -68,9 +90,52 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate, Schulman's k3: ``exp(d) - d - 1``, d = ref - logp.
 
     Unbiased for KL(pi || pi_ref) under samples from pi, always >= 0. Shapes (B, T).
+    As in verl (``low_var_kl``), d is clamped to [-20, 20] before the exponent and the
+    estimate to at most 10, so one token far from the reference cannot overflow the step.
     """
-    d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1
+    d = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (torch.exp(d) - d - 1).clamp(max=KL_CLAMP)
+
+
+def importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                     level: RatioLevel = "token") -> torch.Tensor:
+    """The PPO importance ratio per token, (b, T), from log-probs (b, T) and mask (b, T).
+
+    * ``token`` (PPO / GRPO): ``exp(logp_t - old_t)``;
+    * ``sequence`` (GSPO, Zheng et al. 2025, eq. 7): the length-normalised sequence ratio
+      ``s_i = exp(mean_t (logp_t - old_t))``, the same value at every token of sequence i
+      (with ``seq_mean`` aggregation the loss is then GSPO's per-sequence objective);
+    * ``sequence_token`` (GSPO-token, eq. 13): ``sg[s_i] * pi_t / sg[pi_t]``: the value
+      is s_i but each token's gradient is its own, so per-token advantages can be used.
+
+    The log-ratio is clamped to [-20, 20] before the exponent (verl), so a token the
+    policy has moved far from cannot make the ratio inf and the loss NaN.
+    """
+    log_ratio = logprobs - old_logprobs
+    if level == "token":
+        return torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    m = mask.to(logprobs.dtype)
+    seq_log = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)  # (b, 1)
+    if level == "sequence":
+        return torch.exp(seq_log.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).expand_as(logprobs)
+    if level == "sequence_token":
+        combined = seq_log.detach() + logprobs - logprobs.detach()
+        return torch.exp(combined.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    raise ValueError(f"unknown ratio level {level!r}")
+
+
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward. (B,) -> (B,).
+
+    With L = ``max_tokens`` and the buffer L_c: 0 for ``len <= L - L_c``, then a linear ramp
+    ``((L - L_c) - len) / L_c`` down to -1 at ``len = L`` (and -1 beyond), times ``factor``.
+    ``buffer = 0`` switches it off.
+    """
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    start = max_tokens - buffer
+    penalty = ((start - lengths.float()) / buffer).clamp(min=-1.0, max=0.0)
+    return penalty * factor
 
 
 class PolicyLoss(NamedTuple):
@@ -86,7 +151,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
                 aggregation: LossAggregation = "seq_mean", num_sequences: int | None = None,
                 num_tokens: int | None = None, max_tokens: int | None = None,
-                importance_weights: torch.Tensor | None = None) -> PolicyLoss:
+                importance_weights: torch.Tensor | None = None, ratio_level: RatioLevel = "token") -> PolicyLoss:
     """PPO clipped surrogate with a KL penalty, aggregated as GRPO, DAPO or Dr. GRPO.
 
     logprobs, old_logprobs, ref_logprobs, mask: (b, T) for a micro-batch of b sequences;
@@ -96,7 +161,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         surrogate = min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)
         loss_t = -surrogate + beta * k3(logp, ref_logp)
 
-    Separate ``epsilon_low`` / ``epsilon_high`` is DAPO's clip-higher.
+    Separate ``epsilon_low`` / ``epsilon_high`` is DAPO's clip-higher. ``ratio_level``
+    selects the token ratio (PPO/GRPO) or GSPO's sequence ratio (see ``importance_ratio``;
+    GSPO clips it with much smaller epsilons, e.g. 3e-4 / 4e-4).
     ``importance_weights`` (b, T), if given, multiply the surrogate term per token: the
     truncated importance sampling correction ``min(pi_trainer / pi_engine, C)`` for
     samples drawn by an engine whose numerics differ from the trainer's (Yao et al.
@@ -112,7 +179,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     gives exactly the full-batch loss. They default to this micro-batch's own counts.
     """
     mask = mask.to(logprobs.dtype)
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = importance_ratio(logprobs, old_logprobs, mask, ratio_level)
     adv = advantages[:, None].to(logprobs.dtype)
     unclipped = ratio * adv
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)

@@ -102,13 +102,27 @@ class RolloutConfig:
     top_k: int = opt(0, "top-k sampling (0 = off)")
     ignore_eos: bool = opt(False, "always generate max_new_tokens tokens (fixed-length benchmarks)")
     max_batch_size: int = opt(256, "most sequences decoded at once by the hf engine")
+    dynamic_sampling: bool = opt(
+        False, "DAPO dynamic sampling with backfill: roll out further rounds of prompts_per_step prompts until "
+               "the batch holds prompts_per_step groups whose rewards differ (up to max_sampling_rounds)")
+    max_sampling_rounds: int = opt(4, "dynamic_sampling: most rounds of prompts_per_step prompts per step; "
+                                      "the step trains on what it has when they run out")
     vllm: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "vllm engine options, the rollout.vllm.* keys below (docs/vllm.md)", "keys": VLLMOptions})
 
 
 @dataclass
 class LossConfig:
-    advantage_scale: Literal["group", "batch", "none"] = opt("group", "std scaling: group (GRPO), batch, none (Dr. GRPO)")
+    preset: Literal["none", "dr_grpo", "dapo", "gspo", "rloo"] = opt(
+        "none", "named algorithm setting the keys it needs (docs/algorithms.md): dr_grpo, dapo, gspo, rloo; "
+                "setting one of its keys to another value is an error")
+    advantage_scale: Literal["group", "batch", "none", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = opt(
+        "group", "advantage estimator: group (GRPO), batch (group mean, batch std), none (Dr. GRPO), "
+                 "rloo (leave-one-out), reinforce_pp (REINFORCE++ batch normalisation), "
+                 "reinforce_pp_baseline (group mean, then batch normalisation)")
+    ratio_level: Literal["token", "sequence", "sequence_token"] = opt(
+        "token", "importance ratio: token (PPO/GRPO), sequence (GSPO: length-normalised sequence ratio), "
+                 "sequence_token (GSPO-token)")
     advantage_eps: float = opt(1e-4, "added to the std before dividing")
     drop_zero_variance: bool = opt(False, "drop groups whose rewards are all equal from the update (DAPO dynamic sampling)")
     epsilon_low: float = opt(0.2, "PPO clip: ratio lower bound 1 - epsilon_low")
@@ -118,6 +132,9 @@ class LossConfig:
     aggregation: Literal["seq_mean", "token_mean", "constant"] = opt(
         "seq_mean", "loss aggregation: seq_mean (GRPO), token_mean (DAPO), constant (Dr. GRPO)")
     mask_truncated: bool = opt(False, "exclude completions cut at max_new_tokens from the loss (DAPO overlong filtering)")
+    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: the last N tokens before max_new_tokens ramp a "
+                                  "penalty from 0 to -overlong_penalty, added to the reward (0 = off)")
+    overlong_penalty: float = opt(1.0, "the soft overlong punishment at max_new_tokens (subtracted from the reward)")
     old_logprobs: Literal["auto", "rollout", "recompute"] = opt(
         "auto", "ratio denominator: rollout (engine log-probs), recompute (a trainer pass), auto (ratio 1 "
         "with one pass: the current policy detached; recompute when update_passes > 1)")
@@ -312,6 +329,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     for override in overrides:
         apply_override(data, override)
+    from grpo.presets import expand_preset
+
+    expand_preset(data)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg
@@ -333,6 +353,14 @@ def validate(cfg: RunConfig) -> None:
          "loss.tis_cap with loss.old_logprobs=rollout would correct the engine/trainer difference twice "
          "(the ratio pi/pi_engine already does): use old_logprobs auto/recompute with tis_cap, or rollout alone"),
         (cfg.loss.update_passes >= 1, "loss.update_passes must be >= 1"),
+        (not (cfg.model.lora_dropout > 0 and cfg.loss.old_logprobs == "rollout"),
+         "model.lora_dropout > 0 with loss.old_logprobs=rollout: the rollout samples without dropout, the update "
+         "with it, so the ratio starts away from 1; use old_logprobs auto/recompute (same dropout masks) or "
+         "lora_dropout 0"),
+        (0 <= cfg.loss.overlong_buffer <= cfg.rollout.max_new_tokens,
+         "loss.overlong_buffer must be between 0 and rollout.max_new_tokens"),
+        (cfg.loss.overlong_penalty >= 0, "loss.overlong_penalty must be >= 0"),
+        (cfg.rollout.max_sampling_rounds >= 1, "rollout.max_sampling_rounds must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
         (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
@@ -345,7 +373,30 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")
+    if cfg.rollout.engine == "vllm" and (conflict := truncated_logprobs_conflict(cfg)):
+        raise UserError(f"config: {conflict}")
     vllm_options(cfg.rollout)
+
+
+def truncated_logprobs_conflict(cfg: RunConfig) -> str | None:
+    """Why vLLM's log-probs cannot enter this loss, or None.
+
+    The log-prob of a sampled token is defined, for every engine and the trainer, under
+    the full ``softmax(logits / T)`` (before top-k/top-p). vLLM can only return the log-prob
+    after temperature *and* truncation (``processed_logprobs``) or before temperature
+    (``raw_logprobs``); without truncation the first is exactly the definition. With
+    ``top_p < 1`` or ``top_k > 0`` its numbers are ``log(p / Z)`` (Z the kept mass), so a loss
+    that uses them (``old_logprobs: rollout``, ``tis_cap``) would be biased by ``log Z``.
+    """
+    r, loss = cfg.rollout, cfg.loss
+    if r.top_p >= 1.0 and r.top_k == 0:
+        return None
+    if loss.old_logprobs == "rollout" or loss.tis_cap:
+        use = "loss.old_logprobs=rollout" if loss.old_logprobs == "rollout" else "loss.tis_cap"
+        return (f"{use} with rollout.top_p < 1 or rollout.top_k > 0 under vLLM: vLLM's log-probs are then those "
+                "of the truncated distribution, not the full softmax(logits / T) the trainer uses; "
+                "use old_logprobs auto/recompute without tis_cap, or no truncation (docs/algorithms.md)")
+    return None
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:

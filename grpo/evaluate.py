@@ -49,7 +49,7 @@ def check_ks(ks: Sequence[int], n: int) -> None:
 def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str, Any]],
              rewards: RewardRunner, *, n: int, temperature: float, max_new_tokens: int,
              ks: Sequence[int] = (1,), greedy: bool = True, seed: int = 1234, top_p: float = 1.0,
-             prefix: str = "heldout/") -> EvalResult:
+             top_k: int = 0, prefix: str = "heldout/") -> EvalResult:
     """Sample ``n`` completions per row at ``temperature``, score them, and report (keys get ``prefix``):
 
     * ``accuracy`` (= pass@1: mean over problems of the fraction of correct samples) and
@@ -68,7 +68,8 @@ def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str
     prompts = [encode(r["prompt"]) for r in rows]
     samples: list[dict[str, Any]] = []
     groups = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens,
-                                                     temperature=temperature, top_p=top_p), seed=seed)
+                                                     temperature=temperature, top_p=top_p, top_k=top_k),
+                             seed=seed)
     correct, batch = _score(groups, rows, rewards, samples, "sampled")
     metrics = {f"{prefix}{k}": v for k, v in sampled_metrics(correct, ks).items()}
     metrics[f"{prefix}reward"] = _mean(batch.total)

@@ -4,11 +4,21 @@ The backbone gives hidden states (b, L, H); only the completion positions go thr
 the LM head, a chunk of ``chunk_tokens`` positions at a time (on CUDA under activation
 checkpointing, so a chunk's (chunk, V) logits are not kept for backward). No
 [batch, seq, vocab] float32 tensor is ever formed for the whole batch.
+
+The head runs in float32 whatever the model's dtype (a bf16 model's hidden states and
+head weight are upcast), so the log-softmax sees unrounded logits. This fast head is
+only right when the model's logits are exactly ``lm_head(hidden)``: some models scale
+or cap them (Granite divides by ``logits_scaling``, Gemma 2 soft-caps). The trainer
+checks the fast head against the model's own forward at setup (``fast_head_agrees``)
+and passes ``fast_head=False`` on any mismatch, which routes every pass through the
+model's forward; a LoRA adapter on the head itself also takes that route.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -48,8 +58,17 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
     return PackedBatch(ids, attn, positions, lp, ids[:, lp:], attn[:, lp:])
 
 
-def _unwrap(model):
-    """(backbone, lm_head) of a (peft-wrapped) causal LM, or None when logits need the full head."""
+class TokenLogProbs(NamedTuple):
+    """Per-token log-probs (differentiable) and, when asked for, the policy's entropy (no grad)."""
+
+    logprobs: torch.Tensor  # (b, T), 0 where masked
+    entropy: torch.Tensor | None  # (b, T) nats, 0 where masked; None unless with_entropy
+
+
+def _unwrap(model, fast_head: bool = True):
+    """(backbone, lm_head) of a (peft-wrapped) causal LM, or None when logits need the model's forward."""
+    if not fast_head:
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
@@ -60,32 +79,76 @@ def _unwrap(model):
         return None
     if backbone is None or head is None or backbone is base:
         return None
+    if hasattr(head, "base_layer"):  # a LoRA adapter sits on the head: only its own forward applies it
+        return None
     return backbone, head
 
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature  # (n, V)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+                    bias: torch.Tensor | None, temperature: float, with_entropy: bool = False):
+    """(log pi(target), entropy or None) for n positions; float32 logits from float32 inputs."""
+    # float32 head (a no-op for float32 models): a bf16 model's logits would otherwise be rounded before
+    # the log-softmax. Cast here, per chunk, so no float32 copy of the weight outlives the chunk.
+    bias = None if bias is None else bias.float()
+    logits = torch.nn.functional.linear(hidden.float(), weight.float(), bias) / temperature  # (n, V) float32
+    lse = logits.logsumexp(-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    return logp, (_entropy(logits, lse) if with_entropy else None)
+
+
+@torch.no_grad()
+def _entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum_v p_v z_v, per row of (n, V) logits (a metric: no gradient)."""
+    probs = (logits - lse[:, None]).exp()
+    return lse - (probs * logits).sum(-1)
 
 
 def sampled_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
-                     chunk_tokens: int = 512) -> torch.Tensor:
+                     chunk_tokens: int = 512, fast_head: bool = True, with_entropy: bool = False):
     """log pi(completion token | prefix) at ``temperature``, shape (b, T); 0 where masked.
 
     Differentiable w.r.t. the model's trainable parameters when grad is enabled.
+    Returns a ``TokenLogProbs`` when ``with_entropy``, else the log-prob tensor.
     """
     t = batch.completion_ids.shape[1]
     lp = batch.prompt_len
-    parts = _unwrap(model)
+    parts = _unwrap(model, fast_head)
     if parts is None:
-        return _full_forward_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
-                                      batch.completion_ids, batch.completion_mask, lp, temperature)
+        out = _full_forward_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                     batch.completion_ids, batch.completion_mask, lp, temperature, with_entropy)
+        return out if with_entropy else out.logprobs
     backbone, head = parts
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, lp - 1:lp - 1 + t]  # (b, T, H): the state that predicts each completion token
-    return _head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens)
+    out = _head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
+                         with_entropy)
+    return out if with_entropy else out.logprobs
+
+
+@torch.no_grad()
+def fast_head_agrees(model, token_ids: list[int], rtol: float | None = None) -> tuple[bool, float]:
+    """Do ``lm_head(backbone(x))`` and the model's own forward give the same logits?
+
+    Runs both on ``token_ids`` (a few tokens of a real prompt) and returns (agrees,
+    largest difference relative to the largest logit). ``rtol`` defaults to 1e-3 in
+    float32 and 2e-2 in 16-bit dtypes (their rounding of the model's logits). A model
+    that scales, caps or otherwise post-processes its logits disagrees by far more.
+    """
+    parts = _unwrap(model)
+    if parts is None:
+        return False, float("nan")
+    backbone, head = parts
+    ids = torch.tensor([token_ids], device=next(model.parameters()).device)
+    hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[0]  # (L, H)
+    fast = torch.nn.functional.linear(hidden.float(), head.weight.float(),
+                                      None if head.bias is None else head.bias.float())
+    own = model(input_ids=ids, use_cache=False).logits[0].float()  # (L, V)
+    dtype = next(model.parameters()).dtype
+    if rtol is None:
+        rtol = 1e-3 if dtype == torch.float32 else 2e-2
+    rel = float((fast - own).abs().max() / own.abs().max().clamp(min=1.0))
+    return rel <= rtol, rel
 
 
 @dataclass
@@ -130,11 +193,11 @@ def pack_grouped(prompts: list[list[int]], group_index: list[int], completions: 
 
 
 def grouped_logprobs(model, batch: GroupedBatch, temperature: float = 1.0, chunk_tokens: int = 512,
-                     pad_id: int = 0) -> torch.Tensor:
+                     pad_id: int = 0, fast_head: bool = True, with_entropy: bool = False):
     """``sampled_logprobs`` for a ``GroupedBatch``, encoding each distinct prompt once. (b, T)."""
-    parts = _unwrap(model)
+    parts = _unwrap(model, fast_head)
     if parts is None:
-        return sampled_logprobs(model, batch.flat(pad_id), temperature, chunk_tokens)
+        return sampled_logprobs(model, batch.flat(pad_id), temperature, chunk_tokens, False, with_entropy)
     backbone, head = parts
     positions = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = backbone(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=positions,
@@ -148,20 +211,27 @@ def grouped_logprobs(model, batch: GroupedBatch, temperature: float = 1.0, chunk
     hidden = backbone(input_ids=batch.completion_ids, attention_mask=mask, position_ids=c_pos,
                       past_key_values=cache, use_cache=True).last_hidden_state  # (b, T, H)
     hidden = torch.cat([last[idx][:, None], hidden[:, :-1]], dim=1)  # state that predicts token j
-    return _head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens)
+    out = _head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
+                         with_entropy)
+    return out if with_entropy else out.logprobs
 
 
 def _full_forward_logprobs(model, input_ids, attention_mask, position_ids, completion_ids, completion_mask,
-                           lp: int, temperature: float) -> torch.Tensor:
+                           lp: int, temperature: float, with_entropy: bool = False) -> TokenLogProbs:
     t = completion_ids.shape[1]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    logits = out.logits[:, lp - 1:lp - 1 + t].float() / temperature
-    logp = logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
-    return logp * completion_mask
+    logits = out.logits[:, lp - 1:lp - 1 + t].float() / temperature  # (b, T, V)
+    lse = logits.logsumexp(-1)
+    logp = (logits.gather(-1, completion_ids[..., None]).squeeze(-1) - lse) * completion_mask
+    entropy = None
+    if with_entropy:
+        b = logits.shape[0]
+        entropy = _entropy(logits.reshape(b * t, -1), lse.reshape(b * t)).view(b, t) * completion_mask
+    return TokenLogProbs(logp, entropy)
 
 
 def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, head,
-                   temperature: float, chunk_tokens: int) -> torch.Tensor:
+                   temperature: float, chunk_tokens: int, with_entropy: bool = False) -> TokenLogProbs:
     """Chunked LM head over the unmasked positions only. hidden: (b, T, H) -> (b, T).
 
     On CUDA each chunk runs under activation checkpointing, so its (chunk, V) logits
@@ -174,15 +244,46 @@ def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     flat_y = targets.reshape(b * t)
     keep = mask.reshape(b * t).nonzero().squeeze(-1)  # skip padding entirely
     out_flat = hidden.new_zeros(b * t, dtype=torch.float32)
+    ent_flat = hidden.new_zeros(b * t, dtype=torch.float32)
     weight, bias = head.weight, getattr(head, "bias", None)
-    pieces = []
+    pieces, entropies = [], []
     for start in range(0, keep.numel(), chunk_tokens):
         idx = keep[start:start + chunk_tokens]
         h, y = flat_h.index_select(0, idx), flat_y.index_select(0, idx)
         if torch.is_grad_enabled() and h.is_cuda:
-            pieces.append(checkpoint(_chunk_logprobs, h, y, weight, bias, temperature, use_reentrant=False))
+            logp, ent = checkpoint(_chunk_logprobs, h, y, weight, bias, temperature, with_entropy,
+                                   use_reentrant=False)
         else:
-            pieces.append(_chunk_logprobs(h, y, weight, bias, temperature))
+            logp, ent = _chunk_logprobs(h, y, weight, bias, temperature, with_entropy)
+        pieces.append(logp)
+        entropies.append(ent)
     if pieces:
         out_flat = out_flat.index_put((keep,), torch.cat(pieces))
-    return out_flat.view(b, t)
+        if with_entropy:
+            ent_flat = ent_flat.index_put((keep,), torch.cat(entropies))
+    return TokenLogProbs(out_flat.view(b, t), ent_flat.view(b, t) if with_entropy else None)
+
+
+def set_update_mode(model) -> None:
+    """The mode of every log-prob pass in the update (reference, old and policy alike).
+
+    The base model runs in eval mode (its dropout is never wanted: it would make the
+    KL to the reference nonzero at policy == reference); only LoRA dropout is active,
+    and ``same_dropout`` replays its masks so the old and policy passes of a micro-batch
+    see the same ones (ratio exactly 1 before the first optimizer step).
+    """
+    model.eval()
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout"):
+            module.train()
+
+
+@contextmanager
+def same_dropout(seed: int | None, device: torch.device):
+    """Draw dropout masks from ``seed`` inside, then restore the RNG state (None: do nothing)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

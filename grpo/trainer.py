@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,17 @@ import torch
 import yaml
 
 from grpo import checkpoint
-from grpo.algorithms import group_advantages, masked_mean, policy_loss, truncated_importance_weights
+from grpo.algorithms import (group_advantages, masked_mean, overlong_penalty, policy_loss,
+                             truncated_importance_weights)
 from grpo.config import RunConfig, to_dict
+from grpo.dynamic_sampling import Filled, fill_batch, sampling_metrics
 from grpo.engines.base import Completion, SamplingParams
 from grpo.errors import UserError
 from grpo.evaluate import EVAL_SEED_OFFSET, evaluate
-from grpo.logprobs import grouped_logprobs, pack_grouped
+from grpo.logprobs import fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode
 from grpo.metrics import MetricsLogger
 from grpo.prompts import encode_prompt
-from grpo.rewards import RewardRunner
+from grpo.rewards import RewardBatch, RewardRunner
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,6 +73,16 @@ class Sampler:
 
 
 @dataclass
+class ScoredGroup:
+    """One prompt's G completions, scored."""
+
+    prompt_ids: list[int]
+    completions: list[Completion]  # (G,)
+    rewards: list[float]  # (G,) what the advantages see: the verifiers' total + soft overlong penalty
+    scores: RewardBatch  # the verifiers' view of this group (total, per verifier, correct)
+
+
+@dataclass
 class Rollout:
     """One step's data: B = P * G sequences, prompt-major."""
 
@@ -103,15 +116,16 @@ class Trainer:
         resumed = self._claim_run_dir()  # before any model is loaded or file written
         self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers)
         self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
+        self._prompt_cache: dict[str, list[int]] = {}
         self.model, self.tokenizer = build_policy(cfg)
         self.device = next(self.model.parameters()).device
+        self.fast_head = self._check_fast_head()
         self.engine = build_engine(cfg, self.model, self.tokenizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.sampler = Sampler(len(self.train_rows), cfg.seed)
-        self._prompt_cache: dict[str, list[int]] = {}
         resume_step = 0
         if resumed is not None:
             resume_step = self._load_checkpoint(*resumed)
@@ -130,6 +144,16 @@ class Trainer:
         with rundir.os_errors(f"cannot write the run directory {self.run_dir}"):
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         return resumed
+
+    def _check_fast_head(self) -> bool:
+        """Use the chunked LM head only if it reproduces the model's own logits (scaled/capped heads do not)."""
+        tokens = self._encode(self.train_rows[0]["prompt"])[:16] if self.train_rows else [0, 1]
+        self.model.eval()
+        agrees, diff = fast_head_agrees(self.model, tokens)
+        if not agrees and diff == diff:  # NaN: the model has no separable head; its forward is used anyway
+            print(f"log-probs: the chunked LM head differs from the model's own logits (relative {diff:.2e}; "
+                  "scaled or capped logits?): using the model's forward for every log-prob pass", file=sys.stderr)
+        return agrees
 
     def _lr_factor(self, opt_step: int) -> float:
         o = self.cfg.optim
@@ -175,25 +199,22 @@ class Trainer:
 
     def train_step(self, sampling: SamplingParams) -> dict[str, float]:
         """One GRPO step; returns its metrics."""
-        P, G = self.cfg.rollout.prompts_per_step, sampling.n
+        r = self.cfg.rollout
         t0 = time.perf_counter()
-        rows = [self.train_rows[i] for i in self.sampler.next(P)]                      # prompts
-        prompt_ids = [self._encode(r["prompt"]) for r in rows]
-        groups = self.engine.generate(prompt_ids, sampling)                            # rollout
-        t_gen = time.perf_counter()
-        flat_rows = [r for r in rows for _ in range(G)]
-        completions = [c for g in groups for c in g]
-        scored = self.rewards.score(flat_rows, [c.text for c in completions])         # verify
-        t_score = time.perf_counter()
-        rollout = self._advantages(prompt_ids, completions, scored.total)              # advantages
+        self._times = {"generate": 0.0, "score": 0.0}
+        filled = fill_batch(lambda: self._draw_groups(r.prompts_per_step, sampling),   # prompts, rollout, verify
+                            r.prompts_per_step, r.max_sampling_rounds if r.dynamic_sampling else 1,
+                            _rewards_differ if r.dynamic_sampling else None)           # (DAPO: backfill)
+        t_rollout = time.perf_counter()
+        rollout = self._advantages(filled.kept)                                        # advantages
         stats = self._update(rollout)                                                  # policy update
         self.engine.sync_weights()                                                     # engine sync
         self.step += 1
         t_end = time.perf_counter()
-        return {**self._rollout_metrics(rollout, scored), **stats,
-                "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/update": t_end - t_score,
-                "time/step": t_end - t0, "lr": self.scheduler.get_last_lr()[0],
-                "tokens/generated": sum(len(c.token_ids) for c in completions)}
+        return {**self._rollout_metrics(filled), **stats,
+                "time/generate": self._times["generate"], "time/score": self._times["score"],
+                "time/update": t_end - t_rollout, "time/step": t_end - t0, "lr": self.scheduler.get_last_lr()[0],
+                "tokens/generated": sum(len(c.token_ids) for g in filled.drawn for c in g.completions)}
 
     # ------------------------------------------------------------- the pieces
     def _encode(self, prompt: Any) -> list[int]:
@@ -202,9 +223,29 @@ class Trainer:
             self._prompt_cache[key] = encode_prompt(self.tokenizer, prompt, self.cfg.model.system_prompt)
         return self._prompt_cache[key]
 
-    def _advantages(self, prompt_ids: list[list[int]], completions: list[Completion], total: list[float]) -> Rollout:
+    def _draw_groups(self, count: int, sampling: SamplingParams) -> list[ScoredGroup]:
+        """Sample ``count`` prompts, roll out G completions each, score them."""
+        G, t0 = sampling.n, time.perf_counter()
+        rows = [self.train_rows[i] for i in self.sampler.next(count)]
+        prompt_ids = [self._encode(r["prompt"]) for r in rows]
+        groups = self.engine.generate(prompt_ids, sampling)
+        t1 = time.perf_counter()
+        completions = [c for g in groups for c in g]
+        scored = self.rewards.score([r for r in rows for _ in range(G)], [c.text for c in completions])
+        self._times["generate"] += t1 - t0
+        self._times["score"] += time.perf_counter() - t1
+        loss = self.cfg.loss
+        penalty = overlong_penalty(torch.tensor([len(c.token_ids) for c in completions]),
+                                   sampling.max_new_tokens, loss.overlong_buffer, loss.overlong_penalty)
+        total = (torch.tensor(scored.total, dtype=torch.float32) + penalty).tolist()
+        return [ScoredGroup(prompt_ids[p], groups[p], total[p * G:(p + 1) * G], slice_scores(scored, p * G, G))
+                for p in range(len(rows))]
+
+    def _advantages(self, groups: list[ScoredGroup]) -> Rollout:
         cfg, G = self.cfg, self.cfg.rollout.num_generations
-        rewards = torch.tensor(total, dtype=torch.float32)
+        completions = [c for g in groups for c in g.completions]
+        prompt_ids = [g.prompt_ids for g in groups]
+        rewards = torch.tensor([x for g in groups for x in g.rewards], dtype=torch.float32)
         adv = group_advantages(rewards, G, cfg.loss.advantage_scale, cfg.loss.advantage_eps)
         keep = []
         for i, c in enumerate(completions):
@@ -216,7 +257,6 @@ class Trainer:
                 continue
             keep.append(i)
         seq_prompts = [p for p in prompt_ids for _ in range(G)]
-        self._zero_var = adv.zero_variance
         return Rollout(seq_prompts, completions, rewards, adv.advantages, keep)
 
     def _micro_batches(self, rollout: Rollout) -> list[list[int]]:
@@ -234,13 +274,18 @@ class Trainer:
         return pack_grouped([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
                             [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device)
 
-    def _logprobs(self, batch, grad: bool, adapters: bool = True) -> torch.Tensor:
+    def _logprobs(self, batch, grad: bool, adapters: bool = True, entropy: bool = False,
+                  dropout_seed: int | None = None):
         T, chunk, pad = self.cfg.rollout.temperature, self.cfg.optim.logprob_chunk_tokens, self.tokenizer.pad_token_id
-        with torch.set_grad_enabled(grad):
-            if adapters:
-                return grouped_logprobs(self.model, batch, T, chunk, pad)
-            with self.model.disable_adapter():
-                return grouped_logprobs(self.model, batch, T, chunk, pad)
+        adapters_off = nullcontext() if adapters else self.model.disable_adapter()
+        with torch.set_grad_enabled(grad), adapters_off, same_dropout(dropout_seed, self.device):
+            return grouped_logprobs(self.model, batch, T, chunk, pad, self.fast_head, entropy)
+
+    def _dropout_seeds(self, count: int) -> list[int | None]:
+        """One LoRA-dropout seed per micro-batch, shared by its old and policy passes (None: no dropout)."""
+        if self.cfg.model.lora_dropout == 0:
+            return [None] * count
+        return [(self.cfg.seed * 1_000_003 + self.step) * 4099 + i for i in range(count)]
 
     def _update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.cfg
@@ -254,25 +299,25 @@ class Trainer:
         if old_mode == "auto":
             old_mode = "detached" if cfg.loss.update_passes == 1 else "recompute"
         t0 = time.perf_counter()
-        self.model.eval()  # reference and old log-probs without dropout
+        set_update_mode(self.model)  # every pass alike: no base-model dropout, LoRA dropout with replayed masks
+        seeds = self._dropout_seeds(len(packed))
         ref = [self._logprobs(b, grad=False, adapters=False) for b in packed] if cfg.loss.beta else [None] * len(packed)
         if old_mode == "recompute":
-            old = [self._logprobs(b, grad=False) for b in packed]
+            old = [self._logprobs(b, grad=False, dropout_seed=s) for b, s in zip(packed, seeds)]
         elif old_mode == "rollout":
             old = [self._rollout_logprobs(rollout, idx, b) for idx, b in zip(micro, packed)]
         else:
             old = [None] * len(packed)
-        self.model.train()
         t_ref = time.perf_counter()
         t_policy = t_opt = 0.0
-        sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "engine_logprob_diff": 0.0}
+        sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "engine_logprob_diff": 0.0, "entropy": 0.0}
         grad_norm = 0.0
         for _ in range(cfg.loss.update_passes):
             self.optimizer.zero_grad(set_to_none=True)
             sums = dict.fromkeys(sums, 0.0)
             t_pass = time.perf_counter()
-            for idx, batch, ref_lp, old_lp in zip(micro, packed, ref, old):
-                logp = self._logprobs(batch, grad=True)
+            for idx, batch, ref_lp, old_lp, seed in zip(micro, packed, ref, old, seeds):
+                logp, entropy = self._logprobs(batch, grad=True, entropy=True, dropout_seed=seed)
                 mask = batch.completion_mask
                 old_lp = logp.detach() if old_lp is None else old_lp
                 engine_lp = self._rollout_logprobs(rollout, idx, batch)
@@ -285,7 +330,7 @@ class Trainer:
                                   epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
                                   beta=cfg.loss.beta, ref_logprobs=ref_lp, aggregation=cfg.loss.aggregation,
                                   num_sequences=n_seq, num_tokens=n_tok, max_tokens=cfg.rollout.max_new_tokens,
-                                  importance_weights=tis)
+                                  importance_weights=tis, ratio_level=cfg.loss.ratio_level)
                 if not torch.isfinite(out.loss):
                     raise TrainingDiverged(f"non-finite loss at step {self.step + 1}")
                 out.loss.backward()
@@ -295,6 +340,7 @@ class Trainer:
                 sums["clip"] += masked_mean(out.clipped.float(), mask) * weight
                 sums["ratio"] += masked_mean(out.ratio.detach(), mask) * weight
                 sums["engine_logprob_diff"] += masked_mean((engine_lp - logp.detach()).abs(), mask) * weight
+                sums["entropy"] += masked_mean(entropy, mask) * weight
             t1 = time.perf_counter()
             params = [p for p in self.model.parameters() if p.requires_grad]
             if cfg.optim.max_grad_norm > 0:
@@ -309,7 +355,7 @@ class Trainer:
             t_policy, t_opt = t_policy + (t1 - t_pass), t_opt + (t2 - t1)
         return {"time/reference_and_old": t_ref - t0, "time/policy_forward_backward": t_policy,
                 "time/optimizer": t_opt, "tokens/trained": int(sum(int(b.prompt_mask.sum()) + int(b.completion_mask.sum()) for b in packed)),"loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
-                "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"],
+                "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"], "entropy": sums["entropy"],
                 "sequences_in_loss": n_seq, "tokens_in_loss": n_tok}
 
     def _rollout_logprobs(self, rollout: Rollout, idx: list[int], batch) -> torch.Tensor:
@@ -319,13 +365,24 @@ class Trainer:
             out[row, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
         return out
 
-    def _rollout_metrics(self, rollout: Rollout, scored) -> dict[str, float]:
-        lengths = [len(c.token_ids) for c in rollout.completions]
-        truncated = [c.finish_reason == "length" for c in rollout.completions]
-        return {"reward/mean": float(rollout.rewards.mean()), "reward/std": float(rollout.rewards.std()),
-                "train/accuracy": sum(scored.correct) / len(scored.correct),
-                "completion_length": sum(lengths) / len(lengths), "truncated_fraction": sum(truncated) / len(truncated),
-                "zero_variance_groups": float(self._zero_var.float().mean()), **scored.metrics()}
+    def _rollout_metrics(self, filled: Filled) -> dict[str, float]:
+        """Over every group rolled out this step (with dynamic sampling: also those left out of the batch)."""
+        groups = filled.drawn
+        scored = concat_scores([g.scores for g in groups])
+        completions = [c for g in groups for c in g.completions]
+        lengths = [len(c.token_ids) for c in completions]
+        truncated = [c.finish_reason == "length" for c in completions]
+        rewards = torch.tensor(scored.total)
+        out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+               "train/accuracy": sum(scored.correct) / len(scored.correct),
+               "completion_length": sum(lengths) / len(lengths), "truncated_fraction": sum(truncated) / len(truncated),
+               "zero_variance_groups": sum(not _rewards_differ(g) for g in groups) / len(groups), **scored.metrics()}
+        if self.cfg.loss.overlong_buffer:
+            shaped = torch.tensor([x for g in groups for x in g.rewards])
+            out["reward/overlong_penalty"] = float((shaped - rewards).mean())
+        if self.cfg.rollout.dynamic_sampling:
+            out.update(sampling_metrics(filled, self.cfg.rollout.num_generations, self.cfg.rollout.prompts_per_step))
+        return out
 
     def _evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -333,7 +390,7 @@ class Trainer:
         result = evaluate(self.engine, self._encode, rows, self.rewards, n=cfg.eval.num_samples,
                           temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                           ks=cfg.eval.k, greedy=cfg.eval.greedy, seed=cfg.seed + EVAL_SEED_OFFSET,
-                          top_p=cfg.rollout.top_p)
+                          top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
         self.metrics.log(step, result.metrics)
         eval_dir = self.run_dir / "eval"
         eval_dir.mkdir(exist_ok=True)
@@ -419,6 +476,33 @@ class Trainer:
                 obj.close()
         if getattr(self, "run_lock", None) is not None:
             self.run_lock.release()
+
+
+def _rewards_differ(group: ScoredGroup) -> bool:
+    """A group teaches something only if its completions' rewards differ (else every advantage is 0)."""
+    return max(group.rewards) > min(group.rewards)
+
+
+def slice_scores(scores: RewardBatch, start: int, count: int) -> RewardBatch:
+    """Rows ``start:start + count`` of a RewardBatch (error counts and correlations stay with the first slice)."""
+    end = start + count
+    return RewardBatch(scores.total[start:end], {k: v[start:end] for k, v in scores.per_verifier.items()},
+                       {k: v[start:end] for k, v in scores.reasons.items()}, scores.correct[start:end],
+                       dict(scores.errors) if start == 0 else {}, dict(scores.correlations) if start == 0 else {})
+
+
+def concat_scores(parts: list[RewardBatch]) -> RewardBatch:
+    """RewardBatches one after another; a verifier missing from a part reads None there."""
+    names = list(dict.fromkeys(k for p in parts for k in p.per_verifier))
+    per_verifier = {k: [v for p in parts for v in p.per_verifier.get(k, [None] * len(p.total))] for k in names}
+    reasons = {k: [v for p in parts for v in p.reasons.get(k, [""] * len(p.total))] for k in names}
+    errors: dict[str, int] = {}
+    for p in parts:
+        for k, n in p.errors.items():
+            errors[k] = errors.get(k, 0) + n
+    correlations = next((p.correlations for p in parts if p.correlations), {})
+    return RewardBatch([x for p in parts for x in p.total], per_verifier, reasons,
+                       [x for p in parts for x in p.correct], errors, correlations)
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:

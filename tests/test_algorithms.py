@@ -156,3 +156,96 @@ def test_truncated_importance_weights_scale_the_surrogate():
     out = policy_loss(logp, logp, torch.tensor([1.0]), torch.ones(1, 2), aggregation="token_mean",
                       importance_weights=w)
     assert out.loss.item() == pytest.approx(-1.0)
+
+
+# ----------------------------------------------------------------------------- issue 12
+from grpo.algorithms import importance_ratio, overlong_penalty  # noqa: E402
+
+
+def test_rloo_leave_one_out_hand_numbers():
+    # group [1, 0, 0]: baselines mean of the others = [0, 0.5, 0.5] -> [1, -0.5, -0.5]
+    # (= G/(G-1) * (r - mean) = 1.5 * [2/3, -1/3, -1/3])
+    out = group_advantages(torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0]), group_size=3, scale="rloo")
+    assert torch.allclose(out.advantages, torch.tensor([1.0, -0.5, -0.5, 0.0, 0.0, 0.0]), atol=1e-6)
+    assert out.zero_variance.tolist() == [False, True]
+
+
+def test_reinforce_pp_global_batch_normalisation_hand_numbers():
+    # rewards [1, 0, 1, 1]: batch mean 0.75, unbiased var (0.0625*3 + 0.5625)/3 = 0.25, std 0.5
+    # -> [0.5, -1.5, 0.5, 0.5]; the all-correct group [1, 1] gets +0.5 (no group baseline)
+    out = group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2, scale="reinforce_pp", eps=0.0)
+    assert torch.allclose(out.advantages, torch.tensor([0.5, -1.5, 0.5, 0.5]), atol=1e-6)
+
+
+def test_reinforce_pp_baseline_hand_numbers():
+    # rewards [1, 0, 1, 1]: group-centred [0.5, -0.5, 0, 0]; its batch mean 0, unbiased
+    # var (0.25 + 0.25) / 3 = 1/6, std 0.408248 -> [1.224745, -1.224745, 0, 0]
+    out = group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2, scale="reinforce_pp_baseline", eps=0.0)
+    s = 0.5 / math.sqrt(1 / 6)
+    assert torch.allclose(out.advantages, torch.tensor([s, -s, 0.0, 0.0]), atol=1e-6)
+
+
+def test_gspo_sequence_ratio_hand_numbers():
+    # sequence 0: log-ratios [0.2, -0.1, (masked 5.0)] -> mean 0.05 -> s = e^0.05 = 1.051271 at every token
+    # sequence 1: log-ratio [0.4] -> s = e^0.4 = 1.491825
+    logp = torch.tensor([[0.2, -0.1, 5.0], [0.4, 0.0, 0.0]])
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    ratio = importance_ratio(logp, old, mask, "sequence")
+    assert torch.allclose(ratio[0, :2], torch.full((2,), math.exp(0.05)), atol=1e-6)
+    assert ratio[1, 0].item() == pytest.approx(math.exp(0.4), abs=1e-6)
+
+
+def test_gspo_loss_clips_whole_sequences_hand_numbers():
+    # GSPO: J = mean_i min(s_i A_i, clip(s_i, 1 - 3e-4, 1 + 4e-4) A_i). s = [1.051271, 0.99980002]
+    # A = [1, -1]: seq 0 clipped to 1.0004 -> 1.0004; seq 1: min(-0.9998, -max(0.9998, 0.9997)) = -0.9998
+    # loss = -(1.0004 - 0.99980002) / 2 = -0.00030
+    logp = torch.tensor([[0.2, -0.1], [math.log(0.9998), 0.0]], requires_grad=True)
+    old = torch.zeros(2, 2)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    out = policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, epsilon_low=3e-4, epsilon_high=4e-4,
+                      aggregation="seq_mean", ratio_level="sequence")
+    assert out.loss.item() == pytest.approx(-(1.0004 - 0.9998) / 2, abs=1e-6)
+    assert out.clipped[0].tolist() == [True, True] and out.clipped[1].tolist() == [False, False]
+    out.loss.backward()
+    # seq 1 unclipped: d(-s A / 2)/d logp_0 = -A * s * (1/|y|) / 2 = 0.9998 / 2; seq 0 clipped: no gradient
+    assert logp.grad[1, 0].item() == pytest.approx(0.9998 / 2, abs=1e-6)
+    assert logp.grad[0].abs().sum().item() == 0.0
+
+
+def test_gspo_token_equals_gspo_with_sequence_advantages():
+    # GSPO paper, eq. 14-15: with A_{i,t} = A_i, GSPO-token has GSPO's value and gradient
+    torch.manual_seed(0)
+    old = torch.randn(3, 4) * 0.1
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    grads, losses = [], []
+    for level in ("sequence", "sequence_token"):
+        logp = (old + torch.randn(3, 4, generator=torch.Generator().manual_seed(1)) * 1e-3).requires_grad_()
+        out = policy_loss(logp, old, adv, mask, epsilon_low=0.2, epsilon_high=0.2, ratio_level=level)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        grads.append(logp.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-7)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+def test_log_ratio_and_k3_are_clamped_like_verl():
+    # log-ratio 1000 -> clamped to 20: ratio e^20, finite; with A < 0 the unclipped branch is taken
+    logp, old = torch.tensor([[1000.0]]), torch.tensor([[0.0]])
+    ratio = importance_ratio(logp, old, torch.ones(1, 1))
+    assert ratio.item() == pytest.approx(math.exp(20.0), rel=1e-6)
+    out = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), beta=0.1, ref_logprobs=torch.tensor([[0.0]]))
+    assert torch.isfinite(out.loss)
+    # k3 with d = ref - logp = 50: exponent clamped at 20, estimate clamped at 10
+    assert kl_k3(torch.tensor([[0.0]]), torch.tensor([[50.0]])).item() == 10.0
+    # small d unchanged: d = -0.5 -> e^-0.5 + 0.5 - 1 = 0.106531
+    assert kl_k3(torch.tensor([[0.5]]), torch.tensor([[0.0]])).item() == pytest.approx(0.106531, abs=1e-6)
+
+
+def test_overlong_penalty_dapo_hand_numbers():
+    # L = 20, buffer 4: free up to 16; 18 -> (16 - 18)/4 = -0.5; 20 -> -1; factor 0.5 halves it
+    lengths = torch.tensor([10, 16, 17, 18, 20])
+    assert overlong_penalty(lengths, 20, 4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert overlong_penalty(lengths, 20, 4, factor=0.5).tolist() == [0.0, 0.0, -0.125, -0.25, -0.5]
+    assert overlong_penalty(lengths, 20, 0).tolist() == [0.0] * 5

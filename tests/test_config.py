@@ -124,3 +124,32 @@ def test_tis_cap_with_rollout_old_logprobs_is_rejected():
     with pytest.raises(UserError, match="twice"):
         load_config(None, ["loss.old_logprobs=rollout", "loss.tis_cap=2"])
     load_config(None, ["loss.old_logprobs=recompute", "loss.tis_cap=2"])
+
+
+def test_preset_expands_and_conflicts_are_errors():
+    cfg = load_config(None, ["loss.preset=dr_grpo"])
+    assert cfg.loss.advantage_scale == "none" and cfg.loss.aggregation == "constant"
+    cfg = load_config(None, ["loss.preset=dapo", "loss.epsilon_high=0.28"])  # agreeing value: fine
+    assert cfg.rollout.dynamic_sampling and cfg.loss.aggregation == "token_mean" and cfg.loss.epsilon_high == 0.28
+    cfg = load_config(None, ["loss.preset=gspo"])
+    assert cfg.loss.ratio_level == "sequence" and cfg.loss.epsilon_low == 3e-4
+    with pytest.raises(UserError, match="loss.preset=dr_grpo sets loss.aggregation='constant'"):
+        load_config(None, ["loss.preset=dr_grpo", "loss.aggregation=token_mean"])
+    with pytest.raises(UserError, match="expected one of"):
+        load_config(None, ["loss.preset=ppo"])
+
+
+def test_truncated_vllm_logprobs_cannot_enter_the_loss():
+    with pytest.raises(UserError, match="truncated distribution"):
+        load_config(None, ["rollout.engine=vllm", "rollout.top_p=0.9", "loss.old_logprobs=rollout"])
+    with pytest.raises(UserError, match="truncated distribution"):
+        load_config(None, ["rollout.engine=vllm", "rollout.top_k=20", "loss.tis_cap=2.0"])
+    load_config(None, ["rollout.engine=vllm", "rollout.top_p=0.9"])  # recompute-style: fine
+    load_config(None, ["rollout.engine=hf", "rollout.top_p=0.9", "loss.old_logprobs=rollout"])  # HF: full softmax
+
+
+def test_lora_dropout_with_rollout_old_logprobs_is_rejected():
+    with pytest.raises(UserError, match="lora_dropout"):
+        load_config(None, ["model.lora_dropout=0.1", "loss.old_logprobs=rollout"])
+    with pytest.raises(UserError, match="overlong_buffer"):
+        load_config(None, ["loss.overlong_buffer=100", "rollout.max_new_tokens=64"])

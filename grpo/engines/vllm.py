@@ -26,7 +26,9 @@ checkpointed, so a resumed run asks vLLM for the same samples. Greedy requests u
 Log-probabilities: vLLM is asked for ``processed_logprobs`` (the log-softmax of the
 logits after temperature and top-k/top-p), i.e. the distribution the token was drawn
 from. Without top-k/top-p that is exactly the trainer's ``softmax(logits / T)``; with
-them it is the truncated distribution, which the trainer does not compute. Kernels
+them it is the truncated distribution, which the trainer does not compute: the
+definition is the full ``softmax(logits / T)`` for every engine, so a config that would
+feed such truncated numbers into the loss is refused (``truncated_logprobs_conflict``). Kernels
 differ from the trainer's, so the numbers differ slightly (float32 on CPU: ~1e-5;
 bf16 on GPU: larger); the trainer logs ``engine_logprob_diff`` every step, and
 ``loss.old_logprobs`` / ``loss.tis_cap`` choose how the difference is handled
@@ -124,9 +126,11 @@ class VLLMEngine:
 
     @classmethod
     def from_config(cls, cfg, model, tokenizer) -> "VLLMEngine":
-        from grpo.config import vllm_options
+        from grpo.config import truncated_logprobs_conflict, vllm_options
 
         opts = vllm_options(cfg.rollout)
+        if conflict := truncated_logprobs_conflict(cfg):  # also for engine: auto resolved to vllm
+            raise UserError(f"config: {conflict}")
         if opts.mode == "colocate":
             import_vllm()
             from grpo.models import resolve_model_path

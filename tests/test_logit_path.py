@@ -1,0 +1,198 @@
+"""Regression tests for the logit path (issue 12): scaled heads, LoRA on lm_head, dropout mode,
+bf16 log-softmax, and the held-out evaluation's sampling settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GraniteConfig, GraniteForCausalLM
+
+from grpo.config import load_config
+from grpo.logprobs import fast_head_agrees, grouped_logprobs, pack, pack_grouped, sampled_logprobs
+from grpo.models import add_lora
+from grpo.trainer import Trainer
+from conftest import tiny_run_config
+
+PROMPTS = [[1, 10, 11, 12], [1, 20, 21]]
+COMPLETIONS = [[30, 31, 32], [40, 41], [50, 51, 52, 53]]
+GROUP_INDEX = [0, 0, 1]
+
+
+def _own_forward_logprobs(model, prompts, completions, temperature=1.0):
+    """Reference: the model's own forward over each sequence, one at a time, full log-softmax."""
+    out = []
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor([p + c])
+        logits = model(input_ids=ids).logits[0, len(p) - 1:len(p) - 1 + len(c)].double() / temperature
+        out.append(logits.log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1))
+    return out
+
+
+def _random_lora_b(model, std=0.2):
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=std)
+
+
+def _tiny_granite(logits_scaling: float):
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=logits_scaling,
+                           tie_word_embeddings=False, pad_token_id=0)
+    return GraniteForCausalLM(config).eval()
+
+
+def test_scaled_logits_are_detected_and_the_models_forward_is_used():
+    # Granite divides its logits by logits_scaling: the chunked head alone gets them wrong.
+    model = add_lora(_tiny_granite(8.0), 4, 8, 0.0, ["q_proj", "v_proj"]).eval()
+    agrees, diff = fast_head_agrees(model, [1, 5, 9, 13, 17])
+    assert not agrees and diff > 0.1  # float32 agreement is ~1e-7
+    prompts = [PROMPTS[g] for g in GROUP_INDEX]
+    ref = _own_forward_logprobs(model, prompts, COMPLETIONS)
+    batch = pack_grouped(PROMPTS, GROUP_INDEX, COMPLETIONS, 0)
+    with torch.no_grad():
+        fast = grouped_logprobs(model, batch, fast_head=True)
+        safe = grouped_logprobs(model, batch, fast_head=False)
+    for i, c in enumerate(COMPLETIONS):
+        assert not torch.allclose(fast[i, :len(c)].double(), ref[i], atol=1e-3)
+        assert torch.allclose(safe[i, :len(c)].double(), ref[i], atol=1e-5)
+
+
+def test_unscaled_head_agrees():
+    model = add_lora(_tiny_granite(1.0), 4, 8, 0.0, ["q_proj", "v_proj"]).eval()
+    agrees, diff = fast_head_agrees(model, [1, 5, 9, 13, 17])
+    assert agrees and diff < 1e-5
+
+
+def test_trainer_setup_falls_back_for_a_scaled_head(tmp_path, toy_plugin, capsys):
+    from conftest import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "granite-like")
+    config = AutoModelForCausalLM.from_pretrained(model_dir).config
+    # the same Llama, but its saved config asks for logits / 8 (Granite's convention)
+    granite = GraniteConfig(**{k: v for k, v in config.to_dict().items() if k in GraniteConfig().to_dict()},
+                            logits_scaling=8.0)
+    weights = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    model = GraniteForCausalLM(granite)
+    model.load_state_dict(weights, strict=False)
+    model.save_pretrained(model_dir)
+    cfg = load_config(None, tiny_run_config(model_dir, tmp_path / "run", toy_plugin))
+    trainer = Trainer(cfg, progress=False)
+    try:
+        trainer.setup()
+        assert trainer.fast_head is False
+    finally:
+        trainer.cleanup()
+    assert "using the model's forward for every log-prob pass" in capsys.readouterr().err
+
+
+def test_lora_on_lm_head_is_applied(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base.config.tie_word_embeddings = False
+    base.lm_head.weight = torch.nn.Parameter(base.lm_head.weight.detach().clone())
+    model = add_lora(base, 4, 8, 0.0, ["q_proj", "lm_head"]).eval()
+    _random_lora_b(model, std=0.5)
+    prompts = [PROMPTS[g] for g in GROUP_INDEX]
+    ref = _own_forward_logprobs(model, prompts, COMPLETIONS)
+    batch = pack_grouped(PROMPTS, GROUP_INDEX, COMPLETIONS, 0)
+    lp = grouped_logprobs(model, batch)
+    for i, c in enumerate(COMPLETIONS):
+        assert torch.allclose(lp[i, :len(c)].double(), ref[i], atol=1e-5)
+    lp.sum().backward()  # the head's adapter gets a gradient
+    head_b = [p for n, p in model.named_parameters() if "lm_head" in n and "lora_B" in n]
+    assert head_b and head_b[0].grad is not None and head_b[0].grad.abs().sum() > 0
+
+
+def test_bf16_logsoftmax_uses_float32_logits(tiny_model_dir):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(60.0)  # logits with std of a few units, as in a trained model
+    model = model.to(torch.bfloat16)
+    batch = pack([PROMPTS[g] for g in GROUP_INDEX], COMPLETIONS, 0)
+    with torch.no_grad():
+        lp = sampled_logprobs(model, batch)
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids).last_hidden_state
+        lp_len = batch.prompt_len
+        t = batch.completion_ids.shape[1]
+        # fp32 reference on the same bf16 hidden states: the head in float64
+        logits = hidden[:, lp_len - 1:lp_len - 1 + t].double() @ model.lm_head.weight.double().T
+        assert logits.std() > 1.0
+        ref = logits.log_softmax(-1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+    mask = batch.completion_mask.bool()
+    err = (lp.double() - ref)[mask].abs().max()
+    assert err < 1e-4, err  # bf16-rounded logits give errors of ~1e-2 here
+
+
+def _trainer(tmp_path, plugin, model_dir, **overrides):
+    cfg = load_config(None, tiny_run_config(model_dir, tmp_path / "run", plugin, **overrides))
+    trainer = Trainer(cfg, progress=False)
+    trainer.setup()
+    return trainer
+
+
+def test_lora_dropout_ratio_is_exactly_one_at_policy_equals_old(tiny_model_dir, toy_plugin, tmp_path):
+    trainer = _trainer(tmp_path, toy_plugin, tiny_model_dir, **{
+        "model.lora_dropout": 0.5, "loss.update_passes": 2, "loss.old_logprobs": "recompute",
+        "loss.beta": 0.1, "rollout.max_new_tokens": 6})
+    try:
+        _random_lora_b(trainer.model)
+        trainer.scheduler.base_lrs = [0.0]  # the policy never moves: pi == pi_old in every pass
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = 0.0
+        m = trainer.train_step(trainer.sampling_params())
+    finally:
+        trainer.cleanup()
+    assert m["sequences_in_loss"] > 0
+    assert m["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert m["clip_fraction"] == 0.0
+
+
+def test_no_base_dropout_kl_zero_at_policy_equals_reference(tiny_model_dir, toy_plugin, tmp_path):
+    # a base model with dropout everywhere; adapters at their zero init: policy == reference
+    trainer = _trainer(tmp_path, toy_plugin, tiny_model_dir, **{"model.lora_dropout": 0.3, "loss.beta": 0.1})
+    try:
+        for module in trainer.model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.5
+        m = trainer.train_step(trainer.sampling_params())
+    finally:
+        trainer.cleanup()
+    assert m["kl"] == 0.0
+
+
+def test_heldout_evaluation_samples_with_top_k(tiny_model_dir, toy_plugin, tmp_path):
+    trainer = _trainer(tmp_path, toy_plugin, tiny_model_dir, **{"rollout.top_k": 3, "rollout.top_p": 0.9})
+    seen = []
+    generate = trainer.engine.generate
+
+    def recording(prompts, params, seed=None):
+        seen.append(params)
+        return generate(prompts, params, seed=seed)
+
+    trainer.engine.generate = recording
+    try:
+        trainer._evaluate(0)
+    finally:
+        trainer.cleanup()
+    sampled = [p for p in seen if not p.greedy]
+    assert sampled and all(p.top_k == 3 and p.top_p == 0.9 for p in sampled)
+
+
+def test_entropy_metric_matches_full_softmax(tiny_model_dir):
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, ["q_proj"]).eval()
+    batch = pack_grouped(PROMPTS, GROUP_INDEX, COMPLETIONS, 0)
+    with torch.no_grad():
+        out = grouped_logprobs(model, batch, temperature=0.7, with_entropy=True)
+        for i, (g, c) in enumerate(zip(GROUP_INDEX, COMPLETIONS)):
+            p = PROMPTS[g]
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)].double() / 0.7
+            probs = logits.softmax(-1)
+            expected = -(probs * probs.log()).sum(-1)
+            assert torch.allclose(out.entropy[i, :len(c)].double(), expected, atol=1e-5)
+            assert (out.entropy[i, len(c):] == 0).all()
