@@ -152,6 +152,8 @@ class OptimConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
     micro_batch_size: int = opt(16, "sequences per forward/backward (gradient accumulation over the batch)")
     logprob_chunk_tokens: int = opt(512, "tokens per LM-head chunk when computing log-probs (memory bound)")
+    packing: bool = opt(False, "padding-free update passes: each group's prompt and completions packed into one "
+                               "row with a block attention mask (faster when completion lengths vary; docs/algorithms.md)")
 
 
 @dataclass

@@ -167,6 +167,11 @@ class GroupedBatch:
     completion_ids: torch.Tensor  # (b, T) right-padded
     completion_mask: torch.Tensor  # (b, T)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the network runs over (each distinct prompt once, completions without padding)."""
+        return int(self.prompt_mask.sum()) + int(self.completion_mask.sum())
+
     def flat(self, pad_id: int) -> PackedBatch:
         prompts = [row[m.bool()].tolist() for row, m in zip(self.prompt_ids, self.prompt_mask)]
         seq_prompts = [prompts[g] for g in self.group_index.tolist()]

@@ -33,6 +33,7 @@ from grpo.errors import UserError
 from grpo.evaluate import EVAL_SEED_OFFSET, evaluate
 from grpo.logprobs import fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode
 from grpo.metrics import MetricsLogger
+from grpo.packing import pack_tree, tree_logprobs
 from grpo.prompts import encode_prompt
 from grpo.rewards import RewardBatch, RewardRunner
 
@@ -271,7 +272,8 @@ class Trainer:
         G = self.cfg.rollout.num_generations
         groups = sorted({i // G for i in idx})
         row_of = {g: r for r, g in enumerate(groups)}
-        return pack_grouped([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
+        pack_fn = pack_tree if self.cfg.optim.packing else pack_grouped
+        return pack_fn([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
                             [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device)
 
     def _logprobs(self, batch, grad: bool, adapters: bool = True, entropy: bool = False,
@@ -279,6 +281,8 @@ class Trainer:
         T, chunk, pad = self.cfg.rollout.temperature, self.cfg.optim.logprob_chunk_tokens, self.tokenizer.pad_token_id
         adapters_off = nullcontext() if adapters else self.model.disable_adapter()
         with torch.set_grad_enabled(grad), adapters_off, same_dropout(dropout_seed, self.device):
+            if self.cfg.optim.packing:
+                return tree_logprobs(self.model, batch, T, chunk, self.fast_head, entropy)
             return grouped_logprobs(self.model, batch, T, chunk, pad, self.fast_head, entropy)
 
     def _dropout_seeds(self, count: int) -> list[int | None]:
@@ -354,7 +358,8 @@ class Trainer:
             t2 = time.perf_counter()
             t_policy, t_opt = t_policy + (t1 - t_pass), t_opt + (t2 - t1)
         return {"time/reference_and_old": t_ref - t0, "time/policy_forward_backward": t_policy,
-                "time/optimizer": t_opt, "tokens/trained": int(sum(int(b.prompt_mask.sum()) + int(b.completion_mask.sum()) for b in packed)),"loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
+                "time/optimizer": t_opt, "tokens/trained": sum(b.num_tokens for b in packed),
+                "loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
                 "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"], "entropy": sums["entropy"],
                 "sequences_in_loss": n_seq, "tokens_in_loss": n_tok}
 

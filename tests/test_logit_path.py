@@ -196,3 +196,23 @@ def test_entropy_metric_matches_full_softmax(tiny_model_dir):
             expected = -(probs * probs.log()).sum(-1)
             assert torch.allclose(out.entropy[i, :len(c)].double(), expected, atol=1e-5)
             assert (out.entropy[i, len(c):] == 0).all()
+
+
+def test_hf_engine_logprobs_are_untruncated_under_top_p_top_k(tiny_model_dir):
+    """One definition: the full softmax(logits / T), before truncation, as the trainer computes it."""
+    from transformers import AutoTokenizer
+
+    from grpo.engines.base import SamplingParams
+    from grpo.engines.hf import HFEngine
+
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, ["q_proj"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    groups = HFEngine(model, tok, seed=1).generate(PROMPTS, SamplingParams(n=2, max_new_tokens=6, temperature=0.7,
+                                                                           top_p=0.5, top_k=5))
+    prompts = [p for p, g in zip(PROMPTS, groups) for _ in g]
+    comps = [c for g in groups for c in g]
+    with torch.no_grad():
+        lp = sampled_logprobs(model, pack(prompts, [c.token_ids for c in comps], tok.pad_token_id), 0.7)
+    for i, c in enumerate(comps):
+        assert torch.allclose(lp[i, :len(c.logprobs)], torch.tensor(c.logprobs), atol=1e-4)
