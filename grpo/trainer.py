@@ -200,12 +200,9 @@ class Trainer:
 
     def train_step(self, sampling: SamplingParams) -> dict[str, float]:
         """One GRPO step; returns its metrics."""
-        r = self.cfg.rollout
         t0 = time.perf_counter()
         self._times = {"generate": 0.0, "score": 0.0}
-        filled = fill_batch(lambda: self._draw_groups(r.prompts_per_step, sampling),   # prompts, rollout, verify
-                            r.prompts_per_step, r.max_sampling_rounds if r.dynamic_sampling else 1,
-                            _rewards_differ if r.dynamic_sampling else None)           # (DAPO: backfill)
+        filled = self._collect(sampling)                                               # prompts, rollout, verify
         t_rollout = time.perf_counter()
         rollout = self._advantages(filled.kept)                                        # advantages
         stats = self._update(rollout)                                                  # policy update
@@ -223,6 +220,14 @@ class Trainer:
         if key not in self._prompt_cache:
             self._prompt_cache[key] = encode_prompt(self.tokenizer, prompt, self.cfg.model.system_prompt)
         return self._prompt_cache[key]
+
+    def _collect(self, sampling: SamplingParams) -> Filled:
+        """P scored groups; with dynamic sampling, further rounds until P of them have differing rewards."""
+        r = self.cfg.rollout
+        if not r.dynamic_sampling:
+            return fill_batch(lambda: self._draw_groups(r.prompts_per_step, sampling), r.prompts_per_step, 1)
+        return fill_batch(lambda: self._draw_groups(r.prompts_per_step, sampling), r.prompts_per_step,
+                          r.max_sampling_rounds, informative=_rewards_differ)
 
     def _draw_groups(self, count: int, sampling: SamplingParams) -> list[ScoredGroup]:
         """Sample ``count`` prompts, roll out G completions each, score them."""
@@ -274,7 +279,7 @@ class Trainer:
         row_of = {g: r for r, g in enumerate(groups)}
         pack_fn = pack_tree if self.cfg.optim.packing else pack_grouped
         return pack_fn([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
-                            [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device)
+                       [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device)
 
     def _logprobs(self, batch, grad: bool, adapters: bool = True, entropy: bool = False,
                   dropout_seed: int | None = None):
