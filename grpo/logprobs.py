@@ -65,7 +65,7 @@ class TokenLogProbs(NamedTuple):
     entropy: torch.Tensor | None  # (b, T) nats, 0 where masked; None unless with_entropy
 
 
-def _unwrap(model, fast_head: bool = True):
+def split_head(model, fast_head: bool = True):
     """(backbone, lm_head) of a (peft-wrapped) causal LM, or None when logits need the model's forward."""
     if not fast_head:
         return None
@@ -93,11 +93,11 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.T
     logits = torch.nn.functional.linear(hidden.float(), weight.float(), bias) / temperature  # (n, V) float32
     lse = logits.logsumexp(-1)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-    return logp, (_entropy(logits, lse) if with_entropy else None)
+    return logp, (entropy_from_logits(logits, lse) if with_entropy else None)
 
 
 @torch.no_grad()
-def _entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """H = logsumexp(z) - sum_v p_v z_v, per row of (n, V) logits (a metric: no gradient)."""
     probs = (logits - lse[:, None]).exp()
     return lse - (probs * logits).sum(-1)
@@ -112,7 +112,7 @@ def sampled_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
     """
     t = batch.completion_ids.shape[1]
     lp = batch.prompt_len
-    parts = _unwrap(model, fast_head)
+    parts = split_head(model, fast_head)
     if parts is None:
         out = _full_forward_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
                                      batch.completion_ids, batch.completion_mask, lp, temperature, with_entropy)
@@ -121,7 +121,7 @@ def sampled_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, lp - 1:lp - 1 + t]  # (b, T, H): the state that predicts each completion token
-    out = _head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
+    out = head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
                          with_entropy)
     return out if with_entropy else out.logprobs
 
@@ -135,7 +135,7 @@ def fast_head_agrees(model, token_ids: list[int], rtol: float | None = None) -> 
     float32 and 2e-2 in 16-bit dtypes (their rounding of the model's logits). A model
     that scales, caps or otherwise post-processes its logits disagrees by far more.
     """
-    parts = _unwrap(model)
+    parts = split_head(model)
     if parts is None:
         return False, float("nan")
     backbone, head = parts
@@ -200,7 +200,7 @@ def pack_grouped(prompts: list[list[int]], group_index: list[int], completions: 
 def grouped_logprobs(model, batch: GroupedBatch, temperature: float = 1.0, chunk_tokens: int = 512,
                      pad_id: int = 0, fast_head: bool = True, with_entropy: bool = False):
     """``sampled_logprobs`` for a ``GroupedBatch``, encoding each distinct prompt once. (b, T)."""
-    parts = _unwrap(model, fast_head)
+    parts = split_head(model, fast_head)
     if parts is None:
         return sampled_logprobs(model, batch.flat(pad_id), temperature, chunk_tokens, False, with_entropy)
     backbone, head = parts
@@ -216,7 +216,7 @@ def grouped_logprobs(model, batch: GroupedBatch, temperature: float = 1.0, chunk
     hidden = backbone(input_ids=batch.completion_ids, attention_mask=mask, position_ids=c_pos,
                       past_key_values=cache, use_cache=True).last_hidden_state  # (b, T, H)
     hidden = torch.cat([last[idx][:, None], hidden[:, :-1]], dim=1)  # state that predicts token j
-    out = _head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
+    out = head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
                          with_entropy)
     return out if with_entropy else out.logprobs
 
@@ -231,11 +231,11 @@ def _full_forward_logprobs(model, input_ids, attention_mask, position_ids, compl
     entropy = None
     if with_entropy:
         b = logits.shape[0]
-        entropy = _entropy(logits.reshape(b * t, -1), lse.reshape(b * t)).view(b, t) * completion_mask
+        entropy = entropy_from_logits(logits.reshape(b * t, -1), lse.reshape(b * t)).view(b, t) * completion_mask
     return TokenLogProbs(logp, entropy)
 
 
-def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, head,
+def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, head,
                    temperature: float, chunk_tokens: int, with_entropy: bool = False) -> TokenLogProbs:
     """Chunked LM head over the unmasked positions only. hidden: (b, T, H) -> (b, T).
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.logprobs import TokenLogProbs, _entropy, _head_logprobs, _unwrap
+from grpo.logprobs import TokenLogProbs, entropy_from_logits, head_logprobs, split_head
 
 PAD_SEGMENT = -1
 
@@ -90,7 +90,7 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float = 1.0, chunk_token
     """``grouped_logprobs`` for a ``TreeBatch``: the same (b, T) log-probs, without completion padding."""
     dtype = next(model.parameters()).dtype
     bias = batch.attention_bias(dtype)
-    parts = _unwrap(model, fast_head)
+    parts = split_head(model, fast_head)
     b, t = batch.completion_ids.shape
     if parts is None:  # the model's own head: full logits over the packed rows
         logits = model(input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids,
@@ -99,13 +99,13 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float = 1.0, chunk_token
         lse = picked.logsumexp(-1)
         logp = picked.gather(-1, batch.completion_ids.reshape(-1, 1)).squeeze(-1) - lse
         logp = logp.view(b, t) * batch.completion_mask
-        entropy = _entropy(picked, lse).view(b, t) * batch.completion_mask if with_entropy else None
+        entropy = entropy_from_logits(picked, lse).view(b, t) * batch.completion_mask if with_entropy else None
         out = TokenLogProbs(logp, entropy)
     else:
         backbone, head = parts
         hidden = backbone(input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids,
                           use_cache=False).last_hidden_state  # (p, L, H)
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch.source.reshape(-1)].view(b, t, -1)  # (b, T, H)
-        out = _head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
+        out = head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
                              with_entropy)
     return out if with_entropy else out.logprobs
