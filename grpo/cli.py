@@ -4,6 +4,7 @@
     grpo eval --task NAME --model SPEC [--adapter DIR ...] --n 16 --k 1,4,16
     grpo verify --verifier NAME --input FILE.jsonl
     grpo list [tasks|verifiers]
+    grpo export RUN_DIR OUT
     grpo rm train ...
 
 User mistakes print ``error: <one line>`` and exit with status 2.
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     command("eval")(run_eval)
+
+    from grpo.export import add_export_parser, run_export  # light: no torch at import
+
+    add_export_parser(sub)
+    command("export")(run_export)
 
     from grpo.rm.cli import add_rm_parser, run_rm  # light: no torch at import
 

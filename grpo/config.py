@@ -178,6 +178,10 @@ class RunConfig:
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
     verifier_workers: int = opt(2, "worker processes for isolated verifiers")
     plugins: list[str] = opt([], "python files to import before building the task (register tasks/verifiers)")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = opt(
+        ["tensorboard"], "experiment trackers that get the metrics and the config (docs/trackers.md); [] = "
+                         "metrics.jsonl only; wandb/trackio/mlflow are extras: pip install 'grpo-lora[wandb]'")
+    tracker_project: str = opt("grpo-lora", "project (wandb, trackio) or experiment (mlflow) the run is logged under")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "policy model and LoRA"})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "task and its verifiers"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "sampling"})

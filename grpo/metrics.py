@@ -1,17 +1,18 @@
-"""Run metrics: ``metrics.jsonl`` (one JSON object per step), TensorBoard events, ``reward.png``."""
+"""Run metrics: ``metrics.jsonl`` (one JSON object per step), the ``report_to`` trackers, ``reward.png``."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 
 class MetricsLogger:
-    """Appends step metrics; on resume, drops lines past the checkpoint's step first."""
+    """Appends step metrics to ``metrics.jsonl`` and sends them to the ``report_to`` trackers
+    (``grpo/trackers.py``); on resume, drops lines past the checkpoint's step first."""
 
-    def __init__(self, run_dir: Path, resume_step: int = 0):
+    def __init__(self, run_dir: Path, resume_step: int = 0, report_to: list[str] | None = None,
+                 run_name: str = "run", project: str = "grpo-lora", config: dict[str, Any] | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.run_dir = run_dir
         if resume_step and self.path.exists():
@@ -20,18 +21,20 @@ class MetricsLogger:
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists() and not resume_step:
             self.path.unlink()
-        from torch.utils.tensorboard import SummaryWriter
+        from grpo.trackers import open_trackers
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.trackers = open_trackers(["tensorboard"] if report_to is None else report_to, run_dir, run_name,
+                                      project, config or {}, resume_step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        from grpo.trackers import finite_numbers
+
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
-        self.tb.flush()
+        numbers = finite_numbers(record)
+        for tracker in self.trackers:
+            tracker.log(step, numbers)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -42,7 +45,8 @@ class MetricsLogger:
         return plot_rewards(self.records(), self.run_dir / "reward.png")
 
     def close(self) -> None:
-        self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _plain(value: Any) -> Any:

@@ -34,6 +34,7 @@ from grpo.evaluate import EVAL_SEED_OFFSET, evaluate
 from grpo.logprobs import fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode
 from grpo.metrics import MetricsLogger
 from grpo.packing import pack_tree, tree_logprobs
+from grpo.trackers import check_available as check_trackers
 from grpo.prompts import encode_prompt
 from grpo.rewards import RewardBatch, RewardRunner
 
@@ -114,6 +115,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
+        check_trackers(cfg.report_to)  # a missing tracker library fails before any model work
         resumed = self._claim_run_dir()  # before any model is loaded or file written
         self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers)
         self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
@@ -130,7 +132,8 @@ class Trainer:
         resume_step = 0
         if resumed is not None:
             resume_step = self._load_checkpoint(*resumed)
-        self.metrics = MetricsLogger(self.run_dir, resume_step)
+        self.metrics = MetricsLogger(self.run_dir, resume_step, cfg.report_to, cfg.name, cfg.tracker_project,
+                                     to_dict(cfg))
 
     def _claim_run_dir(self) -> tuple[Path, dict[str, Any]] | None:
         """Lock and check the run directory; on --resume, read the checkpoint and check the

@@ -1,0 +1,126 @@
+"""``grpo export RUN_DIR OUT``: merge a run's LoRA adapter into a standalone Hugging Face model.
+
+The output directory holds ``config.json``, ``model.safetensors`` (merged weights, no
+LoRA tensors), the tokenizer (with its chat template) and ``generation_config.json``:
+what ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``vllm serve OUT`` load.
+``export.json`` records where it came from. See docs/export.md (also: serving the
+unmerged adapter with vLLM's LoRA support).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from grpo.errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="merge a run's adapter into a standalone HF model directory (vllm serve OUT)")
+    p.add_argument("run_dir", help="a grpo train run directory (config.yaml + adapter/), or an adapter directory")
+    p.add_argument("out", help="output directory (must not exist, or be empty)")
+    p.add_argument("--model", help="base model spec (default: model.name from RUN_DIR/config.yaml, "
+                                   "else the adapter's base_model_name_or_path)")
+    p.add_argument("--checkpoint", help="export this checkpoint's adapter instead of the final one "
+                                        "(a path, or 'latest' for the newest in RUN_DIR/checkpoints)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="saved weight dtype (auto: the base model's own dtype, float32 when unknown)")
+
+
+def find_adapter(run_dir: Path, checkpoint: str | None) -> Path:
+    """The adapter directory to merge (holding adapter_config.json)."""
+    if checkpoint == "latest":
+        from grpo import checkpoint as ckpt
+
+        latest = ckpt.latest(run_dir)
+        if latest is None:
+            raise UserError(f"{run_dir}: no checkpoints to export (run directory without checkpoints/)")
+        candidates = [latest / "adapter"]
+    elif checkpoint:
+        candidates = [Path(checkpoint) / "adapter", Path(checkpoint)]
+    else:
+        candidates = [run_dir / "adapter", run_dir]
+    for c in candidates:
+        if (c / "adapter_config.json").is_file():
+            return c
+    raise UserError(f"{candidates[0]}: no LoRA adapter (adapter_config.json) found; give a grpo train run "
+                    "directory that finished (it writes adapter/), or --checkpoint latest")
+
+
+def base_model_spec(run_dir: Path, adapter: Path, override: str | None) -> str:
+    if override:
+        return override
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        try:
+            name = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("name")
+        except yaml.YAMLError as exc:
+            raise UserError(f"{config}: not valid YAML ({exc})") from exc
+        if name:
+            return str(name)
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter}: cannot tell the base model; pass --model")
+    return str(base)
+
+
+def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, checkpoint: str | None = None,
+           dtype: str = "auto") -> Path:
+    """Merge and save; returns the output directory."""
+    from peft import PeftModel
+
+    from grpo.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {out} already exists and is not empty; choose a new directory")
+    adapter = find_adapter(run_dir, checkpoint)
+    spec = base_model_spec(run_dir, adapter, model_spec)
+    base_path = resolve_model_path(spec)
+    model = load_causal_lm(base_path, "float32", "cpu")  # merge in float32, cast once at the end
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise UserError(f"adapter {adapter} does not fit base model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    target = _target_dtype(dtype, base_path)
+    merged = merged.to(target)
+    leftover = [k for k in merged.state_dict() if "lora_" in k]
+    if leftover:  # merge_and_unload left LoRA layers behind: not a standalone model
+        raise RuntimeError(f"merge left LoRA tensors in the model: {leftover[:3]}")
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base_path)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if not (out / "generation_config.json").is_file():
+        merged.generation_config.save_pretrained(out)
+    (out / "export.json").write_text(json.dumps({
+        "base_model": spec, "base_path": str(base_path), "adapter": str(adapter.resolve()),
+        "dtype": str(target).replace("torch.", ""), "merged_with": "peft merge_and_unload",
+    }, indent=2) + "\n")
+    return out
+
+
+def _target_dtype(dtype: str, base_path: str):
+    import torch
+
+    if dtype == "auto":
+        config = Path(base_path) / "config.json"
+        name = None
+        if config.is_file():
+            data = json.loads(config.read_text())
+            name = data.get("torch_dtype") or data.get("dtype")
+        dtype = name if name in DTYPES[1:] else "float32"
+    return getattr(torch, dtype)
+
+
+def run_export(args) -> int:
+    out = export(args.run_dir, args.out, args.model, args.checkpoint, args.dtype)
+    print(f"merged model written to {out} (load with AutoModelForCausalLM.from_pretrained, or `vllm serve {out}`)")
+    return 0

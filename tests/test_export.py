@@ -1,0 +1,72 @@
+"""`grpo export RUN_DIR OUT`: a merged model that generates what base + adapter generates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from grpo.cli import main
+
+
+def _fake_run(model_dir, run_dir):
+    """A run directory as `grpo train` leaves it: config.yaml + adapter/ with non-zero LoRA B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter that changes the greedy tokens
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(model_dir)}}))
+    model.save_pretrained(run_dir / "adapter")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(run_dir / "adapter")
+    return model
+
+
+def _greedy(model, ids, n=12):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+
+
+def test_export_generates_the_same_greedy_tokens(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    peft_model = _fake_run(tiny_model_dir, tmp_path / "run").eval()
+    out = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 0
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json",
+                 "export.json"):
+        assert (out / name).is_file(), name
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not [k for k in merged.state_dict() if "lora" in k]
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template  # the chat template travels with the model
+    text = tok.apply_chat_template([{"role": "user", "content": "2+3?"}], add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    want = _greedy(peft_model, ids)
+    assert _greedy(merged, ids) == want
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert _greedy(base, ids) != want  # the adapter matters, so the equality above tests the merge
+    assert json.loads((out / "export.json").read_text())["base_model"] == str(tiny_model_dir)
+
+
+def test_export_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    (tmp_path / "empty_run").mkdir()
+    assert main(["export", str(tmp_path / "empty_run"), str(tmp_path / "out")]) == 2
+    assert "no LoRA adapter" in capsys.readouterr().err
+    _fake_run(tiny_model_dir, tmp_path / "run")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "taken")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "o2"), "--checkpoint", "latest"]) == 2
+    assert "no checkpoints to export" in capsys.readouterr().err
