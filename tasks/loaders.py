@@ -1,8 +1,11 @@
-"""Read local data files into records, with clear errors.
+"""Read task data into records, with clear errors: the one data reader of the package.
 
-Supported: ``.jsonl`` (one JSON object a line), ``.json`` (a list of objects),
-``.parquet`` and a directory written by ``datasets.Dataset.save_to_disk`` (or a
-``DatasetDict``, with ``split=`` naming the split). No hub access.
+Local: ``.jsonl`` (one JSON object a line), ``.json`` (a list of objects), ``.parquet``,
+``.csv``, ``.arrow`` (a ``datasets`` Arrow file) and a directory written by
+``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``, with ``split=`` naming the
+split). A path that does not exist locally and looks like a hub name
+(``openai/gsm8k``) is loaded with ``datasets.load_dataset`` (``tasks/hub.py``), with
+``name`` (config), ``split``, ``revision`` and optional streaming.
 """
 
 from __future__ import annotations
@@ -14,11 +17,31 @@ from typing import Any, Mapping
 from grpo.errors import UserError
 
 
-def read_records(path: str | Path, *, split: str | None = None) -> list[dict[str, Any]]:
-    """All records of a local data file or ``datasets`` directory, as plain dicts."""
-    path = Path(path).expanduser()
+def read_records(path: str | Path, *, split: str | None = None, name: str | list[str] | None = None,
+                 revision: str | None = None, streaming: bool = False,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+    """The records of a local data file, a ``datasets`` directory or a hub dataset, as plain dicts.
+
+    ``limit`` keeps the first records only (with ``streaming`` on a hub dataset, only
+    those are downloaded). ``name``, ``revision`` and ``streaming`` apply to hub datasets.
+    """
+    if limit is not None and limit < 1:
+        raise UserError(f"{path}: the record limit must be >= 1, got {limit}")
+    spec = str(path)
+    path = Path(spec).expanduser()
     if not path.exists():
-        raise UserError(f"data file not found: {path}")
+        from tasks.hub import looks_like_hub_name, parse_hub_source, read_hub_records
+
+        if not looks_like_hub_name(spec):
+            raise UserError(f"data file not found: {path}")
+        try:
+            records = read_hub_records(parse_hub_source(spec, name, split, revision), streaming=streaming,
+                                       limit=limit)
+        except UserError as exc:
+            raise UserError(f"{spec} is not a local file or directory, and as a hub dataset: {exc}") from exc
+        if not records:
+            raise UserError(f"hub dataset {spec!r}: no records")
+        return records
     if path.is_dir():
         records = _read_datasets_dir(path, split)
     elif path.suffix == ".jsonl":
@@ -31,16 +54,26 @@ def read_records(path: str | Path, *, split: str | None = None) -> list[dict[str
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise UserError(f"{path}: expected a JSON list of objects")
         records = data
-    elif path.suffix == ".parquet":
-        import datasets
-
-        records = datasets.Dataset.from_parquet(str(path)).to_list()
+    elif path.suffix in (".parquet", ".csv", ".arrow"):
+        records = _read_with_datasets(path)
     else:
         raise UserError(f"{path}: unsupported data format {path.suffix!r}; "
-                        "use .jsonl, .json, .parquet or a datasets directory")
+                        "use .jsonl, .json, .parquet, .csv, .arrow, a datasets directory or a hub dataset name")
     if not records:
         raise UserError(f"{path}: no records (the dataset is empty)")
-    return records
+    return records[:limit] if limit is not None else records
+
+
+def _read_with_datasets(path: Path) -> list[dict[str, Any]]:
+    import datasets
+
+    reader = {".parquet": datasets.Dataset.from_parquet, ".csv": datasets.Dataset.from_csv,
+              ".arrow": datasets.Dataset.from_file}[path.suffix]
+    try:
+        return reader(str(path)).to_list()
+    except Exception as exc:  # pyarrow / pandas parse errors: say which file and what
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{path}: cannot read as {path.suffix[1:]} ({type(exc).__name__}: {first})") from exc
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

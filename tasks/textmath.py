@@ -1,7 +1,7 @@
-"""Word and competition maths from local files: ``gsm8k`` and ``math`` (no hub access).
+"""Word and competition maths: ``gsm8k`` and ``math``, from local files or the hub.
 
-Both read a local data file with ``tasks.loaders.read_records`` (``.jsonl``, ``.json``,
-``.parquet`` or a ``datasets`` directory), rename columns with ``fields`` (row field ->
+Both read their data with ``tasks.loaders.read_records`` (``.jsonl``, ``.json``,
+``.parquet``, ``.csv``, ``.arrow``, a ``datasets`` directory or a hub dataset), rename columns with ``fields`` (row field ->
 column in the file), and produce chat rows whose ``answer`` the ``math`` verifier checks:
 
 * ``gsm8k``: ``question`` + ``answer`` where the answer text ends with ``#### <n>``;
@@ -37,19 +37,26 @@ class _TextMath(Task):
     def __init__(self, path: str, heldout_path: str | None = None, heldout_fraction: float = 0.1,
                  fields: Mapping[str, str] | None = None, template: str = DEFAULT_TEMPLATE,
                  system: str | None = None, train_size: int | None = None, heldout_size: int | None = None,
-                 split: str | None = None, seed: int = 0, verifiers: dict[str, float] | None = None):
-        name = self.task_name
+                 split: str | None = None, seed: int = 0, verifiers: dict[str, float] | None = None,
+                 name: str | list[str] | None = None, revision: str | None = None, streaming: bool = False,
+                 heldout_split: str | None = None, max_records: int | None = None):
+        task = self.task_name
         if not path:
-            raise UserError(f"{name}: set task.args.path to a local data file (.jsonl, .json, .parquet)")
-        if heldout_path is None and not 0 <= heldout_fraction < 1:
-            raise UserError(f"{name}: heldout_fraction must be in [0, 1), got {heldout_fraction}")
+            raise UserError(f"{task}: set task.args.path to a data file (.jsonl, .json, .parquet, .csv), a "
+                            "datasets directory or a hub dataset name such as openai/gsm8k")
+        if max_records is not None and (not isinstance(max_records, int) or max_records < 1):
+            raise UserError(f"{task}: max_records must be an integer >= 1 (or left out), got {max_records!r}")
+        self.source = {"name": name, "revision": revision, "streaming": bool(streaming), "limit": max_records}
+        self.heldout_split = heldout_split
+        if heldout_path is None and heldout_split is None and not 0 <= heldout_fraction < 1:
+            raise UserError(f"{task}: heldout_fraction must be in [0, 1), got {heldout_fraction}")
         if "{question}" not in template:
-            raise UserError(f"{name}: template must contain {{question}} (where the problem text goes)")
+            raise UserError(f"{task}: template must contain {{question}} (where the problem text goes)")
         for what, size in (("train_size", train_size), ("heldout_size", heldout_size)):
             if size is not None and size < 1:
-                raise UserError(f"{name}: {what} must be >= 1 (or left out for all rows)")
+                raise UserError(f"{task}: {what} must be >= 1 (or left out for all rows)")
         if fields is not None and not isinstance(fields, Mapping):
-            raise UserError(f"{name}: fields must map row fields to column names, e.g. {{question: prompt}}")
+            raise UserError(f"{task}: fields must map row fields to column names, e.g. {{question: prompt}}")
         self.path, self.heldout_path = path, heldout_path
         self.heldout_fraction, self.fields, self.template = heldout_fraction, dict(fields or {}), template
         self.system, self.split, self.seed = system, split, seed
@@ -61,8 +68,8 @@ class _TextMath(Task):
     def parse_record(self, row: dict[str, Any], where: str) -> tuple[str, str]:
         raise NotImplementedError
 
-    def _load(self, path: str) -> list[tuple[str, str]]:
-        records = read_records(path, split=self.split)
+    def _load(self, path: str, split: str | None) -> list[tuple[str, str]]:
+        records = read_records(path, split=split, **self.source)
         rows = map_fields(records, self.fields, self.required, f"{self.task_name} data {path}")
         return [self.parse_record(row, f"{self.task_name} data {path}: record {i}")
                 for i, row in enumerate(rows, 1)]
@@ -73,14 +80,15 @@ class _TextMath(Task):
 
     def _splits(self) -> dict[str, list[tuple[str, str]]]:
         if self._cache is None:
-            items = self._load(self.path)
-            if self.heldout_path is not None:
-                heldout = self._load(self.heldout_path)
+            items = self._load(self.path, self.split)
+            if self.heldout_path is not None or self.heldout_split is not None:
+                heldout_source = self.heldout_path if self.heldout_path is not None else self.path
+                heldout = self._load(heldout_source, self.heldout_split or self.split)
                 seen = {q for q, _ in heldout}
                 train = [it for it in items if it[0] not in seen]
                 if len(train) < len(items):
                     print(f"warning: {self.task_name}: dropped {len(items) - len(train)} train rows that also "
-                          f"appear in {self.heldout_path}", file=sys.stderr)
+                          f"appear in the held-out data", file=sys.stderr)
             else:
                 train = [it for it in items if self._split_of(it[0]) == "train"]
                 heldout = [it for it in items if self._split_of(it[0]) == "heldout"]
@@ -110,17 +118,23 @@ class _TextMath(Task):
 
 @TASKS.register("gsm8k")
 class GSM8K(_TextMath):
-    """Grade-school word problems from a local JSONL (question, answer ending in '#### n'); math verifier.
+    """Grade-school word problems (question, answer ending in '#### n'), local or openai/gsm8k; math verifier.
 
     Args:
-        path: local data file (.jsonl/.json/.parquet or a datasets directory).
-        heldout_path: a second file for the held-out split (e.g. the test set); without
-            it, ``heldout_fraction`` of ``path`` is held out by a hash of the question.
+        path: a data file (.jsonl/.json/.parquet/.csv/.arrow), a datasets directory, or a
+            hub dataset (``openai/gsm8k`` or ``gsm8k``: config ``main`` by default).
+        name / revision / streaming: hub dataset config (a list concatenates several),
+            git revision, and streaming (with ``max_records``: only those are downloaded).
+        max_records: read at most this many records from each source.
+        heldout_path: a second source for the held-out split (e.g. the test set);
+            ``heldout_split`` alone takes that split of ``path`` (``test`` for openai/gsm8k);
+            without either, ``heldout_fraction`` of ``path`` is held out by a hash of the question.
         fields: row field -> column name, e.g. ``{question: prompt, answer: solution}``.
         template: the user message; ``{question}`` is replaced by the problem text.
         system: optional system message.
         train_size / heldout_size: at most this many rows per split (default all).
-        split: the split name inside a ``datasets`` directory holding several.
+        split: the split read from a hub dataset or a ``datasets`` directory holding several
+            (hub default ``train``).
         seed: salt of the split hash.
         verifiers: verifier name -> weight (default ``{"math": 1.0}``; add e.g. ``format: 0.1``).
     Rows: chat prompt, ``answer`` (the number after ``####``).
@@ -141,9 +155,12 @@ class GSM8K(_TextMath):
 
 @TASKS.register("math")
 class MATH(_TextMath):
-    """Competition maths from a local JSONL (problem + answer, or the last \\boxed{} of solution); math verifier.
+    """Competition maths (problem + answer, or the last \\boxed{} of solution), local or a MATH hub copy; math verifier.
 
-    Args: as ``gsm8k`` (``fields`` may map ``problem``, ``answer`` and ``solution``).
+    Args: as ``gsm8k`` (``fields`` may map ``problem``, ``answer`` and ``solution``). Hub names:
+    ``EleutherAI/hendrycks_math`` (all 7 subject configs unless ``name`` picks some; also
+    for the retired ``hendrycks/competition_math``), ``lighteval/MATH``,
+    ``DigitalLearningGmbH/MATH-lighteval``, ``HuggingFaceH4/MATH-500`` (split ``test``).
     Rows: chat prompt (``{question}`` in the template is the problem), ``answer`` (the
     ``answer`` column when present and non-empty, else the last ``\\boxed{}`` of ``solution``).
     """
