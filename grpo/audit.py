@@ -292,7 +292,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pat
 def add_audit_arguments(p) -> None:
     """The ``grpo verify --audit`` options (the verify parser's other options stay as they are)."""
     g = p.add_argument_group("audit (grpo verify --audit; docs/audit.md)")
-    g.add_argument("--audit", action="store_true", help="audit the verifier on a task's data instead of scoring --input")
+    g.add_argument("--audit", action="store_true", help="audit the verifier on rows from --task (or --input) instead of scoring completions")
     g.add_argument("--task", help="audit on this task's rows (registered name or module:attr)")
     g.add_argument("--task-args", default="{}", help="task arguments as JSON")
     g.add_argument("--split", default="train", choices=["train", "heldout"], help="task split to audit on")

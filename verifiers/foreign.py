@@ -116,7 +116,6 @@ class ForeignRewardVerifier(Verifier):
         else:
             self.required_fields = () if ground_truth_field is None else (ground_truth_field,)
         self.fields = self.required_fields  # type: ignore[misc]
-        self.description = f"{self.kind} reward function {spec}"
 
     # Pickled into worker processes by name: the function is looked up again there.
     def __getstate__(self) -> dict[str, Any]:
