@@ -236,3 +236,18 @@ def test_two_step_run_with_trl_and_verl_files(reward_files, tiny_model_dir, toy_
     assert [r["step"] for r in train] == [1, 2]
     for spec in (f"{trl}:digit_share", f"{verl}:compute_score"):
         assert f"reward/{spec}" in train[0] and train[0][f"errors/{spec}"] == 0
+
+
+def test_bad_output_stops_training_with_one_error_line(reward_files, tiny_model_dir, toy_plugin, tmp_path, capsys):
+    from grpo.cli import main
+    from conftest import tiny_run_config
+
+    trl, _ = reward_files
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f'task:\n  name: arith\n  args:\n    verifiers: {{"{trl}:returns_nan": 1.0}}\n')
+    overrides = [o for o in tiny_run_config(tiny_model_dir, tmp_path / "run", toy_plugin, steps=1)
+                 if not o.startswith("task.name")]
+    assert main(["train", "--no-progress", str(cfg), *overrides]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [f"error: reward function {trl}:returns_nan returned nan for completion 0; rewards must be "
+                   "finite (return None for 'not applicable')"]
