@@ -53,6 +53,7 @@ class EvalSettings:
     k: list[int] = opt([], "k values for pass@k (default: 1, the powers of 4 below n, and n)")
     temperature: float = opt(_ROLLOUT.temperature, "sampling temperature (> 0; --greedy adds greedy pass@1)")
     top_p: float = opt(_ROLLOUT.top_p, "nucleus sampling threshold")
+    top_k: int = opt(_ROLLOUT.top_k, "top-k sampling (0 = off)")
     greedy: bool = opt(False, "also report greedy pass@1 (one temperature-0 completion per problem)")
     max_new_tokens: int = opt(_ROLLOUT.max_new_tokens, "completion length limit in tokens")
     num_problems: int = opt(0, "evaluate the first N problems of the split (0 = all)")
@@ -72,11 +73,12 @@ class EvalSettings:
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
 
 
-_FLAG_TYPES = {"n": int, "temperature": float, "top_p": float, "max_new_tokens": int, "num_problems": int,
+_FLAG_TYPES = {"n": int, "temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "num_problems": int,
                "seed": int, "max_batch_size": int, "workers": int, "threads": int}
 _JSON_FLAGS = ("task_args", "verifier_args", "verifier_weights", "vllm")
 _ALIASES = {"num_problems": ["--limit"], "max_batch_size": ["--batch-size"], "output": ["--out"]}
-_METAVARS = {"task": "NAME", "model": "SPEC", "n": "N", "temperature": "T", "top_p": "P", "max_new_tokens": "TOKENS",
+_METAVARS = {"task": "NAME", "model": "SPEC", "n": "N", "temperature": "T", "top_p": "P", "top_k": "K",
+             "max_new_tokens": "TOKENS",
              "num_problems": "N", "seed": "SEED", "output": "DIR", "system_prompt": "TEXT", "device": "DEVICE",
              "dtype": "DTYPE", "max_batch_size": "N", "workers": "N", "threads": "N"}
 _REPEATED = {"adapter": "DIR", "plugins": "FILE"}
@@ -171,7 +173,7 @@ def _from_training_config(path: str) -> dict[str, Any]:
         "model": cfg.model.name, "system_prompt": cfg.model.system_prompt, "device": cfg.model.device,
         "dtype": cfg.model.dtype, "engine": cfg.rollout.engine, "vllm": cfg.rollout.vllm,
         "max_batch_size": cfg.rollout.max_batch_size, "temperature": cfg.rollout.temperature,
-        "top_p": cfg.rollout.top_p, "max_new_tokens": cfg.rollout.max_new_tokens,
+        "top_p": cfg.rollout.top_p, "top_k": cfg.rollout.top_k, "max_new_tokens": cfg.rollout.max_new_tokens,
         "n": cfg.eval.num_samples, "k": cfg.eval.k, "greedy": cfg.eval.greedy,
         "num_problems": cfg.eval.num_problems, "seed": cfg.seed + EVAL_SEED_OFFSET,
         "workers": cfg.verifier_workers, "threads": cfg.threads,
@@ -221,6 +223,8 @@ def _validate(s: EvalSettings) -> None:
                         "add --greedy for greedy pass@1")
     if not 0 < s.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {s.top_p:g}")
+    if s.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {s.top_k}")
     if s.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
     if s.num_problems < 0:
@@ -352,7 +356,7 @@ def _engine_config(s: EvalSettings, engine_kind: str) -> RunConfig:
     return RunConfig(seed=s.seed, threads=s.threads,
                      model=ModelConfig(name=s.model, dtype=s.dtype, device=s.device, system_prompt=s.system_prompt),
                      rollout=RolloutConfig(engine=engine_kind,  # type: ignore[arg-type]
-                                           max_batch_size=s.max_batch_size, top_p=s.top_p,
+                                           max_batch_size=s.max_batch_size, top_p=s.top_p, top_k=s.top_k,
                                            max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                            vllm=dict(s.vllm)))
 
@@ -394,7 +398,7 @@ def _evaluate_rows(s: EvalSettings, engine, model, tokenizer, rows, rewards, lab
             engine.sync_weights()
             result = evaluate(engine, encode, rows, rewards, n=s.n, temperature=s.temperature,
                               max_new_tokens=s.max_new_tokens, ks=s.k, greedy=s.greedy, seed=s.seed,
-                              top_p=s.top_p, prefix="")
+                              top_p=s.top_p, top_k=s.top_k, prefix="")
         seconds = time.perf_counter() - start
         row = {"label": label, "adapter": None if index is None else str(adapters[index].resolve()),
                **summarize(result.metrics, s.k), "seconds": round(seconds, 2), "metrics": result.metrics}
@@ -422,7 +426,7 @@ def _run_record(s: EvalSettings, model_path: str, adapters: list[Path], num_prob
         "model": s.model, "model_path": model_path,
         "adapters": [str(a.resolve()) for a in adapters],
         "task": s.task, "split": s.split, "num_problems": num_problems,
-        "sampling": {"n": s.n, "k": s.k, "temperature": s.temperature, "top_p": s.top_p,
+        "sampling": {"n": s.n, "k": s.k, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                      "max_new_tokens": s.max_new_tokens, "seed": s.seed, "greedy": s.greedy},
         "settings": dataclasses.asdict(s),
         "versions": {d: version(d) for d in ("torch", "transformers", "peft")},
@@ -461,7 +465,7 @@ def _write_outputs(out_dir: Path, record: dict[str, Any], models: list[dict], sa
         for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
     heading = (f"task `{s.task}` ({s.split} split, {record['num_problems']} problems), model `{s.model}`: "
-               f"n={s.n} samples per problem at T={s.temperature:g}, top_p={s.top_p:g}, "
+               f"n={s.n} samples per problem at T={s.temperature:g}, top_p={s.top_p:g}, top_k={s.top_k}, "
                f"max_new_tokens={s.max_new_tokens}, seed={s.seed}")
     table = results_table(models, s.k)
     note = ("pass@k: unbiased estimator (Chen et al. 2021) from n samples per problem; "

@@ -58,13 +58,13 @@ def plugin(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, plugin, tmp_path_factory):
-    """A 2-step training run that evaluates at steps 0, 1 and 2 (pass@1,2,4 from 4 samples)."""
+    """A 2-step training run that evaluates at steps 0, 1 and 2 (pass@1,2,4 from 4 samples), sampling top-5."""
     out = tmp_path_factory.mktemp("evalrun") / "run"
     empty = out.parent / "empty.yaml"
     empty.write_text("{}\n")
     args = tiny_run_config(tiny_model_dir, out, plugin, **{
         "task.name": "evaltest_digits", "eval.num_samples": 4, "eval.k": "[1, 2, 4]", "eval.num_problems": 3,
-        "eval.every_n_steps": 1, "rollout.max_new_tokens": 6})
+        "eval.every_n_steps": 1, "rollout.max_new_tokens": 6, "rollout.top_k": 5})
     assert main(["train", "--no-progress", str(empty), *args]) == 0
     return out
 
@@ -138,7 +138,7 @@ def test_eval_from_run_config_reproduces_the_runs_before_and_after(run_dir, tmp_
 
     run = results["run"]
     assert run["task"] == "evaltest_digits" and run["split"] == "heldout" and run["num_problems"] == 3
-    assert run["sampling"] == {"n": 4, "k": KS, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6,
+    assert run["sampling"] == {"n": 4, "k": KS, "temperature": 1.0, "top_p": 1.0, "top_k": 5, "max_new_tokens": 6,
                                "seed": 777, "greedy": True}
     assert run["adapters"] == [str((run_dir / "adapter").resolve())] and run["version"] not in ("", "not installed")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
