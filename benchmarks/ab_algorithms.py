@@ -35,7 +35,7 @@ VARIANTS = {
 
 # Short enough for five variants in ~25 minutes on two CPU cores (run under the CPU lock, so threads=2).
 # Two update passes: with one, the ratio is 1 and GSPO's gradient equals GRPO's (docs/algorithms.md).
-COMMON = ["seed=0", "steps=8", "threads=2", "checkpoint_every=0", "rollout.prompts_per_step=4",
+COMMON = ["seed=0", "steps=6", "threads=2", "checkpoint_every=0", "rollout.prompts_per_step=4",
           "rollout.num_generations=8", "loss.update_passes=2", "eval.every_n_steps=0", "eval.num_problems=30",
           "eval.num_samples=4", "eval.greedy=false", "eval.k=[1]"]
 
@@ -95,13 +95,17 @@ def main() -> None:
         results.append(r)
         print(f"{label}: held-out accuracy {r['accuracy']:.3f} ± {r['stderr']:.3f}, "
               f"wall {r['wall_s']:.0f} s", flush=True)
+        text = report(results, args.config)  # after every variant, so an interrupted A/B keeps what it measured
+        (out / "ab.md").write_text(text)
+        (out / "ab.json").write_text(json.dumps(results, indent=1))
+    print(text)
+
+
+def report(results: list[dict], config: str) -> str:
     base = results[0]
     head = (f"Base model (before training): held-out accuracy {base['before']:.3f} ± {base['before_stderr']:.3f}.\n"
-            f"Setting: `{args.config}` with {' '.join(COMMON)}.\n\n") if base["before"] is not None else ""
-    text = head + table(results)
-    (out / "ab.md").write_text(text)
-    (out / "ab.json").write_text(json.dumps(results, indent=1))
-    print(text)
+            f"Setting: `{config}` with {' '.join(COMMON)}.\n\n") if base["before"] is not None else ""
+    return head + table(results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Update-pass time with and without sequence packing (``optim.packing``), on the embedded SmolLM2.
 
-    flock /tmp/grpo-cpu.lock .venv/bin/python benchmarks/packing_speed.py --threads 1
+    flock /tmp/grpo-cpu.lock .venv/bin/python benchmarks/packing_speed.py --threads 2
 
 One "update pass" = log-probs (LoRA on, with grad) + backward over a whole batch of
 P prompts x G completions in micro-batches, exactly as ``Trainer._update`` runs it:
