@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 
 from grpo import checkpoint
 from grpo.algorithms import (group_advantages, masked_mean, overlong_penalty, policy_loss,
@@ -37,6 +35,8 @@ from grpo.packing import pack_tree, tree_logprobs
 from grpo.trackers import check_available as check_trackers
 from grpo.prompts import encode_prompt
 from grpo.rewards import RewardBatch, RewardRunner
+from grpo.training import (claim_run_dir, clip_gradients, make_optimizer, progress_bar, resume_training,
+                           save_training, seed_everything)
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,12 +95,6 @@ class Rollout:
     keep: list[int]  # indices of sequences that enter the loss
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
         self.cfg, self.resume, self.progress = cfg, resume, progress
@@ -112,11 +106,10 @@ class Trainer:
         from grpo.build import build_task_rows, build_policy, build_engine
 
         cfg = self.cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed, cfg.threads)
         check_trackers(cfg.report_to)  # a missing tracker library fails before any model work
-        resumed = self._claim_run_dir()  # before any model is loaded or file written
+        # before any model is loaded or file written; on --resume also reads and checks the checkpoint
+        self.run_lock, resumed = claim_run_dir(self.run_dir, to_dict(cfg), self.resume)
         self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers)
         self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
         self._prompt_cache: dict[str, list[int]] = {}
@@ -124,30 +117,17 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         self.fast_head = self._check_fast_head()
         self.engine = build_engine(cfg, self.model, self.tokenizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                           weight_decay=cfg.optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        o = cfg.optim
+        self.optimizer, self.scheduler = make_optimizer(
+            (p for p in self.model.parameters() if p.requires_grad), lr=o.lr, betas=o.betas,
+            weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, schedule=o.schedule,
+            total_steps=max(1, cfg.steps * cfg.loss.update_passes))
         self.sampler = Sampler(len(self.train_rows), cfg.seed)
         resume_step = 0
         if resumed is not None:
-            resume_step = self._load_checkpoint(*resumed)
+            resume_step = self._load_checkpoint(resumed)
         self.metrics = MetricsLogger(self.run_dir, resume_step, cfg.report_to, cfg.name, cfg.tracker_project,
                                      to_dict(cfg))
-
-    def _claim_run_dir(self) -> tuple[Path, dict[str, Any]] | None:
-        """Lock and check the run directory; on --resume, read the checkpoint and check the
-        config against it (grpo.resume); only then write config.yaml."""
-        from grpo import resume, rundir
-
-        self.run_lock = rundir.claim(self.run_dir, self.resume)
-        resumed = None
-        if self.resume:
-            resumed = checkpoint.find_resumable(self.run_dir)
-            resume.reconcile(resumed[1].get("config"), to_dict(self.cfg), resumed[0].name)
-        with rundir.os_errors(f"cannot write the run directory {self.run_dir}"):
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        return resumed
 
     def _check_fast_head(self) -> bool:
         """Use the chunked LM head only if it reproduces the model's own logits (scaled/capped heads do not)."""
@@ -159,16 +139,6 @@ class Trainer:
                   "scaled or capped logits?): using the model's forward for every log-prob pass", file=sys.stderr)
         return agrees
 
-    def _lr_factor(self, opt_step: int) -> float:
-        o = self.cfg.optim
-        total = max(1, self.cfg.steps * self.cfg.loss.update_passes)
-        if o.warmup_steps and opt_step < o.warmup_steps:
-            return (opt_step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (opt_step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return 1.0 - progress if o.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-
     # ------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -179,7 +149,7 @@ class Trainer:
                 summary["before"] = self._evaluate(0)
             elif (before := self._logged_eval(0)) is not None:
                 summary["before"] = before  # resumed: the evaluation logged before step 1
-        bar = self._progress_bar()
+        bar = progress_bar(self.progress, cfg.steps, self.step, "grpo")
         while self.step < cfg.steps:
             metrics = self.train_step(sampling)
             self.metrics.log(self.step, metrics)                                       # log
@@ -355,10 +325,7 @@ class Trainer:
                 sums["entropy"] += masked_mean(entropy, mask) * weight
             t1 = time.perf_counter()
             params = [p for p in self.model.parameters() if p.requires_grad]
-            if cfg.optim.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-            else:
-                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grad_norm = clip_gradients(params, cfg.optim.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"non-finite gradient norm at step {self.step + 1}")
             self.optimizer.step()
@@ -388,7 +355,8 @@ class Trainer:
         rewards = torch.tensor(scored.total)
         out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
                "train/accuracy": sum(scored.correct) / len(scored.correct),
-               "completion_length": sum(lengths) / len(lengths), "truncated_fraction": sum(truncated) / len(truncated),
+               "completion_length": sum(lengths) / len(lengths),
+               "truncated_fraction": sum(truncated) / len(truncated),
                "zero_variance_groups": sum(not _rewards_differ(g) for g in groups) / len(groups), **scored.metrics()}
         if self.cfg.loss.overlong_buffer:
             shaped = torch.tensor([x for g in groups for x in g.rewards])
@@ -411,7 +379,9 @@ class Trainer:
             for s in result.samples:
                 f.write(json.dumps(s) + "\n")
         m = result.metrics
-        line = f"[eval step {step}] held-out accuracy (T={cfg.rollout.temperature:g}, {cfg.eval.num_samples} samples x {len(rows)} problems): {m['heldout/accuracy']:.3f} ± {m['heldout/accuracy_stderr']:.3f}"
+        line = (f"[eval step {step}] held-out accuracy (T={cfg.rollout.temperature:g}, "
+                f"{cfg.eval.num_samples} samples x {len(rows)} problems): "
+                f"{m['heldout/accuracy']:.3f} ± {m['heldout/accuracy_stderr']:.3f}")
         line += "".join(f", pass@{k}: {m[f'heldout/pass@{k}']:.3f}" for k in cfg.eval.k if k > 1)
         if "heldout/greedy_accuracy" in m:
             line += f", greedy: {m['heldout/greedy_accuracy']:.3f}"
@@ -426,13 +396,6 @@ class Trainer:
         return None
 
     # -------------------------------------------------------------- progress
-    def _progress_bar(self):
-        if not self.progress:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.cfg.steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True)
-
     def _show(self, bar, m: dict[str, float]) -> None:
         if bar is None:
             return
@@ -442,25 +405,17 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> Path:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "sampler": self.sampler.state_dict(), "engine": self.engine.state_dict(), "rng": checkpoint.rng_state(),
-                 "config": to_dict(self.cfg)}
-        return checkpoint.save(self.run_dir, self.step, self.model, state, self.cfg.keep_checkpoints)
+        extra = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict()}
+        return save_training(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
+                             to_dict(self.cfg), self.cfg.keep_checkpoints, extra)
 
-    def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> int:
-        from grpo.resume import apply_optimizer_settings
-
-        checkpoint.load_adapter(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def _load_checkpoint(self, resumed: tuple[Path, dict[str, Any]]) -> int:
         o = self.cfg.optim
-        if (state.get("config") or {}).get("optim") != to_dict(o):  # changed on resume: the config wins
-            apply_optimizer_settings(self.optimizer, self.scheduler, o.lr, o.weight_decay, tuple(o.betas))
+        state = resume_training(resumed, self.model, self.optimizer, self.scheduler, lr=o.lr,
+                                weight_decay=o.weight_decay, betas=o.betas)
         self.sampler.load_state_dict(state["sampler"])
         self.engine.load_state_dict(state["engine"])
-        checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
-        print(f"resumed from {path} (step {self.step})", file=sys.stderr)
         return self.step
 
     def _finish(self, summary: dict[str, Any]) -> None:

@@ -27,8 +27,14 @@ from typing import Any, Literal, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from grpo import checkpoint
 from grpo.config import ModelConfig, apply_override, from_dict, opt, read_yaml_mapping, to_dict
 from grpo.errors import UserError
+from grpo.metrics import MetricsLogger
+from grpo.rm.data import encode_conversation, load_preferences, shuffled, split_by_prompt
+from grpo.rm.model import build_for_training, forward_rewards, save_reward_model, score_sequences
+from grpo.training import (claim_run_dir, clip_gradients, make_optimizer, progress_bar, resume_training,
+                           save_training, seed_everything)
 
 
 @dataclass
@@ -127,8 +133,6 @@ class EncodedPair(NamedTuple):
 
 def load_pairs(cfg: RMConfig):
     """(train pairs, held-out pairs) as ``PreferencePair``s; held-out split off by prompt."""
-    from grpo.rm.data import load_preferences, split_by_prompt
-
     pairs = load_preferences(cfg.data, cfg.bad_rows)
     if cfg.eval_data:
         return pairs, load_preferences(cfg.eval_data, cfg.bad_rows)
@@ -136,8 +140,6 @@ def load_pairs(cfg: RMConfig):
 
 
 def encode_pairs(tokenizer, pairs, cfg: RMConfig, source: str) -> list[EncodedPair]:
-    from grpo.rm.data import encode_conversation
-
     out, truncated = [], 0
     for p in pairs:
         c, tc = encode_conversation(tokenizer, p.prompt, p.chosen, cfg.model.system_prompt, cfg.max_length)
@@ -151,8 +153,6 @@ def encode_pairs(tokenizer, pairs, cfg: RMConfig, source: str) -> list[EncodedPa
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    from grpo.rm.data import shuffled
-
     return shuffled(n, seed * 1_000_003 + epoch)
 
 
@@ -164,23 +164,13 @@ class RewardModelTrainer:
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.run_dir = cfg.run_dir
         self.step = 0
-        self.metrics = None
+        self.metrics = self.run_lock = None
 
     def setup(self) -> None:
-        import yaml
-
-        from grpo import checkpoint
-        from grpo.metrics import MetricsLogger
-        from grpo.rm.model import build_for_training
-        from grpo.trainer import seed_everything
-
         cfg = self.cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
-        if not self.resume and checkpoint.latest(self.run_dir) is not None:
-            raise UserError(f"run directory {self.run_dir} already holds checkpoints: add --resume to continue it, "
-                            "or choose another output_dir / name")
+        seed_everything(cfg.seed, cfg.threads)
+        # before any model is loaded or file written; on --resume also reads and checks the checkpoint
+        self.run_lock, resumed = claim_run_dir(self.run_dir, to_dict(cfg), self.resume)
         train_pairs, eval_pairs = load_pairs(cfg)
         self.model, self.tokenizer, self.base_path = build_for_training(cfg.model)
         self.train_set = encode_pairs(self.tokenizer, train_pairs, cfg, cfg.data)
@@ -188,27 +178,17 @@ class RewardModelTrainer:
         if not self.eval_set:
             print("warning: no held-out pairs (eval_fraction is 0 or data has one prompt); "
                   "held-out accuracy is not measured", file=sys.stderr)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        if self.resume:
-            self._load_checkpoint()
+        self.optimizer, self.scheduler = make_optimizer(
+            (p for p in self.model.parameters() if p.requires_grad), lr=cfg.lr, weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, total_steps=self.total_steps)
+        if resumed is not None:
+            self.step = resume_training(resumed, self.model, self.optimizer, self.scheduler, lr=cfg.lr,
+                                        weight_decay=cfg.weight_decay)["step"]
         self.metrics = MetricsLogger(self.run_dir, self.step)
         print(f"reward model: {cfg.model.name}, {len(self.train_set)} training pairs, {len(self.eval_set)} held-out "
               f"pairs, {self.total_steps} steps of {cfg.batch_size} pairs", file=sys.stderr)
-
-    def _lr_factor(self, step: int) -> float:
-        cfg = self.cfg
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps))
-        return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     # --------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
@@ -216,7 +196,7 @@ class RewardModelTrainer:
         summary: dict[str, Any] = {"train_pairs": len(self.train_set), "heldout_pairs": len(self.eval_set)}
         if cfg.eval_at_start and self.step == 0 and self.eval_set:
             summary["before"] = self.evaluate()
-        bar = self._progress_bar()
+        bar = progress_bar(self.progress, self.total_steps, self.step, "rm")
         last_eval = -1
         while self.step < self.total_steps:
             epoch, k = divmod(self.step, self.steps_per_epoch)
@@ -243,8 +223,6 @@ class RewardModelTrainer:
 
     def update(self, batch: list[EncodedPair]) -> dict[str, float]:
         """One optimizer step over ``batch`` (micro-batches accumulate gradients)."""
-        from grpo.rm.model import forward_rewards
-
         cfg = self.cfg
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -261,11 +239,7 @@ class RewardModelTrainer:
             sums["loss"] += out.loss.item() * m / n
             sums["accuracy"] += out.accuracy * m / n
             sums["margin"] += out.margin * m / n
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        grad_norm = clip_gradients([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
         if not math.isfinite(grad_norm):
             raise UserError(f"reward model training diverged (non-finite gradient at step {self.step + 1}); lower lr")
         self.optimizer.step()
@@ -275,8 +249,6 @@ class RewardModelTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out pair accuracy (± binomial stderr), mean margin and loss; logged and printed."""
-        from grpo.rm.model import score_sequences
-
         pairs = self.eval_set
         self.model.eval()
         scores = score_sequences(self.model, [p.chosen for p in pairs] + [p.rejected for p in pairs],
@@ -296,37 +268,11 @@ class RewardModelTrainer:
         return m
 
     # --------------------------------------------------------------- checkpoints
-    def _progress_bar(self):
-        if not self.progress:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.total_steps, initial=self.step, desc="rm", unit="step", dynamic_ncols=True)
-
     def _save_checkpoint(self) -> Path:
-        from grpo import checkpoint
-
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": checkpoint.rng_state(), "config": to_dict(self.cfg)}
-        return checkpoint.save(self.run_dir, self.step, self.model, state, self.cfg.keep_checkpoints)
-
-    def _load_checkpoint(self) -> None:
-        from grpo import checkpoint
-
-        path = checkpoint.latest(self.run_dir)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
-        state = checkpoint.load(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        self.step = state["step"]
-        print(f"resumed from {path} (step {self.step})", file=sys.stderr)
+        return save_training(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
+                             to_dict(self.cfg), self.cfg.keep_checkpoints)
 
     def _finish(self, summary: dict[str, Any]) -> None:
-        from grpo import checkpoint
-        from grpo.rm.model import save_reward_model
-
         latest = checkpoint.latest(self.run_dir)
         if latest is None or latest.name != f"{checkpoint.PREFIX}{self.step:06d}":
             self._save_checkpoint()  # the final state is always resumable
@@ -340,6 +286,8 @@ class RewardModelTrainer:
     def cleanup(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 def run(cfg: RMConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
