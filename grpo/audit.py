@@ -78,7 +78,8 @@ def perturbations(answer: str) -> list[tuple[str, str]]:
             out.append(("sign_flipped", f"The answer is $\\boxed{{{flipped}}}$."))
         if _NUMBER.fullmatch(answer):
             out.append(("extra_digit", f"The answer is $\\boxed{{{answer}7}}$."))
-            out.append(("extra_leading_digit", f"The answer is $\\boxed{{{answer.replace('-', '-9', 1) if answer.startswith('-') else '9' + answer}}}$."))
+            leading = "-9" + answer[1:] if answer.startswith("-") else "9" + answer
+            out.append(("extra_leading_digit", f"The answer is $\\boxed{{{leading}}}$."))
         out.append(("hedged", f"The answer is {answer} or {other}."))
         out.append(("two_boxes", f"It is either $\\boxed{{{answer}}}$ or $\\boxed{{{other}}}$."))
     else:
@@ -292,7 +293,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pat
 def add_audit_arguments(p) -> None:
     """The ``grpo verify --audit`` options (the verify parser's other options stay as they are)."""
     g = p.add_argument_group("audit (grpo verify --audit; docs/audit.md)")
-    g.add_argument("--audit", action="store_true", help="audit the verifier on rows from --task (or --input) instead of scoring completions")
+    g.add_argument("--audit", action="store_true",
+                   help="audit the verifier on rows from --task (or --input) instead of scoring completions")
     g.add_argument("--task", help="audit on this task's rows (registered name or module:attr)")
     g.add_argument("--task-args", default="{}", help="task arguments as JSON")
     g.add_argument("--split", default="train", choices=["train", "heldout"], help="task split to audit on")

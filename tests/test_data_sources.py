@@ -50,7 +50,8 @@ def test_gsm8k_task_from_local_formats_with_column_mapping(local_copies, kind):
 
 
 def test_heldout_split_of_a_datasets_dict(local_copies):
-    task = GSM8K(path=str(local_copies["dd"]), split="train", heldout_split="test", fields={"question": "q", "answer": "sol"})
+    task = GSM8K(path=str(local_copies["dd"]), split="train", heldout_split="test",
+                 fields={"question": "q", "answer": "sol"})
     assert [r["answer"] for r in task.rows("train")] == ["2", "4", "6", "8", "10", "12"]
     assert [r["answer"] for r in task.rows("heldout")] == ["14", "16"]
     with pytest.raises(UserError, match=r"no split 'validation'; it has \['train', 'test'\]"):

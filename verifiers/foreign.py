@@ -105,7 +105,8 @@ class ForeignRewardVerifier(Verifier):
         params = inspect.signature(fn).parameters
         self._takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self._params = set(params)
-        if self.kind == "trl" and "completion_ids" in params and params["completion_ids"].default is inspect.Parameter.empty:
+        ids = params.get("completion_ids")
+        if self.kind == "trl" and ids is not None and ids.default is inspect.Parameter.empty:
             raise UserError(f"reward function {spec} needs completion_ids, which grpo-lora does not pass "
                             "(verifiers see text only); give it a default or compute lengths from the text")
         required = [n for n, p in params.items() if p.default is inspect.Parameter.empty

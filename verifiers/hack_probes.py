@@ -109,7 +109,8 @@ for i in range(100000):
 def add(a, b):
     return 0
 ''',
-    "output_flood": "import sys\ndef add(a, b):\n    while True:\n        sys.stdout.write('x' * 65536)\n        sys.stderr.write('y' * 65536)\n",
+    "output_flood": ("import sys\ndef add(a, b):\n    while True:\n        sys.stdout.write('x' * 65536)\n"
+                     "        sys.stderr.write('y' * 65536)\n"),
     "ignore_signals_loop": '''
 import signal
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGXCPU, signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1):
