@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -77,6 +79,10 @@ def worker_ours(args) -> None:
     trainer = Trainer(cfg, progress=False)
     trainer.setup()
     sampling = trainer.sampling_params()
+    c = trainer.model.config
+    print(json.dumps({"info": {"dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
+                               "prompt_lens": [len(trainer._encode(p)) for p in prompts],
+                               "shape": {k: getattr(c, k, None) for k in SHAPE_KEYS}}}), flush=True)
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
@@ -109,7 +115,8 @@ def worker_trl(args) -> None:
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    bf16 = args.device.startswith("cuda") or args.trl_bf16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
     prompts = _prompts(args.prompts)[:args.prompts]
     data = Dataset.from_list([{"prompt": p} for p in prompts] * 10_000)
     tokens = args.tokens
@@ -137,7 +144,7 @@ def worker_trl(args) -> None:
         num_generations=args.group, max_completion_length=tokens, gradient_accumulation_steps=1,
         num_iterations=1, beta=args.beta, learning_rate=args.lr, max_steps=10 ** 6, logging_steps=10 ** 6,
         save_strategy="no", report_to=[], use_cpu=not args.device.startswith("cuda"),
-        bf16=args.device.startswith("cuda"), temperature=1.0, seed=0,
+        bf16=bf16, temperature=1.0, seed=0,
         generation_kwargs={"min_new_tokens": tokens}, disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0 + (i % 2) for i in range(len(completions))],
@@ -164,6 +171,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--systems", default="ours,trl")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads in both workers (0 = torch default)")
+    parser.add_argument("--trl-bf16", action="store_true", help="TRL in bf16 on CPU too (its CPU default is fp32)")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--json", default=None, help="write all step records here")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -173,12 +181,13 @@ def main() -> None:
         return
 
     systems = args.systems.split(",")
+    rates = measure_rates(args.threads, args.device)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    procs = {}
+    procs, infos = {}, {}
     for name in systems:
         cmd = [sys.executable, __file__, "--worker", name] + [a for a in sys.argv[1:] if a != "--worker"]
         procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        _expect_ready(name, procs[name])
+        infos[name] = _expect_ready(name, procs[name])
     records: dict[str, list[dict]] = {n: [] for n in systems}
     for i in range(args.warmup + args.steps):
         for name in systems:  # alternate: one step of each system in turn
@@ -194,14 +203,32 @@ def main() -> None:
         p.wait(timeout=120)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "records": records}, f, indent=2)
-    report(args, records)
+            json.dump({"args": vars(args), "records": records, "rates": rates, "infos": infos}, f, indent=2)
+    report(args, records, rates, infos.get("ours"))
 
 
-def _expect_ready(name: str, proc: subprocess.Popen) -> None:
+def measure_rates(threads: int, device: str) -> dict[str, float]:
+    """Sustained matmul GFLOP/s on this machine now (fp32 and bf16; one thread and the run's)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from grpo.precision import matmul_gflops
+
+    run_threads = threads or torch.get_num_threads()
+    rates = {"threads": run_threads}
+    for dtype in ("float32", "bfloat16"):
+        for t in sorted({1, run_threads}) if not device.startswith("cuda") else [run_threads]:
+            rates[f"{dtype}@{t}"] = matmul_gflops(getattr(torch, dtype), t, seconds=0.5, device=device)
+    return rates
+
+
+def _expect_ready(name: str, proc: subprocess.Popen) -> dict:
+    info: dict = {}
     for line in proc.stdout:
+        if line.startswith('{"info"'):
+            info = json.loads(line)["info"]
         if line.strip() == "ready":
-            return
+            return info
     raise SystemExit(f"{name} worker exited before it was ready (exit {proc.wait()})")
 
 
@@ -213,7 +240,8 @@ def _read_record(name: str, proc: subprocess.Popen) -> dict:
     raise SystemExit(f"{name} worker died (exit {proc.wait()})")
 
 
-def report(args, records: dict[str, list[dict]]) -> None:
+def report(args, records: dict[str, list[dict]], rates: dict[str, float] | None = None,
+           info: dict | None = None) -> None:
     rows = {}
     for name, recs in records.items():
         measured = [r for r in recs if not r["warmup"]]
@@ -238,9 +266,42 @@ def report(args, records: dict[str, list[dict]]) -> None:
         o = rows["ours"]
         print(f"\nours per phase (s): generate {o['generate_s']:.2f}, score {o['score_s']:.2f}, "
               f"reference {o['reference_s']:.2f}, policy fwd+bwd {o['policy_s']:.2f}, optimizer {o['optimizer_s']:.3f}")
+    floor_line = ""
+    if "ours" in rows and rates and info:
+        floor_line = roofline_report(args, rows["ours"], rates, info)
     if "ours" in rows and "trl" in rows:
         print(f"step time ours/trl = {rows['ours']['step_s'] / rows['trl']['step_s']:.3f}, "
               f"peak memory ours/trl = {rows['ours']['peak_mb'] / rows['trl']['peak_mb']:.2f}")
+    if floor_line:
+        print(floor_line)
+
+
+def roofline_report(args, ours: dict, rates: dict[str, float], info: dict) -> str:
+    """Print the machine's matmul rates and each phase's FLOPs and achieved fraction; return
+    the ``compute floor`` line (FLOPs at the best measured rate at the run's threads)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from roofline import Shape, phase_flops
+
+    c = info["shape"]
+    shape = Shape(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                  c["num_key_value_heads"] or c["num_attention_heads"],
+                  c["head_dim"] or c["hidden_size"] // c["num_attention_heads"], c["vocab_size"])
+    flops = phase_flops(shape, info["prompt_lens"], args.group, args.tokens, args.rank)
+    t = rates["threads"]
+    print("\nmachine matmul rate now (GFLOP/s): " + ", ".join(f"{k} threads {v:.0f}" for k, v in rates.items()
+                                                           if k != "threads"))
+    own = rates[f"{info['dtype']}@{t}"]
+    best = max(rates[f"float32@{t}"], rates[f"bfloat16@{t}"])
+    print(f"ours runs the base in {info['dtype']} ({own:.0f} GFLOP/s at {t} threads); best dtype here {best:.0f}")
+    print("| phase | TFLOP | floor s (best dtype) | ours s | achieved of own-dtype rate |")
+    print("|---|---|---|---|---|")
+    times = {"generate": ours["generate_s"], "reference": ours["reference_s"],
+             "policy": ours["policy_s"] + ours["optimizer_s"]}
+    for phase, f in flops.items():
+        print(f"| {phase} | {f / 1e12:.3f} | {f / best / 1e9:.2f} | {times[phase]:.2f} | "
+              f"{f / own / 1e9 / times[phase]:.1%} |")
+    floor = sum(flops.values()) / best / 1e9
+    return f"compute floor: {floor:.2f} s; ours/floor = {ours['step_s'] / floor:.2f}"
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def opt(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     name: str = opt("smollm2-135m", "model spec: embedded name (smollm2-135m), a .gguf file, a local HF directory or a hub id")
-    dtype: str = opt("auto", "auto (bf16 on CUDA when supported, else float32), float32, bfloat16, float16")
+    dtype: str = opt("auto", "dtype of the frozen base weights: auto (bf16 on CUDA when supported; on CPU bf16 "
+                             "only where a cached matmul probe measures it faster, see grpo/precision.py), "
+                             "float32, bfloat16, float16; LoRA weights and log-probs stay float32")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     lora_rank: int = opt(16, "LoRA rank r")
     lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r)")

@@ -146,9 +146,9 @@ def resolve_dtype(dtype: str, device: str):
     import torch
 
     if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        from grpo.precision import auto_dtype
+
+        return auto_dtype(device)
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:

@@ -1,0 +1,25 @@
+"""benchmarks/roofline.py: a step's FLOPs per phase, against a count done by hand."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from roofline import Shape, phase_flops  # noqa: E402
+
+
+def test_phase_flops_by_hand():
+    # hidden 4, MLP 8, one layer, 2 query heads and 1 kv head of dim 2, vocab 10, LoRA r=1.
+    s = Shape(hidden=4, intermediate=8, layers=1, heads=2, kv_heads=1, head_dim=2, vocab=10)
+    # linears (in, out): q 4x4, k 4x2, v 4x2, o 4x4, gate 4x8, up 4x8, down 8x4 -> 144 MACs = 288 FLOPs/token
+    assert s.layer_linear_flops() == 288
+    assert s.attention_flops(3) == 4 * 3 * 2 * 2  # 48
+    assert s.head_flops() == 80
+    assert s.lora_flops(1) == 2 * (8 + 6 + 6 + 8 + 12 + 12 + 12)  # 128
+    # One prompt of 2 tokens, G=2 completions of 2 tokens.
+    # prompt: 2*288 + attention over 1 and 2 keys 16*(1+2) = 624
+    # completions: 2 rows * (2*288 + 16*(3+4)) = 1376; head at 4 completion positions = 320
+    # generate: prompt 624 + head once 80 + one decode step per row 2*(288+16*3) = 672 + head 2 rows 160
+    # policy: forward 2320 + LoRA 6 tokens * 128 = 768 -> 3088; backward: linears 6*288 = 1728,
+    #   head 320, attention 2*272, LoRA 2*768 -> 4128
+    assert phase_flops(s, [2], group=2, tokens=2, rank=1) == {"generate": 1536.0, "reference": 2320.0,
+                                                              "policy": 7216.0}
