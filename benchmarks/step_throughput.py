@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--systems", default="ours,trl")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads in both workers (0 = torch default)")
+    parser.add_argument("--rate-seconds", type=float, default=0.5, help="length of each matmul-rate window")
     parser.add_argument("--trl-bf16", action="store_true", help="TRL in bf16 on CPU too (its CPU default is fp32)")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--json", default=None, help="write all step records here")
@@ -181,7 +182,7 @@ def main() -> None:
         return
 
     systems = args.systems.split(",")
-    rates = measure_rates(args.threads, args.device)
+    rates = measure_rates(args.threads, args.device, args.rate_seconds)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     procs, infos = {}, {}
     for name in systems:
@@ -207,7 +208,7 @@ def main() -> None:
     report(args, records, rates, infos.get("ours"))
 
 
-def measure_rates(threads: int, device: str) -> dict[str, float]:
+def measure_rates(threads: int, device: str, seconds: float = 0.5) -> dict[str, float]:
     """Sustained matmul GFLOP/s on this machine now (fp32 and bf16; one thread and the run's)."""
     import torch
 
@@ -218,7 +219,8 @@ def measure_rates(threads: int, device: str) -> dict[str, float]:
     rates = {"threads": run_threads}
     for dtype in ("float32", "bfloat16"):
         for t in sorted({1, run_threads}) if not device.startswith("cuda") else [run_threads]:
-            rates[f"{dtype}@{t}"] = matmul_gflops(getattr(torch, dtype), t, seconds=0.5, device=device)
+            shape = (4096, 4096, 4096) if device.startswith("cuda") else (512, 576, 1536)
+            rates[f"{dtype}@{t}"] = matmul_gflops(getattr(torch, dtype), t, shape, seconds, device)
     return rates
 
 
