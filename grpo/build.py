@@ -8,14 +8,14 @@ from typing import Any
 
 from grpo.config import RunConfig
 from grpo.errors import UserError
-from grpo.registry import TASKS, VERIFIERS, load_plugin_file
+from grpo.registry import ENVIRONMENTS, TASKS, TOOLS, VERIFIERS, load_plugin_file
 from grpo.rewards import RewardRunner
 from tasks.base import Task
 
 
 def load_plugins(files: list[str]) -> None:
     for f in files:
-        load_plugin_file(f, f"plugin file {f}", TASKS, VERIFIERS)
+        load_plugin_file(f, f"plugin file {f}", TASKS, VERIFIERS, TOOLS, ENVIRONMENTS)
 
 
 def build_task(name: str, args: dict[str, Any]) -> Task:
@@ -60,6 +60,20 @@ def build_policy(cfg: RunConfig):
 
 
 def build_engine(cfg: RunConfig, model, tokenizer):
+    """The rollout engine; wrapped in an ``EpisodeEngine`` when tools are enabled."""
+    engine = _build_base_engine(cfg, model, tokenizer)
+    if not cfg.tools.enabled:
+        return engine
+    from grpo.tools.episodes import build_episode_engine
+
+    try:
+        return build_episode_engine(cfg.tools, engine, tokenizer)
+    except BaseException:
+        engine.close()
+        raise
+
+
+def _build_base_engine(cfg: RunConfig, model, tokenizer):
     engine = cfg.rollout.engine
     if engine == "auto":
         import importlib.util

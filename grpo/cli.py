@@ -3,7 +3,7 @@
     grpo train CONFIG [key=value ...] [--resume]
     grpo eval --task NAME --model SPEC [--adapter DIR ...] --n 16 --k 1,4,16
     grpo verify --verifier NAME --input FILE.jsonl
-    grpo list [tasks|verifiers]
+    grpo list [tasks|verifiers|tools|environments]
     grpo export RUN_DIR OUT
     grpo rm train ...
 
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_arguments(p)
 
     p = sub.add_parser("list", help="list registered tasks and verifiers with their source")
-    p.add_argument("what", nargs="?", choices=["tasks", "verifiers"], help="only tasks or only verifiers")
+    p.add_argument("what", nargs="?", choices=["tasks", "verifiers", "tools", "environments"],
+                   help="only that kind")
     p.add_argument("--plugins", action="append", default=[], help="python file registering tasks/verifiers")
 
     from grpo.evaluate_cli import add_eval_parser, run_eval  # light: no torch at import
@@ -156,10 +157,11 @@ def _read_verify_rows(path: str) -> list[dict[str, Any]]:
 @command("list")
 def _list(args: argparse.Namespace) -> int:
     from grpo.build import load_plugins
-    from grpo.registry import TASKS, VERIFIERS
+    from grpo.registry import ENVIRONMENTS, TASKS, TOOLS, VERIFIERS
 
     load_plugins(args.plugins)
-    for title, registry in (("tasks", TASKS), ("verifiers", VERIFIERS)):
+    for title, registry in (("tasks", TASKS), ("verifiers", VERIFIERS), ("tools", TOOLS),
+                            ("environments", ENVIRONMENTS)):
         if args.what and args.what != title:
             continue
         print(f"{title}:")

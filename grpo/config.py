@@ -170,6 +170,42 @@ class EvalConfig:
 
 
 @dataclass
+class ToolsConfig:
+    """Multi-turn episodes with tools (docs/tools.md); off while ``enabled`` is empty."""
+
+    enabled: list[str] = opt([], "tools the model may call (`grpo list tools`, or module:attr); empty = "
+                                 "single-turn rollouts")
+    environment: str = opt("tools", "environment that answers model turns (`grpo list environments`)")
+    call_format: Literal["tagged", "json"] = opt(
+        "tagged", "tagged: <TAG>ARG</TAG> (e.g. <calc>2*3</calc>); json: <tool_call>{\"name\": ..., "
+                  "\"arguments\": {...}}</tool_call> (Hermes / Qwen chat templates)")
+    observation_template: str = opt("<output>{result}</output>", "text appended after a call; {result} is the "
+                                                                  "tool's output or its error")
+    max_turns: int = opt(4, "most model turns per episode (a call in the last turn is not run: cut)")
+    max_episode_tokens: int = opt(256, "token budget after the prompt: model turns + observations "
+                                       "(rollout.max_new_tokens caps each model turn)")
+    timeout_s: float = opt(5.0, "wall-clock limit per tool call (a hang becomes an error observation)")
+    max_observation_chars: int = opt(400, "tool output is truncated to this many characters")
+    error_penalty: float = opt(0.0, "reward subtracted per failed tool call in an episode")
+    workers: int = opt(2, "tool calls run at once")
+
+
+def validate_tools(tools: ToolsConfig) -> None:
+    checks = [
+        (tools.max_turns >= 1, "tools.max_turns must be >= 1"),
+        (tools.max_episode_tokens >= 1, "tools.max_episode_tokens must be >= 1"),
+        (tools.timeout_s > 0, "tools.timeout_s must be > 0"),
+        (tools.max_observation_chars >= 1, "tools.max_observation_chars must be >= 1"),
+        (tools.error_penalty >= 0, "tools.error_penalty must be >= 0 (it is subtracted)"),
+        (tools.workers >= 1, "tools.workers must be >= 1"),
+        ("{result}" in tools.observation_template, "tools.observation_template must contain {result}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"config: {message}")
+
+
+@dataclass
 class RunConfig:
     name: str = opt("run", "run name (used in the default output directory)")
     output_dir: str = opt("runs/{name}", "run directory ({name} is replaced)")
@@ -190,6 +226,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "GRPO objective"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
+    tools: ToolsConfig = field(default_factory=ToolsConfig, metadata={"help": "multi-turn tool episodes"})
 
     @property
     def run_dir(self) -> Path:
@@ -384,6 +421,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.rollout.engine == "vllm" and (conflict := truncated_logprobs_conflict(cfg)):
         raise UserError(f"config: {conflict}")
     vllm_options(cfg.rollout)
+    validate_tools(cfg.tools)
+    if cfg.tools.enabled and cfg.optim.packing:
+        raise UserError("config: optim.packing does not support tool episodes (their observation tokens need the "
+                        "loss mask of the unpacked path); set optim.packing=false with tools.enabled")
 
 
 def truncated_logprobs_conflict(cfg: RunConfig) -> str | None:

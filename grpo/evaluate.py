@@ -23,6 +23,7 @@ from grpo.engines.base import Completion, SamplingParams
 from grpo.errors import UserError
 from grpo.passk import mean_and_stderr, pass_at_k
 from grpo.rewards import RewardRunner
+from grpo.tools.episodes import episode_metrics
 
 # In-training evaluations sample with seed ``cfg.seed + EVAL_SEED_OFFSET``, apart from the
 # rollout stream; ``grpo eval --config RUN/config.yaml`` uses the same seed, so it
@@ -76,6 +77,7 @@ def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str
     for name, values in batch.per_verifier.items():
         metrics[f"{prefix}reward/{name}"] = _mean([v for v in values if v is not None])
     metrics.update({f"{prefix}{k}": v for k, v in length_stats([c for g in groups for c in g]).items()})
+    metrics.update(episode_metrics([c for g in groups for c in g], prefix))  # tool episodes only
     if greedy:
         greedy_groups = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0),
                                         seed=seed)
@@ -122,9 +124,15 @@ def _score(groups: list[list[Completion]], rows, rewards: RewardRunner, samples:
                             "completion": c.text, "reward": batch.total[i + j], "correct": batch.correct[i + j],
                             "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids),
                             "rewards": {k: v[i + j] for k, v in batch.per_verifier.items() if v[i + j] is not None},
-                            "reasons": {k: v[i + j] for k, v in batch.reasons.items() if v[i + j]}})
+                            "reasons": {k: v[i + j] for k, v in batch.reasons.items() if v[i + j]},
+                            **_episode_fields(c)})
         i += len(g)
     return out, batch
+
+
+def _episode_fields(c: Completion) -> dict[str, Any]:
+    """A tool episode's whole transcript and its segments (model turns, observations)."""
+    return {k: c.extra[k] for k in ("transcript", "segments") if k in c.extra}
 
 
 # ------------------------------------------------------------------------ reporting

@@ -165,7 +165,14 @@ class GroupedBatch:
     prompt_mask: torch.Tensor  # (p, Lp)
     group_index: torch.Tensor  # (b,) prompt row of each sequence
     completion_ids: torch.Tensor  # (b, T) right-padded
-    completion_mask: torch.Tensor  # (b, T)
+    completion_mask: torch.Tensor  # (b, T) 1 for real tokens (attended to)
+    # (b, T) 1 for the tokens that get log-probs and gradient: the model's own tokens;
+    # observation tokens of a multi-turn episode are 0 here but 1 in completion_mask.
+    loss_mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.loss_mask is None:
+            self.loss_mask = self.completion_mask
 
     @property
     def num_tokens(self) -> int:
@@ -180,7 +187,10 @@ class GroupedBatch:
 
 
 def pack_grouped(prompts: list[list[int]], group_index: list[int], completions: list[list[int]], pad_id: int,
-                 device: torch.device | str = "cpu") -> GroupedBatch:
+                 device: torch.device | str = "cpu",
+                 loss_masks: list[list[int] | None] | None = None) -> GroupedBatch:
+    """``loss_masks[i]`` (one 0/1 per token of completion i, None = all 1) marks the tokens that
+    get log-probs and gradient; the others (tool observations) stay in the context."""
     lp = max(len(p) for p in prompts)
     t = max(1, max(len(c) for c in completions))
     p_ids = torch.full((len(prompts), lp), pad_id, dtype=torch.long)
@@ -190,19 +200,29 @@ def pack_grouped(prompts: list[list[int]], group_index: list[int], completions: 
         p_mask[i, lp - len(p):] = 1
     c_ids = torch.full((len(completions), t), pad_id, dtype=torch.long)
     c_mask = torch.zeros((len(completions), t), dtype=torch.long)
+    l_mask = torch.zeros((len(completions), t), dtype=torch.long)
     for i, c in enumerate(completions):
         c_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         c_mask[i, :len(c)] = 1
+        m = loss_masks[i] if loss_masks is not None else None
+        if m is not None and len(m) != len(c):
+            raise ValueError(f"loss mask of completion {i} has {len(m)} entries for {len(c)} tokens")
+        l_mask[i, :len(c)] = torch.tensor(m, dtype=torch.long) if m is not None else 1
     return GroupedBatch(p_ids.to(device), p_mask.to(device), torch.tensor(group_index, device=device),
-                        c_ids.to(device), c_mask.to(device))
+                        c_ids.to(device), c_mask.to(device), l_mask.to(device))
 
 
 def grouped_logprobs(model, batch: GroupedBatch, temperature: float = 1.0, chunk_tokens: int = 512,
                      pad_id: int = 0, fast_head: bool = True, with_entropy: bool = False):
-    """``sampled_logprobs`` for a ``GroupedBatch``, encoding each distinct prompt once. (b, T)."""
+    """``sampled_logprobs`` for a ``GroupedBatch``, encoding each distinct prompt once. (b, T);
+    0 outside ``batch.loss_mask`` (tool observations of an episode are context, not scored)."""
     parts = split_head(model, fast_head)
     if parts is None:
-        return sampled_logprobs(model, batch.flat(pad_id), temperature, chunk_tokens, False, with_entropy)
+        out = sampled_logprobs(model, batch.flat(pad_id), temperature, chunk_tokens, False, with_entropy)
+        m = batch.loss_mask
+        if not with_entropy:
+            return out * m
+        return TokenLogProbs(out.logprobs * m, out.entropy * m if out.entropy is not None else None)
     backbone, head = parts
     positions = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = backbone(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=positions,
@@ -216,8 +236,8 @@ def grouped_logprobs(model, batch: GroupedBatch, temperature: float = 1.0, chunk
     hidden = backbone(input_ids=batch.completion_ids, attention_mask=mask, position_ids=c_pos,
                       past_key_values=cache, use_cache=True).last_hidden_state  # (b, T, H)
     hidden = torch.cat([last[idx][:, None], hidden[:, :-1]], dim=1)  # state that predicts token j
-    out = head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
-                         with_entropy)
+    out = head_logprobs(hidden, batch.completion_ids, batch.loss_mask, head, temperature, chunk_tokens,
+                        with_entropy)
     return out if with_entropy else out.logprobs
 
 

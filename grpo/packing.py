@@ -36,6 +36,12 @@ class TreeBatch:
     completion_mask: torch.Tensor  # (b, T)
 
     @property
+    def loss_mask(self) -> torch.Tensor:
+        """Tokens in the loss: all completion tokens (tool episodes, whose observations are masked,
+        use pack_grouped; config validation refuses optim.packing with tools)."""
+        return self.completion_mask
+
+    @property
     def num_tokens(self) -> int:
         """Tokens the network runs over (each distinct prompt once, completions without padding)."""
         return int((self.segment != PAD_SEGMENT).sum())

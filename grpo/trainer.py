@@ -37,6 +37,7 @@ from grpo.prompts import encode_prompt
 from grpo.rewards import RewardBatch, RewardRunner
 from grpo.training import (claim_run_dir, clip_gradients, make_optimizer, progress_bar, resume_training,
                            save_training, seed_everything)
+from grpo.tools.episodes import episode_metrics, with_episode_terms
 
 
 class TrainingDiverged(RuntimeError):
@@ -217,6 +218,7 @@ class Trainer:
         penalty = overlong_penalty(torch.tensor([len(c.token_ids) for c in completions]),
                                    sampling.max_new_tokens, loss.overlong_buffer, loss.overlong_penalty)
         total = (torch.tensor(scored.total, dtype=torch.float32) + penalty).tolist()
+        total = with_episode_terms(total, completions)  # + per-episode terms (tool-error penalty)
         return [ScoredGroup(prompt_ids[p], groups[p], total[p * G:(p + 1) * G], slice_scores(scored, p * G, G))
                 for p in range(len(rows))]
 
@@ -250,9 +252,12 @@ class Trainer:
         G = self.cfg.rollout.num_generations
         groups = sorted({i // G for i in idx})
         row_of = {g: r for r, g in enumerate(groups)}
-        pack_fn = pack_tree if self.cfg.optim.packing else pack_grouped
-        return pack_fn([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
-                       [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device)
+        if self.cfg.optim.packing:
+            return pack_tree([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
+                             [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device)
+        return pack_grouped([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
+                            [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device,
+                            [rollout.completions[i].loss_mask for i in idx])  # tool episodes: model tokens only
 
     def _logprobs(self, batch, grad: bool, adapters: bool = True, entropy: bool = False,
                   dropout_seed: int | None = None):
@@ -276,7 +281,7 @@ class Trainer:
             return {"loss": 0.0, "sequences_in_loss": 0}
         packed = [self._pack(rollout, idx) for idx in micro]
         n_seq = len(rollout.keep)
-        n_tok = int(sum(int(b.completion_mask.sum()) for b in packed))
+        n_tok = int(sum(int(b.loss_mask.sum()) for b in packed))
         old_mode = cfg.loss.old_logprobs
         if old_mode == "auto":
             old_mode = "detached" if cfg.loss.update_passes == 1 else "recompute"
@@ -300,7 +305,7 @@ class Trainer:
             t_pass = time.perf_counter()
             for idx, batch, ref_lp, old_lp, seed in zip(micro, packed, ref, old, seeds):
                 logp, entropy = self._logprobs(batch, grad=True, entropy=True, dropout_seed=seed)
-                mask = batch.completion_mask
+                mask = batch.loss_mask  # model-written tokens only (tool observations are context)
                 old_lp = logp.detach() if old_lp is None else old_lp
                 engine_lp = self._rollout_logprobs(rollout, idx, batch)
                 tis = None
@@ -363,7 +368,7 @@ class Trainer:
             out["reward/overlong_penalty"] = float((shaped - rewards).mean())
         if self.cfg.rollout.dynamic_sampling:
             out.update(sampling_metrics(filled, self.cfg.rollout.num_generations, self.cfg.rollout.prompts_per_step))
-        return out
+        return {**out, **episode_metrics(completions)}
 
     def _evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg

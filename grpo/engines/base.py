@@ -23,6 +23,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    # Stop strings (tool-call end markers): a completion ends with the token that completes
+    # one; the string stays in the output and Completion.extra["stop"] names it.
+    stop: tuple[str, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -36,6 +39,9 @@ class Completion:
     logprobs: list[float]  # one per token in token_ids
     finish_reason: Literal["stop", "length"]
     extra: dict[str, Any] = field(default_factory=dict)
+    # 1 where the token was written by the model (gets gradient), 0 for environment
+    # observations inside a multi-turn episode (grpo.tools.episodes); None = all model tokens.
+    loss_mask: list[int] | None = None
 
 
 class RolloutEngine(Protocol):

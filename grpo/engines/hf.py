@@ -150,12 +150,15 @@ class HFEngine:
         tokens: list[list[int]] = [[] for _ in range(B)]
         logps: list[list[float]] = [[] for _ in range(B)]
         finish = ["length"] * B
+        stops: dict[int, str] = {}  # row -> the stop string that ended it
         for step in range(params.max_new_tokens):
             tok, lp = sample_tokens(logits, params, generator)
             for r, t, l in zip(rows.tolist(), tok.tolist(), lp.tolist()):
                 tokens[r].append(t)
                 logps[r].append(l)
             done = torch.zeros_like(tok, dtype=torch.bool) if params.ignore_eos else torch.isin(tok, self.eos_ids)
+            if params.stop:
+                done |= self._stop_hits(rows.tolist(), tokens, params.stop, stops).to(done.device)
             for r in rows[done].tolist():
                 finish[r] = "stop"
             if step == params.max_new_tokens - 1 or bool(done.all()):
@@ -170,5 +173,25 @@ class HFEngine:
             cache, logits = out.past_key_values, out.logits[:, -1, :]
             next_pos = next_pos + 1
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        completions = [Completion(tokens[r], texts[r], logps[r], finish[r]) for r in range(B)]  # type: ignore[arg-type]
+        completions = [Completion(tokens[r], texts[r], logps[r], finish[r],  # type: ignore[arg-type]
+                                  {"stop": stops[r]} if r in stops else {}) for r in range(B)]
         return [completions[i * G:(i + 1) * G] for i in range(P)]
+
+    def _stop_hits(self, rows: list[int], tokens: list[list[int]], stop: tuple[str, ...],
+                   stops: dict[int, str]) -> torch.Tensor:
+        """(live rows,) True where the newest token completed a stop string (recorded in ``stops``).
+
+        Only the last few tokens are decoded: enough to hold the longest stop string (every
+        token decodes to at least one character), so the check costs no more per step for
+        long completions. A row stops the first time a string appears, so a hit in the
+        window is always new.
+        """
+        window = max(len(s) for s in stop) + 1
+        texts = self.tokenizer.batch_decode([tokens[r][-window:] for r in rows], skip_special_tokens=True)
+        hits = []
+        for r, text in zip(rows, texts):
+            hit = next((s for s in stop if s in text), None)
+            if hit is not None:
+                stops[r] = hit
+            hits.append(hit is not None)
+        return torch.tensor(hits, dtype=torch.bool)

@@ -168,6 +168,8 @@ class VLLMEngine:
                    "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else params.top_k,
                    "ignore_eos": params.ignore_eos,
                    "stop_token_ids": [] if params.ignore_eos else list(self.stop_token_ids)}
+        if params.stop:  # tool-call end markers: the completing token and the string stay in the output
+            request.update(stop=list(params.stop), include_stop_str_in_output=True)
         groups = self.backend.sample(prompts, request, seeds, self.adapter)
         out = []
         for group in groups:
@@ -310,7 +312,8 @@ class ColocatedBackend:
         from vllm.lora.request import LoRARequest
 
         lora = LoRARequest(adapter.name, adapter.int_id, str(adapter.path)) if adapter is not None else None
-        params = [VSamplingParams(**request, seed=s, logprobs=0, detokenize=False, skip_special_tokens=True,
+        params = [VSamplingParams(**request, seed=s, logprobs=0, skip_special_tokens=True,
+                                  detokenize=bool(request.get("stop")),  # vLLM matches stop strings on text
                                   repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0)
                   for s in seeds]
         if self.asleep:
