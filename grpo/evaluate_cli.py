@@ -35,7 +35,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from grpo.config import ModelConfig, RolloutConfig, RunConfig, from_dict, json_object_arg, opt
+from grpo.config import (ModelConfig, RolloutConfig, RunConfig, ToolsConfig, from_dict, json_object_arg, opt,
+                         to_dict, validate_tools)
 from grpo.errors import UserError
 
 _MODEL, _ROLLOUT = ModelConfig(), RolloutConfig()  # one source of truth for the shared defaults
@@ -71,11 +72,13 @@ class EvalSettings:
     max_batch_size: int = opt(_ROLLOUT.max_batch_size, "most sequences decoded at once by the hf engine")
     workers: int = opt(2, "worker processes for isolated verifiers")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
+    tools: dict[str, Any] = opt({}, "multi-turn tool episodes, the keys of a training config's tools section "
+                                    "(docs/tools.md), e.g. '{\"enabled\": [\"calculator\"]}'")
 
 
 _FLAG_TYPES = {"n": int, "temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "num_problems": int,
                "seed": int, "max_batch_size": int, "workers": int, "threads": int}
-_JSON_FLAGS = ("task_args", "verifier_args", "verifier_weights", "vllm")
+_JSON_FLAGS = ("task_args", "verifier_args", "verifier_weights", "vllm", "tools")
 _ALIASES = {"num_problems": ["--limit"], "max_batch_size": ["--batch-size"], "output": ["--out"]}
 _METAVARS = {"task": "NAME", "model": "SPEC", "n": "N", "temperature": "T", "top_p": "P", "top_k": "K",
              "max_new_tokens": "TOKENS",
@@ -176,7 +179,7 @@ def _from_training_config(path: str) -> dict[str, Any]:
         "top_p": cfg.rollout.top_p, "top_k": cfg.rollout.top_k, "max_new_tokens": cfg.rollout.max_new_tokens,
         "n": cfg.eval.num_samples, "k": cfg.eval.k, "greedy": cfg.eval.greedy,
         "num_problems": cfg.eval.num_problems, "seed": cfg.seed + EVAL_SEED_OFFSET,
-        "workers": cfg.verifier_workers, "threads": cfg.threads,
+        "workers": cfg.verifier_workers, "threads": cfg.threads, "tools": to_dict(cfg.tools),
     }
 
 
@@ -231,6 +234,7 @@ def _validate(s: EvalSettings) -> None:
         raise UserError(f"--limit/--num-problems must be >= 0 (0 = all), got {s.num_problems}")
     if s.max_batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {s.max_batch_size}")
+    validate_tools(from_dict(ToolsConfig, dict(s.tools), "tools."))
     if not s.base and not s.adapter:
         raise UserError("--no-base leaves nothing to evaluate: give at least one --adapter")
 
@@ -358,7 +362,8 @@ def _engine_config(s: EvalSettings, engine_kind: str) -> RunConfig:
                      rollout=RolloutConfig(engine=engine_kind,  # type: ignore[arg-type]
                                            max_batch_size=s.max_batch_size, top_p=s.top_p, top_k=s.top_k,
                                            max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                           vllm=dict(s.vllm)))
+                                           vllm=dict(s.vllm)),
+                     tools=from_dict(ToolsConfig, dict(s.tools), "tools."))
 
 
 def _labels(adapter_specs: list[str]) -> list[str]:

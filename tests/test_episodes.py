@@ -249,3 +249,22 @@ def test_packing_with_tool_episodes_is_refused():
 
     with pytest.raises(UserError, match="optim.packing does not support tool episodes"):
         load_config(None, ["tools.enabled=[calculator]", "optim.packing=true"])
+
+
+def test_grpo_eval_runs_episodes_from_a_training_config(tiny_model_dir, toy_plugin, tmp_path, monkeypatch):
+    from grpo.cli import main
+
+    plugin = tmp_path / "tally_plugin.py"
+    plugin.write_text(TOOL_PLUGIN)
+    monkeypatch.setenv("TALLY_LOG", str(tmp_path / "tally.log"))
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"name": str(tiny_model_dir), "device": "cpu"}, "task": {"name": "toy_digits"},
+        "plugins": [str(toy_plugin), str(plugin)], "rollout": {"max_new_tokens": 8},
+        "tools": {"enabled": ["tally"], "environment": "every_letter", "max_turns": 2, "max_episode_tokens": 30},
+        "eval": {"num_problems": 2, "num_samples": 2, "k": [1, 2]}}))
+    out = tmp_path / "eval"
+    assert main(["eval", "--config", str(cfg), "--out", str(out)]) == 0
+    text = "\n".join(p.read_text() for p in out.rglob("*.json*"))
+    assert "episode/tool_call_rate" in text and "transcript" in text
+    assert main(["eval", "--config", str(cfg), "--tools", '{"max_turns": 0}']) == 2  # one error: line
