@@ -176,11 +176,12 @@ class ToolsConfig:
     enabled: list[str] = opt([], "tools the model may call (`grpo list tools`, or module:attr); empty = "
                                  "single-turn rollouts")
     environment: str = opt("tools", "environment that answers model turns (`grpo list environments`)")
-    call_format: Literal["tagged", "json"] = opt(
+    call_format: Literal["tagged", "json", "chat"] = opt(
         "tagged", "tagged: <TAG>ARG</TAG> (e.g. <calc>2*3</calc>); json: <tool_call>{\"name\": ..., "
-                  "\"arguments\": {...}}</tool_call> (Hermes / Qwen chat templates)")
-    observation_template: str = opt("<output>{result}</output>", "text appended after a call; {result} is the "
-                                                                  "tool's output or its error")
+                  "\"arguments\": {...}}</tool_call> (Hermes / Qwen); chat: the tokenizer's chat template renders "
+                  "the tools into the prompt and the result as its tool message (json calls)")
+    observation_template: str = opt("<output>{result}</output>", "text appended after a call (tagged, json); "
+                                                                  "{result} is the tool's output or its error")
     max_turns: int = opt(4, "most model turns per episode (a call in the last turn is not run: cut)")
     max_episode_tokens: int = opt(256, "token budget after the prompt: model turns + observations "
                                        "(rollout.max_new_tokens caps each model turn)")

@@ -386,7 +386,7 @@ def _evaluate_rows(s: EvalSettings, engine, model, tokenizer, rows, rewards, lab
     def encode(prompt: Any) -> list[int]:
         key = json.dumps(prompt, sort_keys=True)
         if key not in cache:
-            cache[key] = encode_prompt(tokenizer, prompt, s.system_prompt)
+            cache[key] = encode_prompt(tokenizer, prompt, s.system_prompt, getattr(engine, "prompt_tools", None))
         return cache[key]
 
     adapter_of = dict(zip(labels[1:] if s.base else labels, range(len(adapters))))

@@ -7,9 +7,13 @@ from typing import Any
 from grpo.errors import UserError
 
 
-def encode_prompt(tokenizer, prompt: Any, system_prompt: str | None = None) -> list[int]:
+def encode_prompt(tokenizer, prompt: Any, system_prompt: str | None = None,
+                  tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Chat messages go through the tokenizer's chat template (with the generation
-    prompt); a plain string is used as raw text (completion-style prompting)."""
+    prompt); a plain string is used as raw text (completion-style prompting).
+
+    ``tools``: tool definitions (JSON schemas) the chat template renders into the prompt,
+    for ``tools.call_format: chat`` episodes (``grpo.tools``)."""
     if isinstance(prompt, str):
         if not prompt:
             raise UserError("empty prompt")
@@ -22,5 +26,6 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: str | None = None) -> l
     if not getattr(tokenizer, "chat_template", None):
         text = "\n".join(m["content"] for m in messages) + "\n"
         return tokenizer(text, add_special_tokens=True).input_ids
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    extra = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     return tokenizer(text, add_special_tokens=False).input_ids

@@ -192,7 +192,8 @@ class Trainer:
     def _encode(self, prompt: Any) -> list[int]:
         key = json.dumps(prompt, sort_keys=True)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = encode_prompt(self.tokenizer, prompt, self.cfg.model.system_prompt)
+            self._prompt_cache[key] = encode_prompt(self.tokenizer, prompt, self.cfg.model.system_prompt,
+                                                    getattr(self.engine, "prompt_tools", None))
         return self._prompt_cache[key]
 
     def _collect(self, sampling: SamplingParams) -> Filled:

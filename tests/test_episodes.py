@@ -215,12 +215,19 @@ class EveryLetter(ToolEnvironment):
 '''
 
 
-def test_plugin_tool_from_a_file_is_used_in_a_two_step_run(tiny_model_dir, toy_plugin, tmp_path, monkeypatch):
+@pytest.fixture(scope="session")
+def tally_plugin(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tally") / "tally_plugin.py"  # one file: a plugin registers once per process
+    path.write_text(TOOL_PLUGIN)
+    return path
+
+
+def test_plugin_tool_from_a_file_is_used_in_a_two_step_run(tiny_model_dir, toy_plugin, tally_plugin, tmp_path,
+                                                           monkeypatch):
     from conftest import tiny_run_config
     from grpo.cli import main
 
-    plugin = tmp_path / "tally_plugin.py"
-    plugin.write_text(TOOL_PLUGIN)
+    plugin = tally_plugin
     log = tmp_path / "tally.log"
     monkeypatch.setenv("TALLY_LOG", str(log))
     run_dir = tmp_path / "run"
@@ -252,10 +259,10 @@ def test_packing_with_tool_episodes_is_refused():
 
 
 def test_grpo_eval_runs_episodes_from_a_training_config(tiny_model_dir, toy_plugin, tmp_path, monkeypatch):
+                                                        monkeypatch):
     from grpo.cli import main
 
-    plugin = tmp_path / "tally_plugin.py"
-    plugin.write_text(TOOL_PLUGIN)
+    plugin = tally_plugin
     monkeypatch.setenv("TALLY_LOG", str(tmp_path / "tally.log"))
     cfg = tmp_path / "train.yaml"
     cfg.write_text(json.dumps({

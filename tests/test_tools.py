@@ -245,3 +245,34 @@ def test_json_calls():
         assert bad.errors == 1 and "not valid JSON" in bad.observation
     finally:
         env.close()
+
+
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|system|>Tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}<|end|>{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'tool' %}<|user|><tool_response>{{ m['content'] }}</tool_response><|end|>"
+    "{%- else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_chat_format_uses_the_templates_own_tool_framing(tiny_model_dir):
+    from grpo.config import ToolsConfig
+    from grpo.models import load_tokenizer
+    from grpo.prompts import encode_prompt
+    from grpo.tools.episodes import build_episode_engine
+
+    tok = load_tokenizer(tiny_model_dir)
+    with pytest.raises(UserError, match="no tool support"):  # conftest's template has none
+        build_episode_engine(ToolsConfig(enabled=["calculator"], call_format="chat"), None, tok)
+    tok.chat_template = TOOL_TEMPLATE
+    episodes = build_episode_engine(ToolsConfig(enabled=["calculator"], call_format="chat"), None, tok)
+    env = episodes.environment
+    assert env.template == "<|end|><|user|><tool_response>{result}</tool_response><|end|><|assistant|>"
+    assert env.stop == ("</tool_call>",)
+    (turn,) = env.respond(['<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>'],
+                          [{}])
+    assert turn.observation == "<|end|><|user|><tool_response>42</tool_response><|end|><|assistant|>"
+    prompt = encode_prompt(tok, [{"role": "user", "content": "hi"}], tools=episodes.prompt_tools)
+    assert tok.decode(prompt).startswith("<|system|>Tools: calculator<|end|><|user|>hi")
+    env.close()

@@ -147,6 +147,28 @@ class TestColocated:
                    for i, c in enumerate(comps)) > 10 * LOGPROB_TOL
 
 
+    def test_three_turn_episodes_logprobs_agree_with_the_trainer(self, colocated):
+        # Stop strings end each turn, the next turn continues from prompt token ids + the episode so far.
+        from grpo.engines.base import SamplingParams
+        from grpo.logprobs import grouped_logprobs, pack_grouped
+        from grpo.tools.episodes import EpisodeEngine
+        from test_episodes import FirstLetterEnvironment
+
+        engine, model, tok = colocated
+        episodes = EpisodeEngine(engine, tok, FirstLetterEnvironment(), max_turns=3, max_episode_tokens=120)
+        groups = episodes.generate(PROMPTS[:2], SamplingParams(n=2, max_new_tokens=30, temperature=0.7))
+        flat = [c for g in groups for c in g]
+        assert all(c.extra["metrics"]["episode/turns"] == 3 for c in flat)
+        batch = pack_grouped(PROMPTS[:2], [0, 0, 1, 1], [c.token_ids for c in flat], tok.pad_token_id, "cpu",
+                             [c.loss_mask for c in flat])
+        with torch.no_grad():
+            trainer = grouped_logprobs(model, batch, temperature=0.7, pad_id=tok.pad_token_id)
+        for row, c in enumerate(flat):
+            mask = torch.tensor(c.loss_mask, dtype=torch.bool)
+            assert 0 < int(mask.sum()) < len(c.token_ids)  # model tokens and observation tokens
+            diff = (trainer[row, :len(c.token_ids)] - torch.tensor(c.logprobs))[mask].abs()
+            assert diff.max() < LOGPROB_TOL
+
     def test_changed_adapter_changes_outputs_under_a_new_lora_request(self, colocated):
         from grpo.engines.base import SamplingParams
 

@@ -58,15 +58,24 @@ class ToolEnvironment:
       JSON object of arguments. Small models follow this from one example.
     * ``json``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the format of
       Hermes / Qwen chat templates.
+    * ``chat``: the tokenizer's own chat template: the tools' schemas are rendered into
+      the prompt by the template (``prompt_tools``), calls are ``<tool_call>`` JSON, and
+      the observation is the template's own rendering of a ``tool`` message (end of the
+      assistant turn, the tool turn, the next assistant header), found by rendering a
+      conversation around marker strings (``chat_observation_template``).
 
     The observation is ``observation_template`` with ``{result}`` replaced.
     """
 
     def __init__(self, tools: Sequence[Tool], *, call_format: str = "tagged",
                  observation_template: str = "<output>{result}</output>", timeout_s: float = 5.0,
-                 max_observation_chars: int = 400, workers: int = 2):
-        if call_format not in ("tagged", "json"):
-            raise UserError(f"tools.call_format must be 'tagged' or 'json', got {call_format!r}")
+                 max_observation_chars: int = 400, workers: int = 2, tokenizer: Any = None):
+        if call_format not in ("tagged", "json", "chat"):
+            raise UserError(f"tools.call_format must be 'tagged', 'json' or 'chat', got {call_format!r}")
+        self.prompt_tools: list[dict[str, Any]] | None = None
+        if call_format == "chat":
+            observation_template = chat_observation_template(tokenizer)
+            self.prompt_tools = [t.schema for t in tools]
         if "{result}" not in observation_template:
             raise UserError("tools.observation_template must contain {result}")
         self.format, self.template = call_format, observation_template
@@ -86,7 +95,7 @@ class ToolEnvironment:
                 continue
             res = next(it)
             record = {"tool": call.name, "arguments": call.arguments, "result": res.text, "error": res.error}
-            out.append(Turn(self.template.format(result=res.text), [record], int(res.error)))
+            out.append(Turn(self.template.replace("{result}", res.text), [record], int(res.error)))
         return out
 
     def parse_call(self, turn: str) -> ToolCall | None:
@@ -117,6 +126,31 @@ class ToolEnvironment:
 
     def close(self) -> None:
         self.runner.close()
+
+
+_CALL_MARK, _RESULT_MARK = "GRPO-CALL-7f3a", "GRPO-RESULT-7f3a"
+
+
+def chat_observation_template(tokenizer: Any) -> str:
+    """The text a chat template puts between an assistant's tool call and its next turn, with
+    ``{result}`` where the tool's output goes (e.g. Qwen: ``<|im_end|>\\n<|im_start|>user\\n
+    <tool_response>\\n{result}\\n</tool_response><|im_end|>\\n<|im_start|>assistant\\n``)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or "tool" not in template:
+        raise UserError("tools.call_format chat: the tokenizer's chat template has no tool support; "
+                        "use call_format tagged or json")
+    call = f'<tool_call>{{"name": "f", "arguments": {{"x": "{_CALL_MARK}"}}}}</tool_call>'
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": call},
+                {"role": "tool", "content": _RESULT_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # the template refuses a tool message
+        raise UserError(f"tools.call_format chat: the chat template cannot render a tool message ({exc})") from exc
+    end = text.find("</tool_call>", text.find(_CALL_MARK))
+    if end < 0 or _RESULT_MARK not in text[end:]:
+        raise UserError("tools.call_format chat: the chat template does not render the assistant's tool call and "
+                        "the tool message in order; use call_format json with an observation_template")
+    return text[end + len("</tool_call>"):].replace(_RESULT_MARK, "{result}")
 
 
 _TAG = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")

@@ -95,6 +95,8 @@ class EpisodeEngine:
                  error_penalty: float = 0.0):
         self.engine, self.tokenizer, self.environment = engine, tokenizer, environment
         self.max_turns, self.max_episode_tokens, self.error_penalty = max_turns, max_episode_tokens, error_penalty
+        # tool definitions the chat template renders into prompts (call_format chat), else None
+        self.prompt_tools = getattr(environment, "prompt_tools", None)
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
                  seed: int | None = None) -> list[list[Completion]]:
@@ -186,7 +188,7 @@ def build_episode_engine(tools_cfg, engine, tokenizer) -> EpisodeEngine:
     env_cls = ENVIRONMENTS.get(tools_cfg.environment)
     options = {"call_format": tools_cfg.call_format, "observation_template": tools_cfg.observation_template,
                "timeout_s": tools_cfg.timeout_s, "max_observation_chars": tools_cfg.max_observation_chars,
-               "workers": tools_cfg.workers}
+               "workers": tools_cfg.workers, "tokenizer": tokenizer}
     try:
         accepted = inspect.signature(env_cls).parameters
         has_kwargs = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
