@@ -217,7 +217,7 @@ class Trainer:
         self._times["score"] += time.perf_counter() - t1
         loss = self.cfg.loss
         penalty = overlong_penalty(torch.tensor([len(c.token_ids) for c in completions]),
-                                   sampling.max_new_tokens, loss.overlong_buffer, loss.overlong_penalty)
+                                   self._max_completion_tokens(), loss.overlong_buffer, loss.overlong_penalty)
         total = (torch.tensor(scored.total, dtype=torch.float32) + penalty).tolist()
         total = with_episode_terms(total, completions)  # + per-episode terms (tool-error penalty)
         return [ScoredGroup(prompt_ids[p], groups[p], total[p * G:(p + 1) * G], slice_scores(scored, p * G, G))
@@ -317,7 +317,7 @@ class Trainer:
                                   rollout.advantages[idx].to(self.device), mask,
                                   epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
                                   beta=cfg.loss.beta, ref_logprobs=ref_lp, aggregation=cfg.loss.aggregation,
-                                  num_sequences=n_seq, num_tokens=n_tok, max_tokens=cfg.rollout.max_new_tokens,
+                                  num_sequences=n_seq, num_tokens=n_tok, max_tokens=self._max_completion_tokens(),
                                   importance_weights=tis, ratio_level=cfg.loss.ratio_level)
                 if not torch.isfinite(out.loss):
                     raise TrainingDiverged(f"non-finite loss at step {self.step + 1}")
@@ -343,6 +343,11 @@ class Trainer:
                 "loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
                 "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"], "entropy": sums["entropy"],
                 "sequences_in_loss": n_seq, "tokens_in_loss": n_tok}
+
+    def _max_completion_tokens(self) -> int:
+        """Longest possible completion: the constant normaliser of `constant` aggregation (Dr. GRPO)."""
+        tools = self.cfg.tools
+        return tools.max_episode_tokens if tools.enabled else self.cfg.rollout.max_new_tokens
 
     def _rollout_logprobs(self, rollout: Rollout, idx: list[int], batch) -> torch.Tensor:
         out = torch.zeros_like(batch.completion_mask, dtype=torch.float32)

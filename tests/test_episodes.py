@@ -258,7 +258,7 @@ def test_packing_with_tool_episodes_is_refused():
         load_config(None, ["tools.enabled=[calculator]", "optim.packing=true"])
 
 
-def test_grpo_eval_runs_episodes_from_a_training_config(tiny_model_dir, toy_plugin, tmp_path, monkeypatch):
+def test_grpo_eval_runs_episodes_from_a_training_config(tiny_model_dir, toy_plugin, tally_plugin, tmp_path,
                                                         monkeypatch):
     from grpo.cli import main
 
@@ -275,3 +275,14 @@ def test_grpo_eval_runs_episodes_from_a_training_config(tiny_model_dir, toy_plug
     text = "\n".join(p.read_text() for p in out.rglob("*.json*"))
     assert "episode/tool_call_rate" in text and "transcript" in text
     assert main(["eval", "--config", str(cfg), "--tools", '{"max_turns": 0}']) == 2  # one error: line
+
+
+def test_constant_aggregation_normalises_episodes_by_the_episode_budget():
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+
+    single = Trainer(load_config(None, ["rollout.max_new_tokens=40"]))
+    assert single._max_completion_tokens() == 40
+    episodes = Trainer(load_config(None, ["rollout.max_new_tokens=40", "tools.enabled=[calculator]",
+                                          "tools.max_episode_tokens=128"]))
+    assert episodes._max_completion_tokens() == 128  # turns + observations, not one turn's cap
