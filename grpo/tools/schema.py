@@ -15,7 +15,6 @@ the templates expect.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 from grpo.errors import UserError
@@ -69,7 +68,3 @@ def check_arguments(schema: dict[str, Any], arguments: Any) -> dict[str, Any]:
         if want is not None and (not isinstance(value, want) or (isinstance(value, bool) and want is not bool)):
             raise ValueError(f"argument {key} must be of type {props[key]['type']}, got {type(value).__name__}")
     return arguments
-
-
-def describe(fn: Callable[..., Any]) -> str:
-    return (inspect.getdoc(fn) or "").strip().splitlines()[0] if inspect.getdoc(fn) else ""
