@@ -116,8 +116,8 @@ class Trainer:
         self._prompt_cache: dict[str, list[int]] = {}
         self.model, self.tokenizer = build_policy(cfg)
         self.device = next(self.model.parameters()).device
-        self.fast_head = self._check_fast_head()
         self.engine = build_engine(cfg, self.model, self.tokenizer)
+        self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
         o = cfg.optim
         self.optimizer, self.scheduler = make_optimizer(
             (p for p in self.model.parameters() if p.requires_grad), lr=o.lr, betas=o.betas,
