@@ -172,11 +172,14 @@ def test_trainer_logprobs_equal_engine_logprobs_over_a_three_turn_episode(tiny_m
     model.eval()
     with torch.no_grad():
         trainer_lp = grouped_logprobs(model, batch, temperature=0.9, pad_id=tok.pad_token_id)
+        # the model's own forward (used when the LM head is not a plain linear map) agrees too
+        forward_lp = grouped_logprobs(model, batch, temperature=0.9, pad_id=tok.pad_token_id, fast_head=False)
     for row, c in enumerate(flat):
         engine_lp = torch.tensor(c.logprobs)
-        got = trainer_lp[row, :len(c.token_ids)]
-        assert torch.allclose(got, engine_lp, atol=1e-4), (got - engine_lp).abs().max()
-        assert torch.all(got[torch.tensor(c.loss_mask) == 0] == 0)  # observations get no log-prob
+        for lp in (trainer_lp, forward_lp):
+            got = lp[row, :len(c.token_ids)]
+            assert torch.allclose(got, engine_lp, atol=1e-4), (got - engine_lp).abs().max()
+            assert torch.all(got[torch.tensor(c.loss_mask) == 0] == 0)  # observations get no log-prob
 
 
 # ------------------------------------------------------------- plugin tool, trained
