@@ -80,8 +80,11 @@ def perturbations(answer: str) -> list[tuple[str, str]]:
             out.append(("extra_digit", f"The answer is $\\boxed{{{answer}7}}$."))
             leading = "-9" + answer[1:] if answer.startswith("-") else "9" + answer
             out.append(("extra_leading_digit", f"The answer is $\\boxed{{{leading}}}$."))
+        # Both orders: a checker that takes the first number and one that takes the last are each fooled by one.
         out.append(("hedged", f"The answer is {answer} or {other}."))
+        out.append(("hedged_reversed", f"The answer is {other} or {answer}."))
         out.append(("two_boxes", f"It is either $\\boxed{{{answer}}}$ or $\\boxed{{{other}}}$."))
+        out.append(("two_boxes_reversed", f"It is either $\\boxed{{{other}}}$ or $\\boxed{{{answer}}}$."))
     else:
         out.append(("hedged", f"The answer is {answer} or something else."))
     out.append(("empty", ""))

@@ -50,7 +50,9 @@ def test_perturbations_of_a_number_by_hand():
         "extra_digit": "The answer is $\\boxed{157}$.",
         "extra_leading_digit": "The answer is $\\boxed{915}$.",
         "hedged": "The answer is 15 or 16.",
+        "hedged_reversed": "The answer is 16 or 15.",
         "two_boxes": "It is either $\\boxed{15}$ or $\\boxed{16}$.",
+        "two_boxes_reversed": "It is either $\\boxed{16}$ or $\\boxed{15}$.",
         "empty": "",
     }
     assert dict(perturbations("-2"))["sign_flipped"] == "The answer is $\\boxed{2}$."
@@ -85,7 +87,7 @@ def test_math_verifier_passes_its_audit_on_builtin_tasks(tmp_path, capsys, task,
     code, report, md, _ = _audit(tmp_path, capsys, "--verifier", "math", "--task", task, "--task-args", args)
     assert code == 0
     assert report["gold"]["n"] == 5 * report["rows"] and report["gold"]["false_negatives"] == 0
-    assert report["perturbed"]["n"] >= 7 * report["rows"] and report["perturbed"]["false_positives"] == 0
+    assert report["perturbed"]["n"] >= 9 * report["rows"] and report["perturbed"]["false_positives"] == 0
     assert report["errors"]["n"] == 0 and report["failed"] == []
     assert report["latency_ms"]["n"] == 3 and report["throughput_per_s"] > 0
     assert "Gate: passed." in md
@@ -145,3 +147,36 @@ def test_audit_needs_rows_from_exactly_one_place(tmp_path, capsys):
     assert "exactly one of --task NAME or --input" in capsys.readouterr().err
     assert main(["verify", "--audit", "--verifier", "math", "--task", "arith", "--max-fp-rate", "2"]) == 2
     assert "--max-fp-rate must be a rate in [0, 1]" in capsys.readouterr().err
+
+
+LAST_NUMBER_PLUGIN = '''
+import re
+from grpo.registry import VERIFIERS
+from verifiers.base import Score, Verifier
+
+
+@VERIFIERS.register("last_number")
+class LastNumber(Verifier):
+    """A common shortcut: the last number in the text is the answer."""
+    fields = ("answer",)
+
+    def score(self, completions, answer):
+        out = []
+        for c, a in zip(completions, answer):
+            nums = re.findall(r"-?\\d+", c)
+            out.append(Score(float(bool(nums) and nums[-1] == str(a)), ""))
+        return out
+'''
+
+
+def test_last_number_checker_is_caught_by_the_reversed_hedges(tmp_path_factory, tmp_path, capsys):
+    plugin = tmp_path_factory.mktemp("last") / "last_number.py"
+    plugin.write_text(LAST_NUMBER_PLUGIN)
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"answer": "15"}) + "\n")
+    code, report, _, _ = _audit(tmp_path, capsys, "--verifier", "last_number", "--input", str(data),
+                                "--plugins", str(plugin))
+    kinds = report["perturbed"]["by_kind"]
+    assert code == 1 and report["gold"]["false_negatives"] == 0
+    assert kinds["hedged_reversed"]["false_positives"] == 1 and kinds["two_boxes_reversed"]["false_positives"] == 1
+    assert kinds["hedged"]["false_positives"] == 0 and kinds["two_boxes"]["false_positives"] == 0
