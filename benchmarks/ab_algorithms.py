@@ -33,10 +33,11 @@ VARIANTS = {
     "RLOO": ["loss.preset=rloo"],
 }
 
-# Short enough for five variants in ~25 minutes on two CPU cores (run under the CPU lock, so threads=2).
-# Two update passes: with one, the ratio is 1 and GSPO's gradient equals GRPO's (docs/algorithms.md).
+# Short enough for five variants in ~25-30 minutes on two shared CPU cores (threads=2 under the CPU lock).
+# One update pass (the arith default): the ratio is then 1, so GSPO's gradient equals GRPO's and its row
+# checks that identity; pass --set loss.update_passes=2 (about 1.7x the time) to see GSPO's clipping act.
 COMMON = ["seed=0", "steps=6", "threads=2", "checkpoint_every=0", "rollout.prompts_per_step=4",
-          "rollout.num_generations=8", "loss.update_passes=2", "eval.every_n_steps=0", "eval.num_problems=30",
+          "rollout.num_generations=8", "loss.update_passes=1", "eval.every_n_steps=0", "eval.num_problems=30",
           "eval.num_samples=4", "eval.greedy=false", "eval.k=[1]"]
 
 
