@@ -1,6 +1,6 @@
 """Update-pass time with and without sequence packing (``optim.packing``), on the embedded SmolLM2.
 
-    flock /tmp/grpo-cpu.lock .venv/bin/python benchmarks/packing_speed.py --threads 2
+    flock /tmp/grpo-cpu.lock .venv/bin/python benchmarks/packing_speed.py --threads 2 --reps 2 --batches mixed
 
 One "update pass" = log-probs (LoRA on, with grad) + backward over a whole batch of
 P prompts x G completions in micro-batches, exactly as ``Trainer._update`` runs it:
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batches", default="mixed,equal", help="which batches to time (comma-separated)")
     args = ap.parse_args()
 
     import torch
@@ -56,9 +57,10 @@ def main() -> None:
     vocab = model.config.vocab_size
     prompts = [[rng.randrange(100, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.prompts)]
     results = {}
-    for label, lengths in (("mixed", [rng.randint(args.min_tokens, args.max_tokens)
-                                      for _ in range(args.prompts * args.group)]),
-                           ("equal", [args.max_tokens] * (args.prompts * args.group))):
+    batches = {"mixed": [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.prompts * args.group)],
+               "equal": [args.max_tokens] * (args.prompts * args.group)}
+    for label in args.batches.split(","):
+        lengths = batches[label]
         completions = [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
         order = sorted(range(len(completions)), key=lambda i: (i // args.group, lengths[i], i))
         micro = [order[s:s + args.micro_batch] for s in range(0, len(order), args.micro_batch)]
