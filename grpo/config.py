@@ -13,11 +13,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
 from grpo.errors import UserError
+from grpo.presets import expand_preset
 from grpo.registry import closest
 
 
@@ -370,16 +371,22 @@ def read_yaml_mapping(path: str | Path, what: str = "config", expected: str = "c
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, validate."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: type = RunConfig,
+                prepare: Callable[[dict[str, Any]], None] | None = expand_preset,
+                check: Callable[[Any], None] | None = None) -> Any:
+    """The one config loader: read a YAML file (or start from the defaults when ``path`` is None),
+    apply dotted overrides, ``prepare`` the raw mapping, build dataclass ``cls``, ``check`` it.
+
+    The defaults load ``grpo train``'s RunConfig (presets expanded, ``validate``); ``grpo rm train``
+    passes its RMConfig with ``prepare=None`` and its own ``check``.
+    """
     data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     for override in overrides:
         apply_override(data, override)
-    from grpo.presets import expand_preset
-
-    expand_preset(data)
-    cfg = from_dict(RunConfig, data)
-    validate(cfg)
+    if prepare is not None:
+        prepare(data)
+    cfg = from_dict(cls, data)
+    (check or validate)(cfg)
     return cfg
 
 

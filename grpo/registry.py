@@ -228,7 +228,8 @@ def load_plugin_file(path: str | Path, source: str, *registries: Registry) -> No
 
 
 TASKS: Registry[Any] = Registry("task", "grpo.tasks", builtin_modules=("tasks.builtin",))
-VERIFIERS: Registry[Any] = Registry("verifier", "grpo.verifiers", builtin_modules=("verifiers.builtin",))
+VERIFIERS: Registry[Any] = Registry("verifier", "grpo.verifiers",
+                                   builtin_modules=("verifiers.builtin", "grpo.rm.verifier"))
 TOOLS: Registry[Any] = Registry("tool", "grpo.tools", builtin_modules=("grpo.tools.builtin",))
 ENVIRONMENTS: Registry[Any] = Registry("environment", "grpo.environments",
                                        builtin_modules=("grpo.tools.environment",))

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import verifiers.reward_model  # noqa: F401  (registers `reward_model` even under the dev shim)
+import grpo.rm.verifier  # noqa: F401  (registers `reward_model` even under the dev shim)
 from grpo.cli import main
 from grpo.errors import UserError
 from grpo.rewards import RewardRunner, pearson
 from grpo.rm.data import encode_conversation, load_preferences, split_by_prompt
 from grpo.rm.pairs import select_pairs
-from grpo.rm.train import bradley_terry_loss, load_rm_config
+from grpo.rm.train import RMConfig, bradley_terry_loss, validate_rm
 from grpo.config import load_config
-from verifiers.reward_model import RewardModelVerifier, RunningStats
+from grpo.rm.verifier import RewardModelVerifier, RunningStats
 
 REPO = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "say digits"}]
@@ -366,5 +366,5 @@ def test_rm_configs_load_and_name_their_command(path):
         assert "reward_model" in cfg.task.args.get("verifiers", {})
         assert "reward_model" in cfg.task.verifier_args
     else:
-        cfg = load_rm_config(path)
+        cfg = load_config(path, cls=RMConfig, prepare=None, check=validate_rm)
         assert cfg.data

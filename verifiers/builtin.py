@@ -4,4 +4,3 @@ import verifiers.format  # noqa: F401
 import verifiers.countdown  # noqa: F401
 import verifiers.math  # noqa: F401
 import verifiers.code  # noqa: F401
-import verifiers.reward_model  # noqa: F401

@@ -84,8 +84,8 @@ def run_rm(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from grpo.config import describe
-    from grpo.rm.train import RMConfig, load_rm_config, run
+    from grpo.config import describe, load_config
+    from grpo.rm.train import RMConfig, run, validate_rm
 
     if args.help_config:
         print("\n".join(describe(RMConfig)))
@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
             flags.append(f"{key}={json.dumps(value)}")  # JSON is YAML: paths with ':' or '#' stay strings
     if config is None and args.data is None:
         raise UserError("grpo rm train needs a CONFIG file (configs/rm/) or --data FILE.jsonl")
-    cfg = load_rm_config(config, flags + overrides)
+    cfg = load_config(config, flags + overrides, RMConfig, prepare=None, check=validate_rm)
     summary = run(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"run directory: {cfg.run_dir}")
     print(f"reward model: {summary['model_dir']}")

@@ -22,13 +22,13 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from grpo import checkpoint
-from grpo.config import ModelConfig, apply_override, from_dict, opt, read_yaml_mapping, to_dict
+from grpo.config import ModelConfig, opt, to_dict
 from grpo.errors import UserError
 from grpo.metrics import MetricsLogger
 from grpo.rm.data import encode_conversation, load_preferences, shuffled, split_by_prompt
@@ -71,16 +71,6 @@ class RMConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
-
-
-def load_rm_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RMConfig:
-    """A YAML file (or the defaults) plus dotted overrides, validated like ``grpo train``'s config."""
-    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
-    for override in overrides:
-        apply_override(data, override)
-    cfg = from_dict(RMConfig, data)
-    validate_rm(cfg)
-    return cfg
 
 
 def validate_rm(cfg: RMConfig) -> None:

@@ -1,5 +1,10 @@
 """``reward_model``: a learned reward, the score a trained reward model gives prompt + completion.
 
+It lives here, beside the model it loads (``grpo.rm.model``) and the encoding it was
+trained with (``grpo.rm.data``), rather than in ``verifiers/``, which uses ``grpo`` only
+through ``grpo.errors`` and ``grpo.registry``. It is still a built-in verifier: the
+``VERIFIERS`` registry lists this module beside ``verifiers.builtin`` (``grpo/registry.py``).
+
 It runs inline (in the trainer process) and scores a step's completions in batches on
 its own device and dtype, reading each row's ``prompt`` the way the model was trained
 (``grpo.rm.data.encode_conversation``: the chat template for chat prompts). Scores can
@@ -77,6 +82,8 @@ class RewardModelVerifier(Verifier):
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
                  normalize: str = "none", max_length: int | None = None, system_prompt: Any = _UNSET):
+        # grpo.rm.model and grpo.rm.data import torch: imported on use, because the registry imports
+        # this module for `grpo list` / `grpo verify`, which must not pay torch's start-up time
         from grpo.rm.model import check_reward_model
 
         if normalize not in NORMALIZATIONS:
