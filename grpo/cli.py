@@ -131,24 +131,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _read_verify_rows(path: str) -> list[dict[str, Any]]:
-    if path == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        if not os.path.isfile(path):
-            raise UserError(f"input file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{i}: expected a JSON object")
-        rows.append(row)
+    from tasks.loaders import read_jsonl
+
+    rows = [row for _, row in read_jsonl(path, what="input file")]
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows

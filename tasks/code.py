@@ -11,7 +11,6 @@ are disjoint and stable across runs and machines.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.util
 import json
@@ -21,7 +20,7 @@ from typing import Any
 from grpo.errors import UserError
 from grpo.registry import TASKS
 from tasks.base import Split, Task
-from tasks.loaders import map_fields, read_records
+from tasks.loaders import map_fields, read_jsonl, read_records
 
 CHAT_TEMPLATE = ("Complete the following Python function. Reply with the complete function "
                  "in a ```python code block.\n\n```python\n{prompt}```")
@@ -90,9 +89,7 @@ class HumanEval(Task):
             path = self.data_file or humaneval_data_file()
             if not path.exists():
                 raise UserError(f"humaneval: data file not found: {path}")
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                problems = [json.loads(line) for line in f if line.strip()]
+            problems = [problem for _, problem in read_jsonl(path, what="humaneval: data file")]
             keys = ("task_id", "prompt", "entry_point", "test")
             for i, p in enumerate(problems, 1):
                 missing = [k for k in keys if not p.get(k)]

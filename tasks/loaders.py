@@ -10,7 +10,10 @@ split). A path that does not exist locally and looks like a hub name
 
 from __future__ import annotations
 
+import gzip
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -76,20 +79,49 @@ def _read_with_datasets(path: Path) -> list[dict[str, Any]]:
         raise UserError(f"{path}: cannot read as {path.suffix[1:]} ({type(exc).__name__}: {first})") from exc
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
+@dataclass(frozen=True)
+class InvalidLine:
+    """A JSONL line that does not parse, kept by ``read_jsonl(..., strict=False)`` for callers
+    that report every bad row at once (preference data)."""
+
+    problem: str
+
+
+def read_jsonl(path: str | Path, *, strict: bool = True, what: str = "data file") -> list[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of a JSONL file: the package's one JSONL reader.
+
+    ``-`` reads standard input; a ``.gz`` file is decompressed. Lines end at ``\n`` only, so a
+    U+2028 inside a JSON string does not split a row. ``strict``: a line that is not a JSON
+    object is a UserError naming the file and line; otherwise a line that does not parse comes
+    back as ``InvalidLine`` and other values as they are. ``what`` names the file in errors.
+    """
+    if str(path) == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise UserError(f"{what} not found: {path}")
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    out: list[tuple[int, Any]] = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if strict:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            records.append(obj)
-    return records
+            value = InvalidLine(f"not valid JSON ({exc.msg})")
+        if strict and not isinstance(value, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(value).__name__}")
+        out.append((lineno, value))
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [record for _, record in read_jsonl(path)]
 
 
 def _read_datasets_dir(path: Path, split: str | None) -> list[dict[str, Any]]:

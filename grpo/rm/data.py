@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from grpo.errors import UserError
+from tasks.loaders import InvalidLine, read_jsonl, read_records
 
 Messages = list[dict[str, str]]
 Text = str | Messages
@@ -81,31 +82,16 @@ def _read_records(path: Path, split: str | None) -> list[tuple[str, Any]]:
     if not path.exists():
         raise UserError(f"preference data not found: {path}")
     if path.is_file() and path.suffix == ".jsonl":
-        out: list[tuple[str, Any]] = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append((f"line {lineno}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    out.append((f"line {lineno}", _Invalid(f"not valid JSON ({exc.msg})")))
+        out = [(f"line {lineno}", value) for lineno, value in read_jsonl(path, strict=False)]
         if not out:
             raise UserError(f"{path}: no records (the file is empty)")
         return out
-    from tasks.loaders import read_records
-
     return [(f"record {i}", r) for i, r in enumerate(read_records(path, split=split), 1)]
-
-
-@dataclass(frozen=True)
-class _Invalid:
-    problem: str
 
 
 def parse_row(record: Any) -> PreferencePair | str:
     """A valid row as a ``PreferencePair``, or the problem with it as one short phrase."""
-    if isinstance(record, _Invalid):
+    if isinstance(record, InvalidLine):
         return record.problem
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
