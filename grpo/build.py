@@ -1,12 +1,13 @@
-"""Build the run's parts from a config: task rows, policy model + tokenizer, rollout engine."""
+"""Build the run's parts from settings: task rows, policy model + tokenizer, rollout engine."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import sys
 from typing import Any
 
-from grpo.config import RunConfig
+from grpo.config import LossConfig, ModelConfig, RolloutConfig, RunConfig, ToolsConfig
 from grpo.errors import UserError
 from grpo.registry import ENVIRONMENTS, TASKS, TOOLS, VERIFIERS, load_plugin_file
 from grpo.rewards import RewardRunner
@@ -59,32 +60,39 @@ def build_policy(cfg: RunConfig):
     return model, tokenizer
 
 
-def build_engine(cfg: RunConfig, model, tokenizer):
-    """The rollout engine; wrapped in an ``EpisodeEngine`` when tools are enabled."""
-    engine = _build_base_engine(cfg, model, tokenizer)
-    if not cfg.tools.enabled:
+def engine_kind(engine: str) -> str:
+    """The engine ``rollout.engine`` names: ``auto`` is vllm when it is importable, else hf."""
+    if engine == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return engine
+
+
+def build_engine(model, tokenizer, model_cfg: ModelConfig, rollout: RolloutConfig, *, seed: int,
+                 loss: LossConfig | None = None, tools: ToolsConfig | None = None):
+    """The rollout engine for ``model`` from the model and rollout settings; ``loss`` when training
+    (the vLLM engine checks how its log-probs enter it); wrapped in an ``EpisodeEngine`` when
+    ``tools`` are enabled."""
+    engine = _build_base_engine(model, tokenizer, model_cfg, rollout, seed, loss)
+    if tools is None or not tools.enabled:
         return engine
     from grpo.tools.episodes import build_episode_engine
 
     try:
-        return build_episode_engine(cfg.tools, engine, tokenizer)
+        return build_episode_engine(tools, engine, tokenizer)
     except BaseException:
         engine.close()
         raise
 
 
-def _build_base_engine(cfg: RunConfig, model, tokenizer):
-    engine = cfg.rollout.engine
-    if engine == "auto":
-        import importlib.util
-
-        engine = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+def _build_base_engine(model, tokenizer, model_cfg: ModelConfig, rollout: RolloutConfig, seed: int,
+                       loss: LossConfig | None):
+    engine = engine_kind(rollout.engine)
     if engine == "hf":
         from grpo.engines.hf import HFEngine
 
-        return HFEngine(model, tokenizer, seed=cfg.seed, max_batch_size=cfg.rollout.max_batch_size)
+        return HFEngine(model, tokenizer, seed=seed, max_batch_size=rollout.max_batch_size)
     if engine == "vllm":
         from grpo.engines.vllm import VLLMEngine  # raises a UserError naming the extra when vllm is missing
 
-        return VLLMEngine.from_config(cfg, model, tokenizer)
+        return VLLMEngine.from_settings(model_cfg, rollout, seed, model, tokenizer, loss)
     raise UserError(f"unknown rollout.engine {engine!r}")

@@ -426,7 +426,7 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")
-    if cfg.rollout.engine == "vllm" and (conflict := truncated_logprobs_conflict(cfg)):
+    if cfg.rollout.engine == "vllm" and (conflict := truncated_logprobs_conflict(cfg.rollout, cfg.loss)):
         raise UserError(f"config: {conflict}")
     vllm_options(cfg.rollout)
     validate_tools(cfg.tools)
@@ -435,7 +435,7 @@ def validate(cfg: RunConfig) -> None:
                         "loss mask of the unpacked path); set optim.packing=false with tools.enabled")
 
 
-def truncated_logprobs_conflict(cfg: RunConfig) -> str | None:
+def truncated_logprobs_conflict(rollout: RolloutConfig, loss: LossConfig) -> str | None:
     """Why vLLM's log-probs cannot enter this loss, or None.
 
     The log-prob of a sampled token is defined, for every engine and the trainer, under
@@ -445,7 +445,7 @@ def truncated_logprobs_conflict(cfg: RunConfig) -> str | None:
     ``top_p < 1`` or ``top_k > 0`` its numbers are ``log(p / Z)`` (Z the kept mass), so a loss
     that uses them (``old_logprobs: rollout``, ``tis_cap``) would be biased by ``log Z``.
     """
-    r, loss = cfg.rollout, cfg.loss
+    r = rollout
     if r.top_p >= 1.0 and r.top_k == 0:
         return None
     if loss.old_logprobs == "rollout" or loss.tis_cap:

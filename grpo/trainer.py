@@ -116,7 +116,8 @@ class Trainer:
         self._prompt_cache: dict[str, list[int]] = {}
         self.model, self.tokenizer = build_policy(cfg)
         self.device = next(self.model.parameters()).device
-        self.engine = build_engine(cfg, self.model, self.tokenizer)
+        self.engine = build_engine(self.model, self.tokenizer, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss,
+                                   tools=cfg.tools)
         self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
         o = cfg.optim
         self.optimizer, self.scheduler = make_optimizer(

@@ -202,7 +202,7 @@ def test_bad_input_is_a_one_line_error(argv, message, tiny_model_dir, plugin, tm
 def test_every_training_config_drives_eval(config):
     from grpo.config import load_config
     from grpo.evaluate import EVAL_SEED_OFFSET
-    from grpo.evaluate_cli import resolve_settings
+    from grpo.eval_settings import resolve_settings
     from grpo.cli import build_parser
 
     path = str(REPO / "configs" / config)
@@ -218,7 +218,7 @@ def test_every_training_config_drives_eval(config):
 
 def test_default_ks_are_one_powers_of_four_and_n():
     from grpo.cli import build_parser
-    from grpo.evaluate_cli import resolve_settings
+    from grpo.eval_settings import resolve_settings
 
     def ks(n):
         return resolve_settings(build_parser().parse_args(["eval", "--task", "t", "--model", "m", "--n", str(n)])).k

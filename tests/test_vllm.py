@@ -91,7 +91,7 @@ def colocated(vllm_model_dir, toy_plugin, tmp_path_factory):
 
     cfg = _config(vllm_model_dir, tmp_path_factory.mktemp("colocated"), toy_plugin)
     model, tok = _policy(cfg)
-    engine = VLLMEngine.from_config(cfg, model, tok)
+    engine = VLLMEngine.from_settings(cfg.model, cfg.rollout, cfg.seed, model, tok, loss=cfg.loss)
     yield engine, model, tok
     engine.close()
 
@@ -217,7 +217,7 @@ def test_sleep_mode_is_refused_where_the_platform_lacks_it(vllm_model_dir, toy_p
     cfg = _config(vllm_model_dir, tmp_path / "run", toy_plugin, **{"rollout.vllm.sleep": "true"})
     model, tok = build_policy(cfg)
     with pytest.raises(UserError, match="rollout.vllm.sleep needs CUDA"):
-        build_engine(cfg, model, tok)
+        build_engine(model, tok, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss)
 
 
 # ------------------------------------------------------------------------------ server
@@ -276,7 +276,7 @@ def test_server_mode_groups_greedy_and_adapter_updates(vllm_server, vllm_model_d
                   **{"rollout.vllm.mode": "server", "rollout.vllm.server_url": url,
                      "rollout.vllm.adapter_dir": str(tmp_path / "adapters")})
     model, tok = _policy(cfg)
-    engine = VLLMEngine.from_config(cfg, model, tok)
+    engine = VLLMEngine.from_settings(cfg.model, cfg.rollout, cfg.seed, model, tok, loss=cfg.loss)
     try:
         first = engine.adapter
         assert first.path.parent == tmp_path / "adapters" and _served_adapters(url) == [first.name]

@@ -32,7 +32,7 @@ def test_choosing_vllm_without_vllm_is_one_line_naming_the_extra(no_vllm, tiny_m
     cfg = _cfg(tiny_model_dir, tmp_path, toy_plugin, **{"rollout.engine": "vllm"})
     model, tok = build_policy(cfg)
     with pytest.raises(UserError) as info:
-        build_engine(cfg, model, tok)
+        build_engine(model, tok, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss)
     message = str(info.value)
     assert "\n" not in message
     assert "pip install 'grpo-lora[vllm]'" in message and "rollout.engine=hf" in message
@@ -54,7 +54,7 @@ def test_auto_picks_hf_when_vllm_is_not_importable(no_vllm, tiny_model_dir, toy_
 
     cfg = _cfg(tiny_model_dir, tmp_path, toy_plugin, **{"rollout.engine": "auto"})
     model, tok = build_policy(cfg)
-    assert isinstance(build_engine(cfg, model, tok), HFEngine)
+    assert isinstance(build_engine(model, tok, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss), HFEngine)
 
 
 def test_server_mode_needs_no_local_vllm_and_names_an_unreachable_server(no_vllm, tiny_model_dir, toy_plugin,
@@ -69,7 +69,7 @@ def test_server_mode_needs_no_local_vllm_and_names_an_unreachable_server(no_vllm
                **{"rollout.engine": "vllm", "rollout.vllm.mode": "server", "rollout.vllm.server_url": url})
     model, tok = build_policy(cfg)
     with pytest.raises(UserError, match=rf"cannot reach the vLLM server at {url} .*docs/vllm.md"):
-        build_engine(cfg, model, tok)
+        build_engine(model, tok, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss)
 
 
 def test_vllm_options_are_checked_with_suggestions():
@@ -100,7 +100,7 @@ def test_the_engine_states_how_the_loss_treats_vllm_logprobs():
     from grpo.engines.vllm import old_logprobs_choice
 
     def line(*overrides):
-        return old_logprobs_choice(load_config(None, list(overrides)))
+        return old_logprobs_choice(load_config(None, list(overrides)).loss)
 
     assert "from the trainer (loss.old_logprobs=auto: the current policy detached" in line()
     assert "not corrected (loss.tis_cap=0" in line()

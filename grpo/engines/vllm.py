@@ -125,23 +125,25 @@ class VLLMEngine:
         self.stop_token_ids = sorted(eos_ids)  # the same stop set as the HF engine
 
     @classmethod
-    def from_config(cls, cfg, model, tokenizer) -> "VLLMEngine":
+    def from_settings(cls, model_cfg, rollout, seed: int, model, tokenizer, loss=None) -> "VLLMEngine":
+        """From the model and rollout settings (``grpo.config.ModelConfig`` / ``RolloutConfig``);
+        ``loss`` (``LossConfig``) when training, to check and report how vLLM's log-probs enter it."""
         from grpo.config import truncated_logprobs_conflict, vllm_options
 
-        opts = vllm_options(cfg.rollout)
-        if conflict := truncated_logprobs_conflict(cfg):  # also for engine: auto resolved to vllm
+        opts = vllm_options(rollout)
+        if loss is not None and (conflict := truncated_logprobs_conflict(rollout, loss)):  # also for engine: auto
             raise UserError(f"config: {conflict}")
         if opts.mode == "colocate":
             import_vllm()
             from grpo.models import resolve_model_path
 
-            backend: Backend = ColocatedBackend(resolve_model_path(cfg.model.name), model, opts, seed=cfg.seed,
-                                                lora_rank=cfg.model.lora_rank)
+            backend: Backend = ColocatedBackend(resolve_model_path(model_cfg.name), model, opts, seed=seed,
+                                                lora_rank=model_cfg.lora_rank)
         else:
             backend = ServerBackend(opts.server_url, opts.request_timeout_s, opts.max_concurrent_requests)
-        if any(p.requires_grad for p in model.parameters()):  # training: say how the loss treats vLLM's numerics
-            print(f"vllm engine ({opts.mode}): {old_logprobs_choice(cfg)}", file=sys.stderr, flush=True)
-        engine = cls(backend, model, tokenizer, seed=cfg.seed, adapter_dir=opts.adapter_dir)
+        if loss is not None and any(p.requires_grad for p in model.parameters()):  # training: how the loss
+            print(f"vllm engine ({opts.mode}): {old_logprobs_choice(loss)}", file=sys.stderr, flush=True)  # sees vLLM
+        engine = cls(backend, model, tokenizer, seed=seed, adapter_dir=opts.adapter_dir)
         try:
             engine.sync_weights()
         except BaseException:
@@ -236,9 +238,9 @@ def _lift(tmp: Path, sub: str) -> Path:
     return target
 
 
-def old_logprobs_choice(cfg) -> str:
-    """One line saying how the engine/trainer log-prob difference is handled in the loss."""
-    mode, cap, mu = cfg.loss.old_logprobs, cfg.loss.tis_cap, cfg.loss.update_passes
+def old_logprobs_choice(loss) -> str:
+    """One line saying how the engine/trainer log-prob difference is handled in the loss (``LossConfig``)."""
+    mode, cap, mu = loss.old_logprobs, loss.tis_cap, loss.update_passes
     how = {"recompute": "loss.old_logprobs=recompute",
            "auto": "loss.old_logprobs=auto: " + ("recompute" if mu > 1 else
                                                  "the current policy detached, equal to recompute with one pass")}
