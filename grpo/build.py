@@ -9,14 +9,15 @@ from typing import Any
 
 from grpo.config import LossConfig, ModelConfig, RolloutConfig, RunConfig, ToolsConfig
 from grpo.errors import UserError
-from grpo.registry import ENVIRONMENTS, TASKS, TOOLS, VERIFIERS, load_plugin_file
+from grpo.registry import ENVIRONMENTS, TASKS, TOOLS, VERIFIERS, load_plugin
 from grpo.rewards import RewardRunner
 from tasks.base import Task
 
 
-def load_plugins(files: list[str]) -> None:
-    for f in files:
-        load_plugin_file(f, f"plugin file {f}", TASKS, VERIFIERS, TOOLS, ENVIRONMENTS)
+def load_plugins(specs: list[str]) -> None:
+    """Import each plugin (a .py file or a module name); the only way a config imports code."""
+    for spec in specs:
+        load_plugin(spec, TASKS, VERIFIERS, TOOLS, ENVIRONMENTS)
 
 
 def build_task(name: str, args: dict[str, Any]) -> Task:
@@ -41,6 +42,7 @@ def build_task_rows(cfg: RunConfig, rewards: RewardRunner) -> tuple[list[dict], 
         rewards.check_rows(heldout, f"task {cfg.task.name!r} heldout split")
     else:
         print(f"warning: task {cfg.task.name!r} has no held-out split; no evaluation", file=sys.stderr)
+    rewards.check_settings_names("task.")
     return train, heldout
 
 

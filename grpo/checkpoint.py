@@ -263,10 +263,12 @@ def load_adapter(path: Path, model) -> None:
     try:
         result = set_peft_model_state_dict(model, tensors)
     except RuntimeError as exc:  # shape mismatch: a different lora_rank or model
-        raise CheckpointError(f"checkpoint {path} does not match the model's adapters: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not match the model's adapters: {first}") from exc
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match the model's adapters (unexpected keys: {unexpected[:3]})")
+        raise CheckpointError(f"checkpoint {path} does not match the model's adapters "
+                              f"(unexpected keys: {unexpected[:3]})")
 
 
 def load(path: Path, model) -> dict[str, Any]:

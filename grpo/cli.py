@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="JSONL rows: completion + the verifier's fields ('-' = stdin)")
     p.add_argument("--args", default="{}", help="verifier constructor arguments as JSON, e.g. '{\"tolerance\": 1e-6}'")
     p.add_argument("--workers", type=int, default=2, help="worker processes for isolated verifiers")
-    p.add_argument("--plugins", action="append", default=[], help="python file registering tasks/verifiers")
+    p.add_argument("--plugins", action="append", default=[],
+                   help="python file or module name to import (registers tasks/verifiers)")
     from grpo.audit import add_audit_arguments  # light: no torch at import
 
     add_audit_arguments(p)
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered tasks and verifiers with their source")
     p.add_argument("what", nargs="?", choices=["tasks", "verifiers", "tools", "environments"],
                    help="only that kind")
-    p.add_argument("--plugins", action="append", default=[], help="python file registering tasks/verifiers")
+    p.add_argument("--plugins", action="append", default=[],
+                   help="python file or module name to import (registers tasks/verifiers/tools)")
 
     from grpo.evaluate_cli import add_eval_parser, run_eval  # light: no torch at import
 
@@ -101,9 +103,10 @@ def _train(args: argparse.Namespace) -> int:
 @command("verify")
 def _verify(args: argparse.Namespace) -> int:
     from grpo.build import load_plugins
+    from grpo.registry import target_plugins
     from grpo.rewards import RewardRunner
 
-    load_plugins(args.plugins)
+    load_plugins(args.plugins + target_plugins(args.verifier or ""))  # --verifier FILE.py:fn names its code
     from grpo.config import json_object_arg
 
     if args.audit:

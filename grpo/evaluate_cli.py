@@ -90,6 +90,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     with RewardRunner(s.verifier_args, s.verifier_weights, workers=s.workers) as rewards:
         rewards.check_rows(rows, f"task {s.task!r} {s.split} split")
+        rewards.check_settings_names("")
         model, tokenizer, model_path = _load_model(s, adapters)
         engine = build_engine(model, tokenizer, *_engine_settings(s, kind), seed=s.seed, tools=_tools_settings(s))
         try:
@@ -118,11 +119,15 @@ def _load_model(s: EvalSettings, adapters: list[Path]):
     model = load_causal_lm(path, s.dtype, device)
     if adapters:
         from peft import PeftModel
+        from safetensors import SafetensorError
 
+        adapter = adapters[0]
         try:
-            model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="adapter0")
+            model = PeftModel.from_pretrained(model, str(adapter), adapter_name="adapter0")
             for i, adapter in enumerate(adapters[1:], 1):
                 model.load_adapter(str(adapter), adapter_name=f"adapter{i}")
+        except SafetensorError as exc:  # truncated or not a safetensors file at all
+            raise UserError(f"--adapter {adapter}: the adapter weights are corrupt or truncated ({exc})") from exc
         except (ValueError, RuntimeError, KeyError, OSError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"cannot load an adapter onto {s.model}: {first} "

@@ -6,7 +6,16 @@ Built-ins and third-party plugins go through the same ``Registry.register`` call
   a ``--plugins FILE.py`` file, or a module an entry point names);
 * Python entry points in the groups ``grpo.tasks`` and ``grpo.verifiers``
   (``name = "package.module:object"`` in the plugin's pyproject);
-* a ``module:attr`` path used directly as a name in a config.
+* a ``module:attr`` (or ``path/to/file.py:attr``) path used directly as a name.
+
+A config is data, not code. It imports code only through ``plugins:`` (files or module
+names, ``load_plugin``), and a path target resolves only inside those plugins, entry-point
+modules and this project's ``tasks`` / ``verifiers`` packages; anything else is an error
+naming the module to add to ``plugins:``. The object found is checked before anything
+calls it: a task target must be a ``tasks.base.Task`` subclass or instance, a verifier
+target a ``verifiers.base.Verifier`` subclass or instance or a plain function (a TRL/verl
+reward function); any other object (a factory) must be registered with a decorator.
+So ``task.name: "subprocess:run"`` is refused before ``subprocess.run`` could be called.
 
 Duplicate names raise; unknown names raise with the closest matches; a plugin that
 fails to import is recorded and reported (``grpo list``) and raises when its name
@@ -56,10 +65,13 @@ class Registry(Generic[T]):
     group; ``builtin_modules`` are imported on first use so their decorators fire.
     """
 
-    def __init__(self, kind: str, group: str, builtin_modules: tuple[str, ...] = ()):
+    def __init__(self, kind: str, group: str, builtin_modules: tuple[str, ...] = (), *,
+                 base: str | None = None, functions: bool = False):
         self.kind = kind
         self.group = group
         self.builtin_modules = builtin_modules
+        self.base = base  # "module:Class" a path target must subclass or instantiate (imported when needed)
+        self.functions = functions  # path targets may also be plain functions
         self._entries: dict[str, Entry[T]] = {}
         self._failed: dict[str, str] = {}  # name or module -> error text
         self._loaded = False
@@ -94,9 +106,9 @@ class Registry(Generic[T]):
     # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> T:
         """The object for ``name``; ``package.module:attr`` imports it directly."""
-        if ":" in name:
-            return _import_path(name, self.kind)
         self.load()
+        if ":" in name:
+            return self._checked_target(name, _import_path(name, self.kind))
         if name in self._entries:
             return self._entries[name].obj
         if name in self._failed:
@@ -104,6 +116,23 @@ class Registry(Generic[T]):
         known = sorted(self._entries)
         raise UserError(f"unknown {self.kind} {name!r}.{closest(name, known)} "
                         f"Known: {', '.join(known) or '(none)'}. See `grpo list`.")
+
+    def _checked_target(self, path: str, obj: Any) -> Any:
+        """``obj`` if a path target may name it (see the module docstring), else a UserError."""
+        if any(e.obj is obj for e in self._entries.values()):
+            return obj
+        if self.base is not None:
+            module, _, attr = self.base.partition(":")
+            base = getattr(importlib.import_module(module), attr)
+            if isinstance(obj, base) or (inspect.isclass(obj) and issubclass(obj, base)):
+                return obj
+        if self.functions and callable(obj) and not inspect.isclass(obj):
+            return obj
+        wanted = f"a {self.base.partition(':')[2]} subclass or instance" if self.base else "a registered object"
+        if self.functions:
+            wanted += " or a function"
+        raise UserError(f"{self.kind} {path!r} is {_describe(obj)}, not {wanted}; register a factory with "
+                        f"@{self.kind.upper()}S.register(...) in a plugin to name it")
 
     def entries(self) -> dict[str, Entry[T]]:
         self.load()
@@ -135,6 +164,7 @@ class Registry(Generic[T]):
                 source = f"entry point {ep.value} ({dist_name})"
                 try:
                     self._current_source = source
+                    _EXPLICIT_MODULES.add(ep.module)
                     obj = ep.load()
                 except Exception as exc:  # a broken plugin is reported, not dropped
                     self._failed[ep.name] = f"{type(exc).__name__}: {exc} (from {source})"
@@ -163,13 +193,35 @@ def _module_source(obj: Any) -> str:
     return f"module {module}"
 
 
+# Modules a path target may resolve in besides this project's own: plugins (files and module
+# names given to ``load_plugin``) and entry-point modules. Nothing else is imported for a name.
+_EXPLICIT_MODULES: set[str] = set()
+_OWN_PACKAGES = ("tasks", "verifiers", "grpo.tools")
+
+
+def _own_module(module_name: str) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".") for p in _OWN_PACKAGES)
+
+
+def _describe(obj: Any) -> str:
+    if inspect.isclass(obj):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    if callable(obj):
+        return f"the callable {getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+    return f"a {type(obj).__name__}"
+
+
 def _import_path(path: str, kind: str) -> Any:
-    """``package.module:attr``, or ``path/to/file.py:attr`` (the file is imported as a plugin)."""
+    """``package.module:attr``, or ``path/to/file.py:attr``, from a plugin or this project (never a new import
+    of anything else: importing code is what ``plugins:`` is for)."""
     module_name, _, attr = path.rpartition(":")
     if module_name.endswith(".py"):
         module = _import_file(module_name, kind)
         module_name = module.__name__
     else:
+        if not _own_module(module_name) and module_name not in _EXPLICIT_MODULES:
+            raise UserError(f"{kind} {path!r}: module {module_name!r} is not a plugin; a config imports code only "
+                            f"through plugins: add it there (plugins: [{module_name}]) or --plugins {module_name}")
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
@@ -187,12 +239,46 @@ def _plugin_module_name(path: Path) -> str:
 
 
 def _import_file(file: str, kind: str) -> Any:
-    """The module of a ``file.py:attr`` target (imported once, like a plugin file)."""
+    """The module of a ``file.py:attr`` target: a file loaded as a plugin."""
     path = Path(file).expanduser()
     if not path.is_file():
         raise UserError(f"{kind} {file}: file not found")
-    load_plugin_file(path, f"file {file}")
-    return sys.modules[_plugin_module_name(path)]
+    name = _plugin_module_name(path)
+    if name not in _EXPLICIT_MODULES or name not in sys.modules:
+        raise UserError(f"{kind} {file}: the file is not a plugin; a config imports code only through plugins: "
+                        f"add it there (plugins: [{file}]) or --plugins {file}")
+    return sys.modules[name]
+
+
+def target_plugins(name: str) -> list[str]:
+    """The plugin a ``module:attr`` / ``file.py:attr`` name given on the command line implies
+    (a flag naming code is an explicit request to import it); [] for a plain name."""
+    if ":" not in name:
+        return []
+    module = name.rpartition(":")[0]
+    return [] if _own_module(module) else [module]
+
+
+def load_plugin(spec: str, *registries: Registry) -> None:
+    """A ``plugins:`` entry: a Python file (``path/to/x.py``) or an importable module name."""
+    if spec.endswith(".py") or "/" in spec:
+        load_plugin_file(spec, f"plugin file {spec}", *registries)
+        return
+    if not all(part.isidentifier() for part in spec.split(".")):
+        raise UserError(f"plugin {spec!r}: expected a .py file or a module name such as mypkg.rewards")
+    for registry in registries:
+        registry.load()
+        registry._current_source = f"plugin module {spec}"
+    try:
+        importlib.import_module(spec)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"plugin module {spec} failed to import: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for registry in registries:
+            registry._current_source = None
+    _EXPLICIT_MODULES.add(spec)
 
 
 def load_plugin_file(path: str | Path, source: str, *registries: Registry) -> None:
@@ -205,6 +291,7 @@ def load_plugin_file(path: str | Path, source: str, *registries: Registry) -> No
     if not path.is_file():
         raise UserError(f"plugin file not found: {path}")
     module_name = _plugin_module_name(path)
+    _EXPLICIT_MODULES.add(module_name)
     if module_name in sys.modules:
         return
     for registry in registries:
@@ -227,9 +314,10 @@ def load_plugin_file(path: str | Path, source: str, *registries: Registry) -> No
             registry._current_source = None
 
 
-TASKS: Registry[Any] = Registry("task", "grpo.tasks", builtin_modules=("tasks.builtin",))
+TASKS: Registry[Any] = Registry("task", "grpo.tasks", builtin_modules=("tasks.builtin",), base="tasks.base:Task")
 VERIFIERS: Registry[Any] = Registry("verifier", "grpo.verifiers",
-                                   builtin_modules=("verifiers.builtin", "grpo.rm.verifier"))
-TOOLS: Registry[Any] = Registry("tool", "grpo.tools", builtin_modules=("grpo.tools.builtin",))
+                                    builtin_modules=("verifiers.builtin", "grpo.rm.verifier"),
+                                    base="verifiers.base:Verifier", functions=True)
+TOOLS: Registry[Any] = Registry("tool", "grpo.tools", builtin_modules=("grpo.tools.builtin",), functions=True)
 ENVIRONMENTS: Registry[Any] = Registry("environment", "grpo.environments",
                                        builtin_modules=("grpo.tools.environment",))

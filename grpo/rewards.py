@@ -13,6 +13,7 @@ killed and costs that completion's reward (0, counted as an error), never the ru
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import multiprocessing
 import resource
 import sys
@@ -21,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from grpo.errors import UserError
-from grpo.registry import VERIFIERS
+from grpo.registry import VERIFIERS, closest
 from verifiers.base import Score, Verifier, build_verifier
 from verifiers.foreign import foreign_verifier, is_foreign_function
 
 CORRECT_THRESHOLD = 1.0 - 1e-6
+REWARD_LIMIT = 1e6  # |reward| above this (or nan/inf) is rejected: an error, counted, reward 0
+FAILED_BATCHES_LIMIT = 3  # consecutive batches in which every verifier call failed -> stop with an error
 
 
 @dataclass
@@ -57,7 +60,10 @@ def _score_in_worker(verifier: Verifier, completion: str, fields: dict[str, Any]
     if hard == resource.RLIM_INFINITY or limit < hard:
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:
-        return verifier([completion], **{k: [v] for k, v in fields.items()})[0]
+        scores = verifier([completion], **{k: [v] for k, v in fields.items()})
+        if len(scores) != 1:
+            raise RuntimeError(f"returned {len(scores)} scores for 1 completion")
+        return scores[0]
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
@@ -70,6 +76,8 @@ class RewardRunner:
         self.workers = max(1, workers)
         self._verifiers: dict[str, Verifier] = {}
         self._pool = None
+        self._names_in_rows: set[str] = set()  # every verifier named by rows given to check_rows
+        self._failed_batches = 0  # consecutive score() calls in which every verifier call failed
 
     # -------------------------------------------------------------- verifiers
     def verifier(self, name: str) -> Verifier:
@@ -92,10 +100,21 @@ class RewardRunner:
             if not isinstance(names, dict) or not names:
                 raise UserError(f"{source}: row {i} has no 'verifiers' mapping (verifier name -> weight)")
             for name in names:
+                self._names_in_rows.add(name)
                 v = self.verifier(name)
                 missing = [f for f in getattr(v, "required_fields", v.fields) if f not in row]
                 if missing:
                     raise UserError(f"{source}: row {i} lacks field(s) {missing} needed by verifier {name!r}")
+
+    def check_settings_names(self, prefix: str = "task.") -> None:
+        """After ``check_rows``: every verifier named in the verifier_args / verifier_weights settings
+        must be one the rows use (a typo would otherwise be ignored); UserError with a did-you-mean."""
+        used = sorted(self._names_in_rows)
+        for key, mapping in (("verifier_args", self.verifier_args), ("verifier_weights", self.weight_overrides)):
+            for name in mapping:
+                if name not in self._names_in_rows:
+                    raise UserError(f"{prefix}{key} names verifier {name!r}, which no row of the task uses."
+                                    f"{closest(str(name), used)} The rows use: {', '.join(used) or '(none)'}")
 
     def _weights(self, row: dict[str, Any]) -> dict[str, float]:
         weights = dict(row["verifiers"])
@@ -126,6 +145,7 @@ class RewardRunner:
             for i, s in zip(idx, scores):
                 values[i], why[i] = s.reward, s.reason
             per_verifier[name], reasons[name], errors[name] = values, why, n_err
+        self._watch_failures({n: sum(n in w for w in weights) for n in names}, errors, reasons)
         total, correct = [], []
         for i in range(B):
             total.append(sum(w * (per_verifier[n][i] or 0.0) for n, w in weights[i].items()))
@@ -133,6 +153,21 @@ class RewardRunner:
             applied = [c for c in checks if c is not None]
             correct.append(bool(applied) and all(c >= CORRECT_THRESHOLD for c in applied))
         return RewardBatch(total, per_verifier, reasons, correct, errors, self._correlations(names, per_verifier))
+
+    def _watch_failures(self, calls: dict[str, int], errors: dict[str, int], reasons: dict[str, list[str]]) -> None:
+        """Warn for each verifier whose every call failed in this batch; stop after FAILED_BATCHES_LIMIT
+        consecutive batches in which every call of every verifier failed (the rewards carry no signal)."""
+        failed = [n for n in calls if calls[n] and errors.get(n, 0) == calls[n]]
+        for name in failed:
+            first = next(r for r in reasons[name] if r.startswith("error"))
+            _warn(f"verifier {name!r}: all {calls[name]} calls failed in this batch (first: {first})")
+        everything_failed = bool(calls) and len(failed) == len([n for n in calls if calls[n]])
+        self._failed_batches = self._failed_batches + 1 if everything_failed else 0
+        if self._failed_batches >= FAILED_BATCHES_LIMIT:
+            name = failed[0]
+            raise UserError(f"every verifier call failed in {self._failed_batches} consecutive batches, so the rewards "
+                            f"carry no signal (verifier {name!r}: {next(r for r in reasons[name] if r)}); check it "
+                            f"with `grpo verify --verifier {name} --input ROWS.jsonl`")
 
     def _correlations(self, names: list[str], per_verifier: dict[str, list[float | None]]) -> dict[str, float]:
         """Pearson r between each verifier that asks for it (``report_correlation``, e.g. a
@@ -159,7 +194,8 @@ class RewardRunner:
                 scores = verifier(completions, **cols)
                 if len(scores) != len(completions):
                     raise RuntimeError(f"returned {len(scores)} scores for {len(completions)} completions")
-                return [_checked(s) for s in scores], 0
+                checked = [_checked(s) for s in scores]
+                return checked, sum(_is_error(s) for s in checked)
             except UserError:  # a contract broken by the verifier's author stops the run (one error line)
                 raise
             except Exception as exc:
@@ -172,6 +208,7 @@ class RewardRunner:
         for fut in futures:
             try:
                 scores.append(_checked(fut.result()))
+                n_err += _is_error(scores[-1])
             except concurrent.futures.TimeoutError:
                 scores.append(Score(0.0, f"error: timeout after {verifier.timeout_s:g}s"))
                 n_err += 1
@@ -236,13 +273,22 @@ def pearson(xs: Sequence[float | None], ys: Sequence[float | None]) -> float | N
 
 
 def _checked(score: Any) -> Score:
+    """A verifier's result as a Score; a reward that is not a finite number within +-REWARD_LIMIT becomes
+    an error Score (reward 0, reason starting with 'error:'), counted by the caller (``_is_error``)."""
     if not isinstance(score, Score):
         from verifiers.base import as_score
 
         score = as_score(score)
-    if score.reward is not None and not (score.reward == score.reward and abs(score.reward) != float("inf")):
-        return Score(0.0, f"error: non-finite reward {score.reward}")
+    if score.reward is not None and not (math.isfinite(score.reward) and abs(score.reward) <= REWARD_LIMIT):
+        return Score(0.0, _REJECTED + f"{score.reward!r} (rewards must be finite, |r| <= {REWARD_LIMIT:g})")
     return score
+
+
+_REJECTED = "error: rejected reward "
+
+
+def _is_error(score: Score) -> bool:
+    return score.reason.startswith(_REJECTED)
 
 
 def _warn(message: str) -> None:

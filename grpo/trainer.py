@@ -507,5 +507,11 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str
         last = checkpoint.latest(cfg.run_dir)
         raise UserError(f"training diverged: {exc}; last good checkpoint: {last or 'none'} "
                         "(lower optim.lr or raise loss.beta, then --resume)") from exc
+    except OSError as exc:  # writing the run directory failed midway: disk full, read-only, ...
+        from grpo.rundir import WRITE_ERRNOS, describe_os_error
+
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise UserError(describe_os_error(exc, f"run {cfg.run_dir} stopped, a file could not be written")) from exc
     finally:
         trainer.cleanup()

@@ -51,7 +51,7 @@ def read_records(path: str | Path, *, split: str | None = None, name: str | list
         records = _read_jsonl(path)
     elif path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text_utf8(path))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -79,6 +79,20 @@ def _read_with_datasets(path: Path) -> list[dict[str, Any]]:
         raise UserError(f"{path}: cannot read as {path.suffix[1:]} ({type(exc).__name__}: {first})") from exc
 
 
+def read_text_utf8(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 is a one-line UserError naming the line."""
+    return _decode_utf8(path.read_bytes(), path)
+
+
+def _decode_utf8(data: bytes, source: Any) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{source}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                        "convert the file to UTF-8") from exc
+
+
 @dataclass(frozen=True)
 class InvalidLine:
     """A JSONL line that does not parse, kept by ``read_jsonl(..., strict=False)`` for callers
@@ -96,14 +110,15 @@ def read_jsonl(path: str | Path, *, strict: bool = True, what: str = "data file"
     back as ``InvalidLine`` and other values as they are. ``what`` names the file in errors.
     """
     if str(path) == "-":
-        text = sys.stdin.read()
+        buffer = getattr(sys.stdin, "buffer", None)  # a text-only stdin (tests) has none
+        text = _decode_utf8(buffer.read(), "standard input") if buffer is not None else sys.stdin.read()
     else:
         path = Path(path).expanduser()
         if not path.is_file():
             raise UserError(f"{what} not found: {path}")
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
+        with opener(path, "rb") as f:
+            text = _decode_utf8(f.read(), path)
     out: list[tuple[int, Any]] = []
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():

@@ -1,5 +1,6 @@
 """Config loading: every shipped YAML validates; bad input gives one clear line."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,52 @@ def test_lora_dropout_with_rollout_old_logprobs_is_rejected():
         load_config(None, ["model.lora_dropout=0.1", "loss.old_logprobs=rollout"])
     with pytest.raises(UserError, match="overlong_buffer"):
         load_config(None, ["loss.overlong_buffer=100", "rollout.max_new_tokens=64"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.advantage_eps=-1", "loss.advantage_eps must be > 0, got -1.0"),
+    ("loss.advantage_eps=0", "loss.advantage_eps must be > 0"),
+    ("loss.epsilon_low=1.5", "loss.epsilon_low must be > 0 and < 1"),
+    ("loss.epsilon_high=0", "loss.epsilon_high must be > 0 and < 1"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be >= 0"),
+    ("rollout.top_k=-5", "rollout.top_k must be >= 0"),
+    ("eval.num_problems=-1", "eval.num_problems must be >= 0"),
+    ("eval.every_n_steps=-2", "eval.every_n_steps must be >= 0"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"),
+    ("optim.lr=.nan", "optim.lr must be a finite number"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas[1] must be >= 0 and < 1, got 1.0"),
+    ("threads=-1", "threads must be >= 0"),
+    ("optim.logprob_chunk_tokens=0", "optim.logprob_chunk_tokens must be > 0"),
+    ("model.device=gpu", "model.device: expected a device: auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
+    ("output_dir=runs/{nme}", "output_dir: expected a path whose only {...} field is {name}"),
+    ("seed=-1", "seed must be >= 0"),
+    ("rollout.vllm.gpu_memory_utilization=2", "rollout.vllm.gpu_memory_utilization must be > 0 and <= 1"),
+])
+def test_numeric_and_string_ranges_are_checked(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_valid_edge_values_pass():
+    cfg = load_config(None, ["model.device=cuda:1", "optim.max_grad_norm=0", "rollout.top_k=0", "eval.num_problems=0",
+                             "output_dir=out/{name}-x/{name}", "optim.betas=[0, 0.999]"])
+    assert cfg.run_dir.as_posix() == "out/run-x/run"
+
+
+def test_every_numeric_field_declares_its_range():
+    import dataclasses
+    import typing
+
+    from grpo.config import RunConfig, VLLMOptions
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, f"{prefix}{f.name}.")
+            elif tp in (int, float, list[int], list[float]):
+                yield f"{prefix}{f.name}", f.metadata.get("check")
+
+    unchecked = [k for cls in (RunConfig, VLLMOptions) for k, check in walk(cls) if not check]
+    assert unchecked == []

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -85,6 +86,11 @@ def _row(prompt, **cols):
 
 
 def _score(spec, rows, completions, **args):
+    from grpo.build import load_plugins
+    from grpo.registry import target_plugins
+
+    if ".py:" not in spec or Path(spec.rpartition(":")[0]).is_file():
+        load_plugins(target_plugins(spec))  # code is imported only as a plugin
     rows = [{**r, "verifiers": {spec: 1.0}} for r in rows]
     with RewardRunner({spec: args} if args else None, workers=1) as runner:
         runner.check_rows(rows, "test rows")
@@ -230,6 +236,7 @@ def test_two_step_run_with_trl_and_verl_files(reward_files, tiny_model_dir, toy_
             "{verl}:compute_score": {{isolation: inline}}
     """))
     overrides = [o for o in tiny_run_config(tiny_model_dir, run_dir, toy_plugin) if not o.startswith("task.name")]
+    overrides.append(f"plugins=[{toy_plugin}, {trl}, {verl}]")  # the files the rows name are plugins
     assert main(["train", "--no-progress", str(cfg), *overrides]) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "reward/mean" in r]

@@ -27,8 +27,49 @@ def test_module_attr_path():
     assert TASKS.get("tasks.arith:Arith") is Arith
     with pytest.raises(UserError, match="has no attribute"):
         TASKS.get("tasks.arith:Nope")
-    with pytest.raises(UserError, match="cannot import"):
+    with pytest.raises(UserError, match="module 'no_such_module_xyz' is not a plugin"):
         TASKS.get("no_such_module_xyz:Thing")
+
+
+@pytest.mark.parametrize("target, message", [
+    ("subprocess:run", "module 'subprocess' is not a plugin"),          # no import or call outside plugins
+    ("tasks.loaders:read_records", "is the callable tasks.loaders.read_records, not a Task subclass"),
+    ("tasks.base:Split", "not a Task subclass or instance"),
+])
+def test_task_targets_outside_plugins_or_not_tasks_are_refused(target, message):
+    with pytest.raises(UserError, match=message):
+        TASKS.get(target)
+
+
+def test_config_cannot_run_a_shell_command_through_task_name(tmp_path, capsys):
+    """issue 13 item 4: task.name "subprocess:run" with args ran a shell command from grpo train."""
+    from grpo.cli import main
+
+    marker = tmp_path / "ran"
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'run'}\nplugins: [subprocess]\n"
+                   f"task: {{name: 'subprocess:run', args: {{args: 'touch {marker}', shell: true}}}}\n")
+    assert main(["train", str(cfg)]) == 2
+    assert not marker.exists()
+    assert "is the callable subprocess.run, not a Task subclass" in capsys.readouterr().err
+
+
+def test_plugin_modules_and_registered_factories(tmp_path, monkeypatch):
+    from grpo.registry import load_plugin
+
+    (tmp_path / "my_tasks_mod.py").write_text(
+        "from grpo.registry import TASKS\nfrom tasks.arith import Arith\n"
+        "@TASKS.register('my_factory')\ndef make(**kw):\n    return Arith(**kw)\n"
+        "def unregistered(**kw):\n    return Arith(**kw)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match="not a plugin"):
+        TASKS.get("my_tasks_mod:make")
+    load_plugin("my_tasks_mod", TASKS)
+    assert TASKS.get("my_tasks_mod:make") is TASKS.get("my_factory")  # registered: allowed
+    with pytest.raises(UserError, match="register a factory"):
+        TASKS.get("my_tasks_mod:unregistered")
+    with pytest.raises(UserError, match="failed to import"):
+        load_plugin("no_such_module_xyz_2", TASKS)
 
 
 def test_builtins_registered_with_source():

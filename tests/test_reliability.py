@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -216,3 +217,158 @@ def test_config_changes_lists_added_task_args_as_changes():
     saved = {"task": {"name": "arith", "args": {}}, "optim": {"lr": 0.1}}
     current = {"task": {"name": "arith", "args": {"digits": 3}}, "optim": {"lr": 0.1}}
     assert config_changes(saved, current) == {"task.args": ({}, "(unset)"), "task.args.digits": ("(unset)", 3)}
+
+
+# -------------------------------------------------------------------- verifiers
+@pytest.mark.parametrize("override, key", [("task.verifier_weights={maht: 0.5}", "task.verifier_weights"),
+                                           ("task.verifier_args={mth: {tolerance: 0.1}}", "task.verifier_args")])
+def test_unknown_verifier_names_in_settings_are_errors(override, key):
+    from grpo.build import build_task_rows
+    from grpo.config import load_config
+    from grpo.errors import UserError
+    from grpo.rewards import RewardRunner
+
+    cfg = load_config(None, [override])
+    with RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, workers=1) as runner:
+        with pytest.raises(UserError, match=rf"{key} names verifier '\w+', which no row of the task uses. "
+                                            r"Did you mean 'math'\? The rows use: math"):
+            build_task_rows(cfg, runner)
+
+
+REWARD_PLUGIN = '''
+from grpo.registry import VERIFIERS
+from verifiers.base import Score, Verifier
+
+
+class _Fixed(Verifier):
+    fields = ()
+    value = 0.0
+
+    def score(self, completions):
+        return [Score(float(c), "as written") for c in completions]
+
+
+@VERIFIERS.register("as_number_process")
+class AsNumberProcess(_Fixed):
+    isolation = "process"
+
+
+@VERIFIERS.register("as_number_inline")
+class AsNumberInline(_Fixed):
+    isolation = "inline"
+
+
+@VERIFIERS.register("two_for_one")
+class TwoForOne(Verifier):
+    fields = ()
+
+    def score(self, completions):
+        return [Score(1.0, "one"), Score(1.0, "extra")]
+
+
+@VERIFIERS.register("always_raises")
+class AlwaysRaises(Verifier):
+    fields = ()
+    isolation = "inline"
+
+    def score(self, completions):
+        raise RuntimeError("broken checker")
+'''
+
+
+@pytest.fixture(scope="module")
+def reward_plugin(tmp_path_factory):
+    from grpo.build import load_plugins
+
+    path = tmp_path_factory.mktemp("rewards") / "reward_plugin.py"
+    path.write_text(REWARD_PLUGIN)
+    load_plugins([str(path)])
+    return path
+
+
+def _score(name, completions, runner=None):
+    from grpo.rewards import RewardRunner
+
+    rows = [{"verifiers": {name: 1.0}}] * len(completions)
+    own = runner is None
+    runner = runner or RewardRunner(workers=1)
+    try:
+        return runner.score(rows, completions)
+    finally:
+        if own:
+            runner.close()
+
+
+@pytest.mark.parametrize("name", ["as_number_process", "as_number_inline"])
+def test_out_of_range_and_non_finite_rewards_are_rejected_and_counted(reward_plugin, name):
+    batch = _score(name, ["0.5", "1e39", "nan", "-inf", "-3"])
+    assert batch.per_verifier[name] == [0.5, 0.0, 0.0, 0.0, -3.0]
+    assert batch.errors[name] == 3  # 1e39 (inf in float32), nan, -inf: rejected AND counted
+    assert all(batch.reasons[name][i].startswith("error: rejected reward") for i in (1, 2, 3))
+    assert all(math.isfinite(t) for t in batch.total)
+
+
+def test_extra_rewards_from_a_process_verifier_are_an_error(reward_plugin):
+    batch = _score("two_for_one", ["a", "b"])
+    assert batch.errors["two_for_one"] == 2
+    assert "returned 2 scores for 1 completion" in batch.reasons["two_for_one"][0]
+
+
+def test_every_call_failing_warns_each_batch_and_stops_after_three(reward_plugin, capsys):
+    from grpo.errors import UserError
+    from grpo.rewards import FAILED_BATCHES_LIMIT, RewardRunner
+
+    with RewardRunner(workers=1) as runner:
+        for _ in range(FAILED_BATCHES_LIMIT - 1):
+            _score("always_raises", ["a", "b"], runner)
+        assert "verifier 'always_raises': all 2 calls failed in this batch" in capsys.readouterr().err
+        _score("as_number_inline", ["1"], runner)  # a batch with signal resets the count
+        for _ in range(FAILED_BATCHES_LIMIT - 1):
+            _score("always_raises", ["a"], runner)
+        with pytest.raises(UserError, match="every verifier call failed in 3 consecutive batches"):
+            _score("always_raises", ["a"], runner)
+
+
+# -------------------------------------------------------- bad files -> error lines
+def test_non_utf8_dataset_is_a_one_line_error(tmp_path):
+    from grpo.errors import UserError
+    from tasks.loaders import read_records
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"q": "ok"}\n{"q": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_records(path)
+
+
+def test_non_utf8_verify_input_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes('{"completion": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
+    assert main(["verify", "--verifier", "math", "--input", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not UTF-8" in err and len(err.splitlines()) == 1
+
+
+def test_truncated_adapter_in_eval_is_a_one_line_error(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 0
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    code = main(["eval", "--task", "toy_digits", "--model", str(tiny_model_dir), "--plugins", str(toy_plugin),
+                 "--adapter", str(run_dir), "--n", "1", "--k", "1", "--limit", "1", "--max-new-tokens", "2",
+                 "--device", "cpu", "--workers", "1", "--out", str(tmp_path / "eval")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --adapter") and "corrupt or truncated" in err[-1]
+
+
+def test_disk_full_mid_run_says_so(tiny_model_dir, toy_plugin, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "checkpoints"))
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    assert main(_args(tiny_model_dir, toy_plugin, tmp_path / "run", **FAST)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: run ") and "No space left on device" in err and "the disk is full" in err
