@@ -277,7 +277,8 @@ def test_two_step_train_on_countdown(tiny_model_dir, toy_plugin, tmp_path):
     run_dir = tmp_path / "run"
     empty = tmp_path / "empty.yaml"
     empty.write_text("# settings come from overrides\n")
-    task_args = "{count: 3, number_range: [1, 9], target_range: [1, 30], train_size: 16, heldout_size: 4}"
+    task_args = ("{count: 3, number_range: [1, 9], target_range: [1, 30], train_size: 16, heldout_size: 4, "
+                 "verifiers: {countdown: 1.0, format: 0.1}}")  # as configs/countdown.yaml: format_args apply
     args = tiny_run_config(tiny_model_dir, run_dir, toy_plugin, **{
         "task.name": "countdown", "task.args": task_args,
         "task.verifier_args": "{format: {require_think: false, allow_outside: true, partial_credit: true}}",
