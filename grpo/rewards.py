@@ -6,8 +6,16 @@ sums the weighted rewards. Verifiers declared ``isolation = "process"`` run one
 completion per task in a pool of worker processes (pebble) with a wall-clock
 timeout and an address-space limit: a check that hangs, crashes or blows memory is
 killed and costs that completion's reward (0, counted as an error), never the run.
-``"inline"`` verifiers sandbox themselves (``python_tests``) or batch on a device
-(``reward_model``); an exception there costs the rewards of that call only.
+The workers cannot signal the trainer (their own PID namespace; uid nobody as root:
+``grpo.isolation``). ``"inline"`` verifiers run in the trainer's process and are for
+trusted code: they sandbox themselves (``python_tests``) or batch on a device
+(``reward_model``); an exception, or a call past its watchdog deadline, costs the
+rewards of that call only.
+
+A reward that is not finite or exceeds +-REWARD_LIMIT is rejected (0, counted as an
+error). A verifier whose calls all fail in a batch gets a warning line; after
+FAILED_BATCHES_LIMIT consecutive batches in which every call failed the run stops
+with an error instead of training on zeros.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from grpo.errors import UserError
+from grpo.isolation import inline_deadline
 from grpo.registry import VERIFIERS, closest
 from verifiers.base import Score, Verifier, build_verifier
 from verifiers.foreign import foreign_verifier, is_foreign_function
@@ -191,7 +200,8 @@ class RewardRunner:
         if verifier.isolation == "inline":
             try:
                 cols = {f: [row[f] for row in fields] for f in (fields[0] if fields else ())}
-                scores = verifier(completions, **cols)
+                with inline_deadline(inline_watchdog_s(verifier, len(completions)), f"verifier {name!r}"):
+                    scores = verifier(completions, **cols)
                 if len(scores) != len(completions):
                     raise RuntimeError(f"returned {len(scores)} scores for {len(completions)} completions")
                 checked = [_checked(s) for s in scores]
@@ -227,8 +237,10 @@ class RewardRunner:
             import pebble
 
             # fork: workers inherit plugin modules loaded from files; they never touch torch.
-            self._pool = pebble.ProcessPool(max_workers=self.workers,
-                                            context=multiprocessing.get_context("fork"))
+            from grpo.isolation import isolate_worker
+
+            self._pool = pebble.ProcessPool(max_workers=self.workers, context=multiprocessing.get_context("fork"),
+                                            initializer=isolate_worker)  # cannot signal the trainer
         return self._pool
 
     def close(self) -> None:
@@ -270,6 +282,13 @@ def pearson(xs: Sequence[float | None], ys: Sequence[float | None]) -> float | N
     if sxx <= 1e-12 or syy <= 1e-12:
         return None
     return sxy / (sxx * syy) ** 0.5
+
+
+def inline_watchdog_s(verifier: Verifier, n: int) -> float:
+    """Deadline for one inline call over ``n`` completions: each may take the verifier's
+    ``timeout_s``, plus a minute for start-up (a reward model loading); 0 = none."""
+    per_item = getattr(verifier, "timeout_s", 0) or 0
+    return 60.0 + per_item * n if per_item > 0 else 0.0
 
 
 def _checked(score: Any) -> Score:

@@ -14,6 +14,9 @@ written, and
   exits however it exits (kill -9 included), so a stale lock cannot block a restart;
 * removes ``checkpoints/.tmp-*`` left by a run killed mid-checkpoint.
 
+Under ``torchrun`` only rank 0 (``RANK`` unset or 0) locks and tidies; the other ranks
+run the read-only checks.
+
 File-system failures (read-only, full disk, a path through a file) are one-line
 errors naming the path and the system's reason (``OSError`` -> ``UserError``).
 """
@@ -35,7 +38,7 @@ MARKER = ".grpo-run"
 class RunDirLock:
     """An exclusive lock on a run directory, held until ``release()`` or process exit."""
 
-    def __init__(self, run_dir: Path, fd: int):
+    def __init__(self, run_dir: Path, fd: int | None):
         self.run_dir, self._fd = run_dir, fd
 
     def release(self) -> None:
@@ -59,6 +62,8 @@ def claim(run_dir: Path, resume: bool) -> RunDirLock:
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
         raise UserError(f"output_dir {run_dir} is not empty and is not a grpo run directory (no {MARKER}); "
                         "refusing to write into it: choose an empty or new output_dir / name")
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # torchrun: rank 0 locks and tidies, the others only check
+        return RunDirLock(run_dir, None)
     with os_errors(f"cannot create the run directory {run_dir}"):
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / MARKER, os.O_RDWR | os.O_CREAT, 0o644)

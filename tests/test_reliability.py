@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +373,106 @@ def test_disk_full_mid_run_says_so(tiny_model_dir, toy_plugin, tmp_path, monkeyp
     assert main(_args(tiny_model_dir, toy_plugin, tmp_path / "run", **FAST)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: run ") and "No space left on device" in err and "the disk is full" in err
+
+
+# ------------------------------------------------------------ verifier isolation
+ATTACK = '''
+import json, os, signal, sys, time
+from grpo.build import load_plugins
+from grpo.rewards import RewardRunner
+
+plugin = sys.argv[1]
+load_plugins([plugin])
+trainer = os.getpid()
+os.environ["TRAINER_PID"] = str(trainer)
+with RewardRunner(workers=1) as runner:
+    batch = runner.score([{"verifiers": {"attacker": 1.0}}] * 3, ["getppid", "trainer", "proc"])
+    print(json.dumps({"reasons": batch.reasons["attacker"], "errors": batch.errors["attacker"]}), flush=True)
+print("trainer survived", flush=True)
+'''
+
+ATTACKER = '''
+import os
+from grpo.registry import VERIFIERS
+from verifiers.base import Score, Verifier
+
+
+@VERIFIERS.register("attacker")
+class Attacker(Verifier):
+    fields = ()
+
+    def score(self, completions):
+        if completions[0] == "proc":
+            return [Score(0.0, f"trainer in /proc: {os.path.exists('/proc/' + os.environ['TRAINER_PID'])}")]
+        target = os.getppid() if completions[0] == "getppid" else int(os.environ["TRAINER_PID"])
+        try:
+            os.kill(target, 9)
+            os.killpg(os.getpgid(int(os.environ["TRAINER_PID"])), 9)
+        except OSError as exc:
+            return [Score(0.0, f"kill refused: {type(exc).__name__}")]
+        return [Score(1.0, "kill sent")]
+'''
+
+
+def _attack(tmp_path, as_user: bool):
+    import shutil
+    import subprocess
+    import sys
+
+    import tempfile
+
+    prefix = []
+    if as_user:
+        if os.geteuid() != 0 or not shutil.which("setpriv"):
+            pytest.skip("needs root and setpriv to run the trainer as an ordinary user")
+        prefix = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    home = Path(tempfile.mkdtemp(prefix="grpo-attack-"))  # readable by the ordinary user too
+    try:
+        home.chmod(0o755)
+        plugin = home / "attacker.py"
+        plugin.write_text(ATTACKER)
+        plugin.chmod(0o644)
+        return subprocess.run([*prefix, sys.executable, "-c", ATTACK, str(plugin)], capture_output=True, text=True,
+                              timeout=120, start_new_session=True, cwd=str(home),
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("as_user", [False, True], ids=["as_this_user", "as_nobody"])
+def test_process_verifier_cannot_kill_the_trainer(tmp_path, as_user):
+    """issue 13 item 5: os.kill(os.getppid(), 9) from a process-mode verifier took the trainer down."""
+    proc = _attack(tmp_path, as_user)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "trainer survived"
+    report = json.loads(lines[0])
+    # getppid() is 0 inside the worker's PID namespace (kill(0) hits only the namespace: "sent");
+    # the trainer's real pid does not exist there
+    assert report["reasons"][1] == "kill refused: ProcessLookupError", report
+    assert report["reasons"][2] == "trainer in /proc: False", report  # a private /proc of the namespace
+
+
+def test_inline_watchdog_interrupts_a_hanging_call():
+    import time
+
+    from grpo.isolation import VerifierTimeout, inline_deadline
+
+    start = time.monotonic()
+    with pytest.raises(VerifierTimeout, match="did not return within 0.2s"):
+        with inline_deadline(0.2, "verifier 'slow'"):
+            time.sleep(5)
+    assert time.monotonic() - start < 2
+    with inline_deadline(1.0, "fast"):
+        pass
+    time.sleep(1.1)  # the timer was cancelled: no late alarm
+
+
+def test_torchrun_ranks_after_the_first_do_not_take_the_lock(tmp_path, monkeypatch):
+    from grpo import rundir
+
+    run_dir = tmp_path / "run"
+    lock = rundir.claim(run_dir, resume=False)  # rank 0
+    monkeypatch.setenv("RANK", "1")
+    rundir.claim(run_dir, resume=False).release()  # rank 1: checks only, no "in use" error
+    lock.release()
