@@ -54,6 +54,18 @@ def test_config_cannot_run_a_shell_command_through_task_name(tmp_path, capsys):
     assert "is the callable subprocess.run, not a Task subclass" in capsys.readouterr().err
 
 
+def test_eval_config_cannot_run_a_shell_command_either(tmp_path, capsys):
+    from grpo.cli import main
+
+    marker = tmp_path / "ran"
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(f"plugins: [subprocess]\nmodel: {{name: /nowhere}}\n"
+                   f"task: {{name: 'subprocess:run', args: {{args: 'touch {marker}', shell: true}}}}\n")
+    assert main(["eval", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    assert not marker.exists()
+    assert "is the callable subprocess.run, not a Task subclass" in capsys.readouterr().err
+
+
 def test_plugin_modules_and_registered_factories(tmp_path, monkeypatch):
     from grpo.registry import load_plugin
 
