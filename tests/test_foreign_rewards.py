@@ -253,7 +253,7 @@ def test_bad_output_stops_training_with_one_error_line(reward_files, tiny_model_
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f'task:\n  name: arith\n  args:\n    verifiers: {{"{trl}:returns_nan": 1.0}}\n')
     overrides = [o for o in tiny_run_config(tiny_model_dir, tmp_path / "run", toy_plugin, steps=1)
-                 if not o.startswith("task.name")]
+                 if not o.startswith("task.name")] + [f"plugins=[{toy_plugin}, {trl}]"]
     assert main(["train", "--no-progress", str(cfg), *overrides]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert err == [f"error: reward function {trl}:returns_nan returned nan for completion 0; rewards must be "

@@ -77,7 +77,7 @@ def test_vllm_options_are_checked_with_suggestions():
         load_config(None, ["rollout.vllm.gpu_memory=0.5"])
     with pytest.raises(UserError, match=r"rollout.vllm.mode: expected one of 'colocate', 'server'"):
         load_config(None, ["rollout.vllm.mode=remote"])
-    with pytest.raises(UserError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
+    with pytest.raises(UserError, match=r"gpu_memory_utilization must be > 0 and <= 1, got 1.5"):
         load_config(None, ["rollout.vllm.gpu_memory_utilization=1.5"])
     with pytest.raises(UserError, match=r"sleep applies to mode colocate only"):
         load_config(None, ["rollout.vllm.mode=server", "rollout.vllm.sleep=true"])
