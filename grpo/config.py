@@ -229,13 +229,13 @@ class ToolsConfig:
                   "the tools into the prompt and the result as its tool message (json calls)")
     observation_template: str = opt("<output>{result}</output>", "text appended after a call (tagged, json); "
                                                                   "{result} is the tool's output or its error")
-    max_turns: int = opt(4, "most model turns per episode (a call in the last turn is not run: cut)")
+    max_turns: int = opt(4, "most model turns per episode (a call in the last turn is not run: cut)", ge=1)
     max_episode_tokens: int = opt(256, "token budget after the prompt: model turns + observations "
-                                       "(rollout.max_new_tokens caps each model turn)")
-    timeout_s: float = opt(5.0, "wall-clock limit per tool call (a hang becomes an error observation)")
-    max_observation_chars: int = opt(400, "tool output is truncated to this many characters")
-    error_penalty: float = opt(0.0, "reward subtracted per failed tool call in an episode")
-    workers: int = opt(2, "tool calls run at once")
+                                       "(rollout.max_new_tokens caps each model turn)", ge=1)
+    timeout_s: float = opt(5.0, "wall-clock limit per tool call (a hang becomes an error observation)", gt=0)
+    max_observation_chars: int = opt(400, "tool output is truncated to this many characters", ge=1)
+    error_penalty: float = opt(0.0, "reward subtracted per failed tool call in an episode", ge=0)
+    workers: int = opt(2, "tool calls run at once", ge=1)
 
 
 def validate_tools(tools: ToolsConfig) -> None:
