@@ -128,7 +128,9 @@ def _hashable(key: Any) -> Any:
 
 
 # ------------------------------------------------------------------------ save
-def save(run_dir: Path, step: int, model, state: dict[str, Any], keep: int) -> Path:
+def save(run_dir: Path, step: int, model, state: dict[str, Any], keep: int,
+         adapter_state: dict[str, Any] | None = None) -> Path:
+    """``adapter_state``: the adapter weights when the model's own are sharded (FSDP2), else None."""
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
@@ -136,7 +138,7 @@ def save(run_dir: Path, step: int, model, state: dict[str, Any], keep: int) -> P
     final = root / f"{PREFIX}{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
     try:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
         data, tensors = encode_state(state)
         save_file(tensors, str(tmp / STATE_TENSORS))
         record = {"format": FORMAT, "version": VERSION, "state": data,

@@ -92,6 +92,10 @@ def _train(args: argparse.Namespace) -> int:
     from grpo.trainer import run
 
     summary = run(cfg, resume=args.resume, progress=not args.no_progress)
+    from grpo.dist import launch_rank
+
+    if launch_rank() != 0:  # under torchrun, rank 0 reports
+        return 0
     print(f"run directory: {cfg.run_dir}")
     if "before" in summary and "after" in summary:
         from grpo.trainer import before_after_table

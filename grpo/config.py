@@ -254,6 +254,15 @@ def validate_tools(tools: ToolsConfig) -> None:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp2"] = opt(
+        "ddp", "under torchrun: ddp (adapters' gradients all-reduced, base replicated on every rank) or fsdp2 "
+               "(torch fully_shard: base weights sharded across ranks too, for models that do not fit one device)")
+    timeout_s: float = opt(1800.0, "seconds any collective may wait for the other ranks before the job fails "
+                                   "(must exceed the longest generation + scoring of a step)")
+
+
+@dataclass
 class RunConfig:
     name: str = opt("run", "run name (used in the default output directory)")
     output_dir: str = opt("runs/{name}", "run directory ({name} is replaced)", pattern=r"[^{}]*(\{name\}[^{}]*)*",
@@ -277,6 +286,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
     tools: ToolsConfig = field(default_factory=ToolsConfig, metadata={"help": "multi-turn tool episodes"})
+    distributed: DistributedConfig = field(default_factory=DistributedConfig,
+                                           metadata={"help": "data-parallel training under torchrun (docs/distributed.md)"})
 
     @property
     def run_dir(self) -> Path:
@@ -459,6 +470,7 @@ def validate(cfg: RunConfig) -> None:
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
         (all(1 <= k <= cfg.eval.num_samples for k in cfg.eval.k),
          f"eval.k values must be between 1 and eval.num_samples ({cfg.eval.num_samples})"),
+        (cfg.distributed.timeout_s > 0, "distributed.timeout_s must be > 0"),
     ]
     for ok, message in checks:
         if not ok:

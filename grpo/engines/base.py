@@ -11,8 +11,19 @@ what the trainer computes (``grpo.logprobs``) at the same temperature.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Sequence
+
+STREAM_SEED_BITS = 48  # vLLM gives the n children of a request seed, seed + 1, ...: keep room above
+
+
+def stream_seed(*key: int | str) -> int:
+    """A seed for one prompt's random stream, a pure function of ``key`` (e.g. run seed, step,
+    global prompt index), so the same prompt samples the same tokens whichever rank (and
+    whichever batch) it lands in, and resuming at a step needs no saved generator state."""
+    digest = hashlib.blake2b(":".join(map(str, key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> (64 - STREAM_SEED_BITS)
 
 
 @dataclass(frozen=True)
@@ -46,10 +57,13 @@ class Completion:
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
-                 seed: int | None = None) -> list[list[Completion]]:
+                 seed: int | None = None, prompt_seeds: Sequence[int] | None = None) -> list[list[Completion]]:
         """``prompts``: token ids per prompt. Returns ``params.n`` completions per prompt.
 
-        With ``seed``, sampling uses a fresh seeded stream (evaluation) and leaves the
+        With ``prompt_seeds`` (one per prompt, see ``stream_seed``), each prompt's group is
+        drawn from its own stream, independent of the other prompts in the call: the
+        data-parallel trainer relies on this for equal results at any world size. Otherwise,
+        with ``seed``, sampling uses a fresh seeded stream (evaluation) and leaves the
         engine's own stream, which is checkpointed, untouched.
         """
 

@@ -42,9 +42,33 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+class PromptStreams:
+    """One ``torch.Generator`` per prompt; a row draws from its prompt's stream.
+
+    ``owner[r]`` is the prompt of row r. Draws for a prompt's live rows are taken in row
+    order, so a prompt's tokens depend only on its own stream and its own rows, not on
+    which other prompts share the batch.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def rand(self, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One uniform per row (B, 1); ``owner``: (B,) prompt index of each row."""
+        u = torch.empty((owner.shape[0], 1), dtype=dtype, device=owner.device)
+        for p in owner.unique().tolist():  # sorted prompt order
+            rows = (owner == p).nonzero().squeeze(-1)
+            u[rows] = torch.rand((rows.shape[0], 1), generator=self.generators[p], device=owner.device, dtype=dtype)
+        return u
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                  streams: PromptStreams | None = None,
+                  owner: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token per row; return (tokens (B,), logprobs (B,)).
+
+    The uniforms come from ``streams`` (row r from prompt ``owner[r]``'s stream) when given,
+    else from ``generator``.
 
     The log-probability is under softmax(logits / T) (T = 1 when greedy), before
     truncation, matching ``grpo.logprobs.sampled_logprobs`` at the same temperature.
@@ -57,11 +81,12 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     scaled = logits / params.temperature
     logprobs_all = scaled.log_softmax(-1)
     probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
-    tokens = _inverse_cdf_sample(probs, generator)
+    tokens = _inverse_cdf_sample(probs, generator, streams, owner)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None,
+                        streams: PromptStreams | None = None, owner: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row, drawn with probability ``probs`` (B, V) by inverting the CDF.
 
     Same distribution as ``torch.multinomial(probs, 1)`` but one uniform per row instead of
@@ -70,7 +95,10 @@ def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) 
     a zero-probability token (its cumulative mass equals its predecessor's).
     """
     cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    if streams is not None and owner is not None:
+        u = streams.rand(owner, cdf.dtype) * cdf[:, -1:]
+    else:
+        u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, side="right").squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -93,10 +121,13 @@ class HFEngine:
 
     # ------------------------------------------------------------------ engine API
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
-                 seed: int | None = None) -> list[list[Completion]]:
-        """``seed`` draws from a fresh generator (evaluation), leaving the run's stream untouched."""
+                 seed: int | None = None, prompt_seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        """``prompt_seeds``: one random stream per prompt (``grpo.engines.base.stream_seed``);
+        else ``seed`` draws from a fresh generator (evaluation), leaving the run's stream untouched."""
         if not prompts:
             return []
+        if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+            raise ValueError(f"{len(prompt_seeds)} prompt seeds for {len(prompts)} prompts")
         generator = self.generator
         if seed is not None:
             generator = torch.Generator(device=self.device)
@@ -107,7 +138,10 @@ class HFEngine:
         self.model.eval()
         try:
             for start in range(0, len(prompts), per_chunk):
-                out.extend(self._generate(list(prompts[start:start + per_chunk]), params, generator))
+                streams = None
+                if prompt_seeds is not None:
+                    streams = PromptStreams(prompt_seeds[start:start + per_chunk], self.device)
+                out.extend(self._generate(list(prompts[start:start + per_chunk]), params, generator, streams))
         finally:
             self.model.train(was_training)
         return out
@@ -126,8 +160,8 @@ class HFEngine:
 
     # ---------------------------------------------------------------- decode loop
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], params: SamplingParams,
-                  generator: torch.Generator) -> list[list[Completion]]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
+                  streams: PromptStreams | None = None) -> list[list[Completion]]:
         P, G, dev = len(prompts), params.n, self.device
         L = max(len(p) for p in prompts)
         if any(len(p) == 0 for p in prompts):
@@ -152,7 +186,7 @@ class HFEngine:
         finish = ["length"] * B
         stops: dict[int, str] = {}  # row -> the stop string that ended it
         for step in range(params.max_new_tokens):
-            tok, lp = sample_tokens(logits, params, generator)
+            tok, lp = sample_tokens(logits, params, generator, streams, torch.div(rows, G, rounding_mode="floor"))
             for r, t, l in zip(rows.tolist(), tok.tolist(), lp.tolist()):
                 tokens[r].append(t)
                 logps[r].append(l)

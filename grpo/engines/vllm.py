@@ -153,18 +153,21 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ engine API
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
-                 seed: int | None = None) -> list[list[Completion]]:
-        """``params.n`` completions per prompt; ``seed`` gives a fresh seeded stream (evaluation)."""
+                 seed: int | None = None, prompt_seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt; ``prompt_seeds`` are the per-prompt request seeds,
+        else ``seed`` gives a fresh seeded stream (evaluation)."""
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
-        if seed is None:
+        if prompt_seeds is not None:
+            rng = None
+        elif seed is None:
             rng = random.Random(f"grpo-vllm:{self.seed}:{self.calls}")
             self.calls += 1
         else:
             rng = random.Random(f"grpo-vllm-seeded:{seed}")
-        seeds = [rng.getrandbits(SEED_BITS) for _ in prompts]
+        seeds = list(prompt_seeds) if rng is None else [rng.getrandbits(SEED_BITS) for _ in prompts]
         n = 1 if params.greedy else params.n
         request = {"n": n, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
                    "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else params.top_k,
@@ -185,7 +188,21 @@ class VLLMEngine:
         return out
 
     def sync_weights(self) -> None:
-        """Write the current adapter as a new version and make vLLM sample from it."""
+        """Write the current adapter as a new version and make vLLM sample from it.
+
+        Server mode under torchrun: one server serves every rank, so rank 0 alone publishes
+        the adapter; the other ranks wait for it (a collective) and request the same name."""
+        from grpo import dist
+
+        shared = isinstance(self.backend, ServerBackend) and dist.info().enabled
+        if shared and not dist.info().is_main:
+            self.adapter = dist.broadcast_object(None)
+            return
+        self._publish()
+        if shared:
+            dist.broadcast_object(self.adapter)
+
+    def _publish(self) -> None:
         exported = self._export_adapter()
         if exported is None:
             return  # a plain model (no LoRA): vLLM samples from the base
@@ -213,7 +230,7 @@ class VLLMEngine:
             backend.close()
         if self._own_dir:
             shutil.rmtree(self.adapter_dir, ignore_errors=True)
-        elif self.adapter is not None:
+        elif self.adapter is not None and self.version:  # this process published it
             shutil.rmtree(self.adapter.path, ignore_errors=True)
 
     # ------------------------------------------------------------------ helpers
@@ -289,6 +306,11 @@ class ColocatedBackend:
             kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gb * 2**30)
         if opts.max_model_len:
             kwargs["max_model_len"] = opts.max_model_len
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            # under torchrun: one engine per rank on the rank's own GPU, inside this process (as TRL's colocate mode)
+            kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(opts.engine_args)
         try:
             self.llm = LLM(**kwargs)

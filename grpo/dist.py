@@ -1,0 +1,172 @@
+"""Data-parallel plumbing over ``torch.distributed``: who am I, named collectives, launch/teardown.
+
+One process without a launcher is world size 1 and every helper here is a no-op or an
+identity, so the trainer reads the same at any world size. Under ``torchrun`` (or
+``accelerate launch``, or SLURM ``srun`` exporting the same variables) the process group
+is initialised from the environment (``env://``: RANK, WORLD_SIZE, MASTER_ADDR, ...) with
+gloo on CPU and NCCL on CUDA.
+
+Every function whose name starts with ``all_``, ``broadcast`` or ``barrier`` is a
+collective: all ranks must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as tdist
+
+from grpo.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def slice(self, count: int) -> range:
+        """This rank's contiguous share of ``count`` items (``count`` divisible by the world size)."""
+        per = count // self.world_size
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    def share(self, count: int) -> range:
+        """This rank's contiguous share of ``count`` items, sizes differing by at most one."""
+        per, extra = divmod(count, self.world_size)
+        start = self.rank * per + min(self.rank, extra)
+        return range(start, start + per + (self.rank < extra))
+
+
+def launch_rank() -> int:
+    """The rank the launcher gave this process (0 without a launcher); readable before and after ``init``."""
+    return int(os.environ.get("RANK", 0)) if launched() else 0
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun, accelerate, srun wrappers) set the env:// variables."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def info() -> DistInfo:
+    """Rank, world size and local rank of this process (world size 1 without a process group)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return DistInfo()
+    return DistInfo(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(timeout_s: float, device: str = "cpu") -> DistInfo:
+    """Join the process group described by the environment; world size 1 when not launched.
+
+    ``device`` picks the backend: NCCL for CUDA (each rank on ``cuda:LOCAL_RANK``), gloo otherwise.
+    ``timeout_s`` bounds every collective, so a rank that stops answering fails the job
+    instead of hanging it.
+    """
+    if not launched() or int(os.environ["WORLD_SIZE"]) == 1 and int(os.environ["RANK"]) == 0:
+        return DistInfo()
+    if tdist.is_initialized():
+        return info()
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    tdist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timedelta(seconds=timeout_s))
+    return info()
+
+
+def teardown() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def fail(exc: BaseException) -> None:
+    """Report a failure on stderr with this rank's number and leave the process group at once.
+
+    No barrier: the other ranks may be waiting in a collective. The launcher sees this
+    process exit non-zero and stops the others, so the job ends instead of hanging.
+    """
+    me = info()
+    if not me.enabled:
+        return
+    if not isinstance(exc, UserError):  # a UserError gets its one `error:` line from the CLI
+        print(f"rank {me.rank}/{me.world_size} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    try:
+        tdist.destroy_process_group()
+    except Exception:  # the group may already be broken; exiting is what matters
+        pass
+
+
+def check_divisible(count: int, key: str, me: DistInfo) -> None:
+    if count % me.world_size:
+        raise UserError(f"config: {key} ({count}) must be divisible by the number of ranks ({me.world_size}); "
+                        f"use a multiple of {me.world_size} or launch another number of processes")
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only."""
+    if info().is_main:
+        print(*args, **kwargs)
+
+
+def _comm_device() -> torch.device:
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks (float64). Identity at world size 1."""
+    if not info().enabled:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_max(values: Sequence[float]) -> list[float]:
+    """Element-wise maximum over ranks. Identity at world size 1."""
+    if not info().enabled:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order. ``[obj]`` at world size 1."""
+    if not info().enabled:
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_concat(items: Sequence[Any]) -> list[Any]:
+    """The concatenation of every rank's list, in rank order (rank 0's items first)."""
+    return [x for part in all_gather_objects(list(items)) for x in part]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not info().enabled:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this point."""
+    if info().enabled:
+        tdist.barrier()

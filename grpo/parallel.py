@@ -1,0 +1,209 @@
+"""The data-parallel pieces of a training step: the wrapped policy and whole-batch merges.
+
+* ``Policy`` is the module the update differentiates: ``forward(batch)`` returns the
+  sampled-token log-probs of a ``GroupedBatch`` (shared-prompt KV path included). Under
+  torchrun it is wrapped by DDP (adapters' gradients reduced across ranks, base
+  replicated) or sharded by FSDP2 ``fully_shard`` (per decoder layer, so the frozen base
+  weights are sharded too). Going through the wrapper's ``forward`` is what lets DDP and
+  FSDP2 hook in; the peft model inside stays the one the engine samples from.
+* Gradients are **summed** over ranks, not averaged: every rank's loss is already
+  normalised by whole-batch counts (sequences, tokens), so the sum is exactly the
+  gradient of the one-process loss.
+* ``gather_rewards`` concatenates every rank's scores in global prompt order, so advantages
+  (batch std included) and step metrics are computed from the whole batch, identically on
+  every rank and at any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from grpo import dist
+from grpo.logprobs import GroupedBatch, grouped_logprobs, pack_grouped
+
+
+class Policy(torch.nn.Module):
+    """``forward(batch) -> (b, T)`` log-probs of the completion tokens under ``model``."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float, chunk_tokens: int, pad_id: int):
+        super().__init__()
+        self.model = model
+        self.temperature, self.chunk_tokens, self.pad_id = temperature, chunk_tokens, pad_id
+
+    def forward(self, batch: GroupedBatch) -> torch.Tensor:
+        # a fresh tensor, not a view: FSDP2 hooks its backward onto this output
+        return grouped_logprobs(self.model, batch, self.temperature, self.chunk_tokens, self.pad_id).clone()
+
+
+def _sum_allreduce_hook(state, bucket):  # no annotations: DDP checks them against its own types
+    """DDP communication hook: all-reduce SUM (DDP's default divides by the world size)."""
+    work = torch.distributed.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap_policy(policy: Policy, strategy: str, me: dist.DistInfo) -> torch.nn.Module:
+    """``policy`` itself at world size 1; DDP or FSDP2 around it under torchrun."""
+    if not me.enabled:
+        return policy
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        layers = _decoder_layers(policy.model)
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(policy)  # the rest (embeddings, norm, head) as the root group
+        for module in (*layers, policy):
+            module.set_gradient_divide_factor(1.0)  # sum, see the module docstring
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+        with torch.no_grad():  # FSDP2 initialises from the first forward, which must enter at the root
+            policy(pack_grouped([[policy.pad_id]], [0], [[policy.pad_id]], policy.pad_id, _device(policy)))
+        return policy
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = _device(policy)
+    ddp = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
+                                  forward_sync_buffers=False)  # no collective per forward: ranks may
+    # run different numbers of no-grad forwards (reference, old log-probs); buffers are equal from init
+    ddp.register_comm_hook(None, _sum_allreduce_hook)
+    return ddp
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters())
+    return p.device if not hasattr(p, "to_local") else p.to_local().device
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        raise RuntimeError(f"distributed.strategy=fsdp2: cannot find the decoder layers of {type(base).__name__}")
+    return list(layers)
+
+
+def set_gradient_sync(wrapped: torch.nn.Module, enabled: bool) -> None:
+    """Whether the next forward/backward reduces gradients across ranks (else they accumulate
+    locally): DDP's ``no_sync`` as a plain switch, FSDP2's ``set_requires_gradient_sync``."""
+    if hasattr(wrapped, "require_backward_grad_sync"):  # DDP (read at its forward)
+        wrapped.require_backward_grad_sync = enabled
+    elif hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(enabled)
+
+
+@contextlib.contextmanager
+def generation_mode(wrapped: torch.nn.Module) -> Iterator[None]:
+    """Full weights on every rank while the engine samples (FSDP2), resharded afterwards.
+
+    Each rank decodes its own prompts for its own number of steps, so no collective may run
+    inside the decode loop: the layers are all-gathered once here and kept unsharded.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        yield
+        return
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Collective under FSDP2: the trainable (adapter) weights as full CPU tensors, for
+    ``save_pretrained(state_dict=...)``; None when the weights are not sharded (nothing to gather)."""
+    if not is_sharded(model):
+        return None
+    return {name: p.full_tensor().detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict; collective under FSDP2, where it is gathered to full tensors."""
+    if not is_sharded(wrapped):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """The inverse of ``optimizer_state``: under FSDP2 every rank takes its shards of the full state."""
+    if not is_sharded(wrapped):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_value(x: Any) -> float:
+    """A float from a tensor that may be an FSDP2 DTensor."""
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x)
+
+
+def merge_reward_batches(batches: Sequence[Any]) -> Any:
+    """One ``RewardBatch`` from every rank's, in rank order: lists concatenated (per verifier
+    too), error counts summed; per-batch correlations averaged (an approximation)."""
+    first = batches[0]
+    if len(batches) == 1:
+        return first
+    merged = {}
+    for f in dataclasses.fields(first):
+        values = [getattr(b, f.name) for b in batches]
+        if isinstance(values[0], list):
+            merged[f.name] = [x for v in values for x in v]
+        elif isinstance(values[0], dict):
+            keys = list(dict.fromkeys(k for v in values for k in v))
+            inner = next((v[k] for v in values for k in v), None)
+            if isinstance(inner, list):
+                merged[f.name] = {k: [x for v in values for x in v.get(k, [])] for k in keys}
+            elif f.name == "errors":
+                merged[f.name] = {k: sum(v.get(k, 0) for v in values) for k in keys}
+            else:
+                merged[f.name] = {k: sum(v[k] for v in values if k in v) / sum(k in v for v in values) for k in keys}
+        else:
+            merged[f.name] = values[0]
+    return type(first)(**merged)
+
+
+@dataclasses.dataclass
+class BatchView:
+    """The whole step's rollout summary (every rank's groups), identical on every rank."""
+
+    scored: Any  # RewardBatch over all B completions
+    lengths: list[int]  # (B,) completion tokens
+    truncated: list[bool]  # (B,) finish_reason == "length"
+
+
+def gather_rewards(scored: Any, completions: Sequence[Any]) -> BatchView:
+    """Collective: every rank's scores and completion lengths, in global prompt order."""
+    local = (scored, [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions])
+    parts = dist.all_gather_objects(local)
+    return BatchView(merge_reward_batches([p[0] for p in parts]), [n for p in parts for n in p[1]],
+                     [t for p in parts for t in p[2]])
+
+
+def reduce_update_stats(stats: dict[str, float], summed: Sequence[str], maxed: Sequence[str]) -> dict[str, float]:
+    """Collective: ``summed`` keys added over ranks (shares of a whole-batch mean), ``maxed`` keys
+    (wall times) the slowest rank's; the rest are equal on every rank already."""
+    out = dict(stats)
+    s = [k for k in summed if k in stats]
+    m = [k for k in maxed if k in stats]
+    out.update(zip(s, dist.all_reduce_sum([stats[k] for k in s])))
+    out.update(zip(m, dist.all_reduce_max([stats[k] for k in m])))
+    return out

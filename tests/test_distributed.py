@@ -1,0 +1,285 @@
+"""Data-parallel training under torchrun (gloo, 2 processes, the tiny model): equal to one process.
+
+The multi-process tests launch ``python -m torch.distributed.run --standalone`` as users do.
+One process and two ranks sample from the same per-prompt streams, so they reach the same
+adapter up to floating-point reduction order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_run_config
+from grpo import dist
+from grpo.cli import main
+from grpo.config import load_config
+from grpo.engines.base import SamplingParams, stream_seed
+from grpo.errors import UserError
+from grpo.parallel import merge_reward_batches
+from grpo.rewards import RewardBatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_step_worker import one_step  # noqa: E402
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def _empty_config(tmp: Path) -> str:
+    path = tmp / "empty.yaml"
+    path.write_text("# all settings come from overrides\n")
+    return str(path)
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(a: dict, b: dict, rtol: float = 1e-4) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        rel = float((a[k] - b[k]).norm() / a[k].norm().clamp(min=1e-12))
+        assert rel < rtol, f"{k}: relative difference {rel:.2e}"
+    assert any(float(v.abs().sum()) > 0 for k, v in a.items() if "lora_B" in k)  # it did train
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------ unit
+def test_rank_slices_keep_groups_whole_and_cover_everything():
+    assert [DistRange(r, 2, 4, "slice") for r in (0, 1)] == [range(0, 2), range(2, 4)]
+    assert [DistRange(r, 2, 5, "share") for r in (0, 1)] == [range(0, 3), range(3, 5)]
+    assert [DistRange(r, 3, 1, "share") for r in (0, 1, 2)] == [range(0, 1), range(1, 1), range(1, 1)]
+    assert dist.DistInfo().slice(4) == range(0, 4)
+
+
+def DistRange(rank: int, world: int, count: int, how: str) -> range:
+    return getattr(dist.DistInfo(rank, world), how)(count)
+
+
+def test_prompts_per_step_must_divide_by_world_size():
+    with pytest.raises(UserError, match=r"rollout.prompts_per_step \(6\) must be divisible by the number of ranks \(4\)"):
+        dist.check_divisible(6, "rollout.prompts_per_step", dist.DistInfo(0, 4))
+    dist.check_divisible(8, "rollout.prompts_per_step", dist.DistInfo(0, 4))
+
+
+def test_collectives_are_identities_in_one_process():
+    assert not dist.info().enabled
+    assert dist.all_reduce_sum([1.5, 2.0]) == [1.5, 2.0]
+    assert dist.all_gather_concat([1, 2]) == [1, 2]
+
+
+def test_distributed_config_is_validated():
+    with pytest.raises(UserError, match="distributed.strategy"):
+        load_config(None, ["distributed.strategy=zero3"])
+    with pytest.raises(UserError, match="distributed.timeout_s must be > 0"):
+        load_config(None, ["distributed.timeout_s=0"])
+    assert load_config(None, ["distributed.strategy=fsdp2"]).distributed.strategy == "fsdp2"
+
+
+def test_stream_seed_is_a_pure_function_of_its_key():
+    assert stream_seed(0, 3, 1) == stream_seed(0, 3, 1)
+    seeds = {stream_seed(seed, step, i) for seed in (0, 1) for step in (0, 1) for i in range(4)}
+    assert len(seeds) == 16
+    assert all(0 <= s < 2 ** 48 for s in seeds)
+
+
+def test_prompt_streams_make_a_group_independent_of_its_batch_mates(tiny_model_dir):
+    from grpo.engines.hf import HFEngine
+    from grpo.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    engine = HFEngine(load_causal_lm(str(tiny_model_dir), "float32", "cpu"), tok, seed=0)
+    a, b = [1, 10, 11, 12, 13, 14], [1, 20, 21]
+    params = SamplingParams(n=4, max_new_tokens=6, temperature=1.0)
+    together = engine.generate([a, b], params, prompt_seeds=[11, 22])
+    alone = engine.generate([b], params, prompt_seeds=[22])
+    again = engine.generate([a], params, prompt_seeds=[11])
+    assert [c.token_ids for c in together[1]] == [c.token_ids for c in alone[0]]
+    assert [c.token_ids for c in together[0]] == [c.token_ids for c in again[0]]
+    other = engine.generate([b], params, prompt_seeds=[23])
+    assert [c.token_ids for c in other[0]] != [c.token_ids for c in alone[0]]
+
+
+def test_reward_batches_merge_in_rank_order():
+    a = RewardBatch([1.0, 0.0], {"m": [1.0, None]}, {"m": ["ok", ""]}, [True, False], {"m": 1}, {"x~y": 0.5})
+    b = RewardBatch([0.5], {"m": [0.5]}, {"m": ["half"]}, [False], {"m": 2}, {"x~y": 0.1})
+    m = merge_reward_batches([a, b])
+    assert m.total == [1.0, 0.0, 0.5] and m.per_verifier == {"m": [1.0, None, 0.5]}
+    assert m.reasons == {"m": ["ok", "", "half"]} and m.correct == [True, False, False]
+    assert m.errors == {"m": 3} and m.correlations == {"x~y": pytest.approx(0.3)}
+
+
+# ----------------------------------------------------------------- two processes
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_one_step_loss_and_gradients_match_one_process(tiny_model_dir, toy_plugin, tmp_path, strategy):
+    one_step(str(tiny_model_dir), str(toy_plugin), str(tmp_path / "one.pt"), "ddp")
+    worker = str(Path(__file__).resolve().parent / "dist_step_worker.py")
+    proc = torchrun([worker, str(tiny_model_dir), str(toy_plugin), str(tmp_path / "two.pt"), strategy])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert two["tokens"] == one["tokens"]  # the global token-mean normaliser
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-8)
+    assert one["grads"].keys() == two["grads"].keys()
+    for k, g in one["grads"].items():
+        assert float(g.abs().max()) > 0, k
+        torch.testing.assert_close(two["grads"][k], g, rtol=1e-4, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_model_dir, toy_plugin, tmp_path_factory):
+    """A 3-step run on 2 ranks (checkpoints at steps 2 and 3) and the same run in one process."""
+    tmp = tmp_path_factory.mktemp("dist")
+    common = {"steps": 3, "checkpoint_every": 2, "rollout.prompts_per_step": 4, "eval.num_problems": 3,
+              "eval.num_samples": 2}
+    runs = {}
+    for name in ("one", "two"):
+        runs[name] = tmp / name
+        args = ["train", "--no-progress", _empty_config(tmp),
+                *tiny_run_config(tiny_model_dir, runs[name], toy_plugin, **common)]
+        if name == "one":
+            assert main(args) == 0
+        else:
+            proc = torchrun(["-m", "grpo", *args])
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs["stdout"] = proc.stdout
+    runs["args"] = tiny_run_config(tiny_model_dir, runs["two"], toy_plugin, **common)
+    runs["tmp"] = tmp
+    return runs
+
+
+def test_two_ranks_reach_the_one_process_adapter(two_rank_run):
+    _assert_same_adapter(_adapter(two_rank_run["one"]), _adapter(two_rank_run["two"]))
+
+
+def test_two_ranks_log_the_one_process_metrics_once_from_rank_0(two_rank_run):
+    one, two = _records(two_rank_run["one"]), _records(two_rank_run["two"])
+    assert [r["step"] for r in two if "reward/mean" in r] == [1, 2, 3]  # one line per step, not per rank
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two):
+        for key in ("reward/mean", "reward/std", "train/accuracy", "completion_length", "zero_variance_groups",
+                    "tokens/generated", "sequences_in_loss", "tokens_in_loss", "heldout/accuracy", "heldout/reward",
+                    "heldout/greedy_accuracy", "heldout/completion_length"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), key
+        for key in ("loss", "kl", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-7), key
+    assert two_rank_run["stdout"].count("run directory:") == 1
+    samples = (two_rank_run["two"] / "eval" / "samples-step000003.jsonl").read_text().splitlines()
+    assert len(samples) == 3 * (2 + 1)  # problems x (samples + greedy), gathered from both ranks
+    assert [p.name for p in sorted((two_rank_run["two"] / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
+
+
+def test_resume_on_two_ranks_replays_the_same_step(two_rank_run):
+    run = two_rank_run["tmp"] / "resumed"
+    shutil.copytree(two_rank_run["two"], run)
+    shutil.rmtree(run / "checkpoints" / "step-000003")  # as if killed after step 2's checkpoint
+    args = [a if not a.startswith("output_dir=") else f"output_dir={run}" for a in two_rank_run["args"]]
+    proc = torchrun(["-m", "grpo", "train", "--no-progress", "--resume", _empty_config(two_rank_run["tmp"]), *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and proc.stderr.count("resumed from") == 1
+    _assert_same_adapter(_adapter(two_rank_run["two"]), _adapter(run), rtol=1e-6)
+    assert [r["step"] for r in _records(run) if "reward/mean" in r] == [1, 2, 3]
+
+
+def test_fsdp2_run_reaches_the_one_process_adapter(two_rank_run, tiny_model_dir, toy_plugin):
+    """FSDP2 end to end: generation with gathered layers, split evaluation, gathered checkpoints."""
+    run = two_rank_run["tmp"] / "fsdp2"
+    args = [a if not a.startswith("output_dir=") else f"output_dir={run}" for a in two_rank_run["args"]]
+    proc = torchrun(["-m", "grpo", "train", "--no-progress", _empty_config(two_rank_run["tmp"]), *args,
+                     "distributed.strategy=fsdp2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_adapter(_adapter(two_rank_run["one"]), _adapter(run))
+    state = torch.load(run / "checkpoints" / "step-000003" / "state.pt", weights_only=False)
+    assert state["optimizer"]["state"], "the gathered optimizer state is empty"
+
+
+def test_prompts_not_divisible_by_ranks_is_one_error_line(tiny_model_dir, toy_plugin, tmp_path):
+    args = tiny_run_config(tiny_model_dir, tmp_path / "run", toy_plugin, **{"rollout.prompts_per_step": 3})
+    proc = torchrun(["-m", "grpo", "train", "--no-progress", _empty_config(tmp_path), *args])
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("rollout.prompts_per_step (3) must be divisible by the number of ranks (2)" in e
+                          for e in errors)
+    assert "grpo/trainer.py" not in proc.stderr  # no traceback from the ranks (torchrun adds its own)
+
+
+FAILING_PLUGIN = '''
+import os, time
+import grpo.trainer
+
+if os.environ.get("RANK") == "1":
+    def _update(self, rollout):
+        if os.environ["GRPO_TEST_FAILURE"] == "stall":
+            time.sleep(120)
+        raise RuntimeError("injected failure on rank 1")
+    grpo.trainer.Trainer._update = _update
+'''
+
+
+@pytest.mark.parametrize("failure", ["raise", pytest.param("stall", marks=pytest.mark.slow)])
+def test_a_failing_rank_ends_the_job_with_its_error(tiny_model_dir, toy_plugin, tmp_path, monkeypatch, failure):
+    """A rank that raises takes the job down with its message; one that stalls trips the collective timeout."""
+    plugin = tmp_path / "failing.py"
+    plugin.write_text(FAILING_PLUGIN)
+    monkeypatch.setenv("GRPO_TEST_FAILURE", failure)
+    args = tiny_run_config(tiny_model_dir, tmp_path / "run", toy_plugin, **{
+        "plugins": f"[{toy_plugin}, {plugin}]", "eval.at_start": "false", "distributed.timeout_s": 10})
+    start = time.monotonic()
+    proc = torchrun(["-m", "grpo", "train", "--no-progress", _empty_config(tmp_path), *args], timeout=100)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    if failure == "raise":
+        assert "rank 1/2 failed: RuntimeError: injected failure on rank 1" in proc.stderr
+    else:  # rank 0 waits in a collective for at most distributed.timeout_s, then fails the job
+        assert "rank 0/2 failed" in proc.stderr
+    assert elapsed < 90
+
+
+def test_vllm_server_mode_other_ranks_adopt_rank_0s_adapter(tmp_path, monkeypatch):
+    """One server for all ranks: a rank other than 0 publishes nothing, takes rank 0's adapter
+    (a broadcast) and does not delete it on close."""
+    from types import SimpleNamespace
+
+    import grpo.dist
+    from grpo.engines import vllm as vllm_engine
+
+    class FakeServer(vllm_engine.ServerBackend):
+        def __init__(self):
+            self.activated = []
+
+        def activate(self, adapter, previous):
+            self.activated.append(adapter)
+
+        def close(self):
+            pass
+
+    published = vllm_engine.Adapter("grpo-rank0-v3", 3, tmp_path / "grpo-rank0-v3")
+    published.path.mkdir()
+    monkeypatch.setattr(grpo.dist, "info", lambda: dist.DistInfo(1, 2))
+    monkeypatch.setattr(grpo.dist, "broadcast_object", lambda obj, src=0: published)
+    backend = FakeServer()
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    engine = vllm_engine.VLLMEngine(backend, SimpleNamespace(generation_config=None), tokenizer,
+                                    adapter_dir=str(tmp_path))
+    engine.sync_weights()
+    assert engine.adapter == published and backend.activated == []
+    engine.close()
+    assert published.path.is_dir()
