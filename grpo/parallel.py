@@ -95,7 +95,7 @@ def set_gradient_sync(wrapped: torch.nn.Module, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def generation_mode(wrapped: torch.nn.Module) -> Iterator[None]:
+def generation_mode(wrapped: torch.nn.Module, engine: Any) -> Iterator[None]:
     """Full weights on every rank while the engine samples (FSDP2), resharded afterwards.
 
     Each rank decodes its own prompts for its own number of steps, so no collective may run
@@ -104,7 +104,7 @@ def generation_mode(wrapped: torch.nn.Module) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
 
     modules = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
-    if not modules:
+    if not modules or not getattr(engine, "samples_from_trainer_module", False):  # vLLM has its own weights
         yield
         return
     for m in modules:

@@ -277,7 +277,7 @@ def test_vllm_server_mode_other_ranks_adopt_rank_0s_adapter(tmp_path, monkeypatc
     monkeypatch.setattr(grpo.dist, "broadcast_object", lambda obj, src=0: published)
     backend = FakeServer()
     tokenizer = SimpleNamespace(eos_token_id=2)
-    engine = vllm_engine.VLLMEngine(backend, SimpleNamespace(generation_config=None), tokenizer,
+    engine = vllm_engine.VLLMEngine(backend, torch.nn.Linear(1, 1), tokenizer,
                                     adapter_dir=str(tmp_path))
     engine.sync_weights()
     assert engine.adapter == published and backend.activated == []

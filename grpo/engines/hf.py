@@ -4,9 +4,10 @@ It shares the policy module with the trainer (no weight copy, nothing to sync) a
 runs its own decode loop over the model's forward, rather than ``model.generate``,
 for three reasons: the sampled tokens' log-probabilities are recorded exactly as the
 trainer defines them (temperature-scaled, before top-k/top-p) without keeping a
-``[steps, batch, vocab]`` tensor of scores; sampling draws from a dedicated, seeded
-``torch.Generator`` whose state is checkpointed (``generate`` only uses the global
-RNG); and rows that finish are dropped from the batch and its cache, so a group of
+``[steps, batch, vocab]`` tensor of scores; sampling draws from dedicated, seeded
+``torch.Generator`` streams (``generate`` only uses the global RNG): one per prompt when
+the caller passes ``prompt_seeds`` (training: a prompt samples the same tokens whatever
+batch or rank it lands in), else the engine's own, checkpointed one; and rows that finish are dropped from the batch and its cache, so a group of
 mostly short answers does not pay for its longest one.
 
 Prompts are left-padded and prefilled once per prompt; the KV cache is then repeated
@@ -104,6 +105,8 @@ def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None,
 
 class HFEngine:
     """Rollout engine over a (peft) causal LM shared with the trainer."""
+
+    samples_from_trainer_module = True  # FSDP2: the trainer gathers the sharded weights around generate()
 
     def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_size: int = 256):
         self.model = model

@@ -193,17 +193,19 @@ class VLLMEngine:
         Server mode under torchrun: one server serves every rank, so rank 0 alone publishes
         the adapter; the other ranks wait for it (a collective) and request the same name."""
         from grpo import dist
+        from grpo.parallel import full_adapter_state
 
+        weights = full_adapter_state(self.model)  # FSDP2: gathered from the shards (collective); else None
         shared = isinstance(self.backend, ServerBackend) and dist.info().enabled
         if shared and not dist.info().is_main:
             self.adapter = dist.broadcast_object(None)
             return
-        self._publish()
+        self._publish(weights)
         if shared:
             dist.broadcast_object(self.adapter)
 
-    def _publish(self) -> None:
-        exported = self._export_adapter()
+    def _publish(self, weights: dict[str, Any] | None) -> None:
+        exported = self._export_adapter(weights)
         if exported is None:
             return  # a plain model (no LoRA): vLLM samples from the base
         previous = self.adapter
@@ -234,7 +236,7 @@ class VLLMEngine:
             shutil.rmtree(self.adapter.path, ignore_errors=True)
 
     # ------------------------------------------------------------------ helpers
-    def _export_adapter(self) -> Path | None:
+    def _export_adapter(self, weights: dict[str, Any] | None = None) -> Path | None:
         """Save the active LoRA adapter (PEFT format) into a fresh directory; None without LoRA."""
         from peft import PeftModel
 
@@ -242,7 +244,7 @@ class VLLMEngine:
             return None
         name = self.model.active_adapter
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.adapter_dir))
-        self.model.save_pretrained(tmp, selected_adapters=[name])
+        self.model.save_pretrained(tmp, selected_adapters=[name], state_dict=weights)
         # PEFT writes adapters other than "default" into a subdirectory named after them.
         return tmp if name == "default" else _lift(tmp, name)
 
