@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_run_config
-from grpo import dist
+from grpo import checkpoint, dist
 from grpo.cli import main
 from grpo.config import load_config
 from grpo.engines.base import SamplingParams, stream_seed
@@ -207,7 +207,7 @@ def test_fsdp2_run_reaches_the_one_process_adapter(two_rank_run, tiny_model_dir,
                      "distributed.strategy=fsdp2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_adapter(_adapter(two_rank_run["one"]), _adapter(run))
-    state = torch.load(run / "checkpoints" / "step-000003" / "state.pt", weights_only=False)
+    state = checkpoint.read_state(run / "checkpoints" / "step-000003")
     assert state["optimizer"]["state"], "the gathered optimizer state is empty"
 
 
