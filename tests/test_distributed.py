@@ -142,6 +142,20 @@ def test_one_step_loss_and_gradients_match_one_process(tiny_model_dir, toy_plugi
         torch.testing.assert_close(two["grads"][k], g, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "constant"])
+def test_micro_batch_composition_does_not_change_the_update(tiny_model_dir, toy_plugin, tmp_path, aggregation):
+    """Whole-batch normalisers: 1 sequence per micro-batch and all 16 in one give the same loss and gradients."""
+    runs = {}
+    for mb in (1, 16):
+        out = tmp_path / f"mb{mb}.pt"
+        one_step(str(tiny_model_dir), str(toy_plugin), str(out), "ddp",
+                 [f"optim.micro_batch_size={mb}", f"loss.aggregation={aggregation}"])
+        runs[mb] = torch.load(out)
+    assert runs[1]["loss"] == pytest.approx(runs[16]["loss"], rel=1e-5, abs=1e-7)  # ~0 at ratio 1
+    for k, g in runs[16]["grads"].items():
+        torch.testing.assert_close(runs[1]["grads"][k], g, rtol=1e-4, atol=1e-8)
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_model_dir, toy_plugin, tmp_path_factory):
     """A 3-step run on 2 ranks (checkpoints at steps 2 and 3) and the same run in one process."""
@@ -249,7 +263,7 @@ def test_a_failing_rank_ends_the_job_with_its_error(tiny_model_dir, toy_plugin, 
     if failure == "raise":
         assert "rank 1/2 failed: RuntimeError: injected failure on rank 1" in proc.stderr
     else:  # rank 0 waits in a collective for at most distributed.timeout_s, then fails the job
-        assert "rank 0/2 failed" in proc.stderr
+        assert "rank 0/2 failed" in proc.stderr and "Timed out" in proc.stderr
     assert elapsed < 90
 
 
