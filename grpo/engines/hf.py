@@ -7,8 +7,9 @@ trainer defines them (temperature-scaled, before top-k/top-p) without keeping a
 ``[steps, batch, vocab]`` tensor of scores; sampling draws from dedicated, seeded
 ``torch.Generator`` streams (``generate`` only uses the global RNG): one per prompt when
 the caller passes ``prompt_seeds`` (training: a prompt samples the same tokens whatever
-batch or rank it lands in), else the engine's own, checkpointed one; and rows that finish are dropped from the batch and its cache, so a group of
-mostly short answers does not pay for its longest one.
+batch or rank it lands in), else the engine's own, checkpointed one; and rows that
+finish are dropped from the batch and its cache, so a group of mostly short answers
+does not pay for its longest one.
 
 Prompts are left-padded and prefilled once per prompt; the KV cache is then repeated
 ``n`` times (``batch_repeat_interleave``), so a group of G completions costs one
