@@ -36,6 +36,8 @@ def fixed_rollout(trainer: Trainer):
         ids = [rng.randrange(6, 100) for _ in range(rng.randrange(1, 9))]
         completions.append(Completion(ids, "", [-1.0] * len(ids), "stop"))
     rewards = [float(rng.random() < 0.5) + 0.1 * rng.random() for _ in range(P * G)]
+    if trainer.cfg.loss.drop_zero_variance:  # the last two groups (rank 1's of 2) score flat: dropped
+        rewards[2 * G:] = [0.5] * (2 * G)
     return prompts, completions, rewards
 
 
@@ -43,7 +45,7 @@ def one_step(model_dir: str, plugin: str, out: str, strategy: str, extra: list[s
     overrides = tiny_run_config(Path(model_dir), Path(out).with_suffix(".run"), Path(plugin), **{
         "rollout.prompts_per_step": P, "rollout.num_generations": G, "optim.max_grad_norm": 0,
         "optim.micro_batch_size": 3, "loss.aggregation": "token_mean", "loss.advantage_scale": "batch",
-        "distributed.strategy": strategy, "steps": 1})
+        "distributed.strategy": strategy, "distributed.timeout_s": 120, "steps": 1})
     cfg = load_config(None, [*overrides, *extra])
     dist.init(cfg.distributed.timeout_s, "cpu")
     trainer = Trainer(cfg, progress=False)

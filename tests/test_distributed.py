@@ -127,11 +127,17 @@ def test_reward_batches_merge_in_rank_order():
 
 
 # ----------------------------------------------------------------- two processes
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_one_step_loss_and_gradients_match_one_process(tiny_model_dir, toy_plugin, tmp_path, strategy):
-    one_step(str(tiny_model_dir), str(toy_plugin), str(tmp_path / "one.pt"), "ddp")
+@pytest.mark.parametrize("strategy,extra", [
+    ("ddp", []),
+    # rank 1's groups are all dropped: it joins the gradient reduction with a zero-weight micro-batch
+    ("ddp", ["loss.drop_zero_variance=true"]),
+    # FSDP2 needs equal micro-batch counts (per-layer collectives): rank 1 pads up to rank 0's
+    ("fsdp2", ["loss.drop_zero_variance=true"]),
+], ids=["ddp", "ddp-rank1-empty", "fsdp2-rank1-empty"])
+def test_one_step_loss_and_gradients_match_one_process(tiny_model_dir, toy_plugin, tmp_path, strategy, extra):
+    one_step(str(tiny_model_dir), str(toy_plugin), str(tmp_path / "one.pt"), "ddp", extra)
     worker = str(Path(__file__).resolve().parent / "dist_step_worker.py")
-    proc = torchrun([worker, str(tiny_model_dir), str(toy_plugin), str(tmp_path / "two.pt"), strategy])
+    proc = torchrun([worker, str(tiny_model_dir), str(toy_plugin), str(tmp_path / "two.pt"), strategy, *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert two["tokens"] == one["tokens"]  # the global token-mean normaliser
