@@ -78,6 +78,9 @@ def init(timeout_s: float, device: str = "cpu") -> DistInfo:
         return DistInfo()
     if tdist.is_initialized():
         return info()
+    if device.startswith("cuda:"):
+        raise UserError(f"model.device={device} under a launcher would put every rank on the same GPU; use "
+                        "model.device=auto or cuda (each rank takes cuda:LOCAL_RANK)")
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from grpo import dist
+from grpo.errors import UserError
 from grpo.logprobs import GroupedBatch, grouped_logprobs, pack_grouped
 
 
@@ -81,7 +82,8 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
-        raise RuntimeError(f"distributed.strategy=fsdp2: cannot find the decoder layers of {type(base).__name__}")
+        raise UserError(f"distributed.strategy=fsdp2: cannot find the decoder layers (model.layers) of "
+                        f"{type(base).__name__}; use distributed.strategy=ddp")
     return list(layers)
 
 

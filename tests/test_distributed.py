@@ -303,3 +303,14 @@ def test_vllm_server_mode_other_ranks_adopt_rank_0s_adapter(tmp_path, monkeypatc
     assert engine.adapter == published and backend.activated == []
     engine.close()
     assert published.path.is_dir()
+
+
+def test_launch_settings_that_cannot_work_are_one_line_errors(monkeypatch):
+    from grpo.parallel import _decoder_layers
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="every rank on the same GPU"):
+        dist.init(10, "cuda:0")
+    with pytest.raises(UserError, match="cannot find the decoder layers"):
+        _decoder_layers(torch.nn.Linear(2, 2))
