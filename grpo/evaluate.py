@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from grpo.engines.base import Completion, SamplingParams
+from grpo.engines.base import Completion, SamplingParams, stream_seed
 from grpo.errors import UserError
 from grpo.passk import mean_and_stderr, pass_at_k
 from grpo.rewards import RewardRunner
@@ -50,7 +50,7 @@ def check_ks(ks: Sequence[int], n: int) -> None:
 def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str, Any]],
              rewards: RewardRunner, *, n: int, temperature: float, max_new_tokens: int,
              ks: Sequence[int] = (1,), greedy: bool = True, seed: int = 1234, top_p: float = 1.0,
-             top_k: int = 0, prefix: str = "heldout/") -> EvalResult:
+             top_k: int = 0, prefix: str = "heldout/", first_index: int = 0) -> EvalResult:
     """Sample ``n`` completions per row at ``temperature``, score them, and report (keys get ``prefix``):
 
     * ``accuracy`` (= pass@1: mean over problems of the fraction of correct samples) and
@@ -62,6 +62,9 @@ def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str
 
     Sampling uses a fixed ``seed`` so evaluations before and after training, or of a base
     model and its adapter, draw with the same random numbers (less noise in the difference).
+    Problem i draws from its own stream ``stream_seed(seed, first_index + i)``, so a slice of
+    the rows evaluated on one rank (``first_index`` = its offset) samples what the whole list
+    would; ``metrics_from_samples`` recomputes the metrics from the gathered samples.
     """
     check_ks(ks, n)
     if not rows:
@@ -70,8 +73,8 @@ def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str
     samples: list[dict[str, Any]] = []
     groups = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens,
                                                      temperature=temperature, top_p=top_p, top_k=top_k),
-                             seed=seed)
-    correct, batch = _score(groups, rows, rewards, samples, "sampled")
+                             prompt_seeds=[stream_seed(seed, first_index + i) for i in range(len(rows))])
+    correct, batch = _score(groups, rows, rewards, samples, "sampled", first_index)
     metrics = {f"{prefix}{k}": v for k, v in sampled_metrics(correct, ks).items()}
     metrics[f"{prefix}reward"] = _mean(batch.total)
     for name, values in batch.per_verifier.items():
@@ -81,7 +84,7 @@ def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str
     if greedy:
         greedy_groups = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0),
                                         seed=seed)
-        g_correct, _ = _score(greedy_groups, rows, rewards, samples, "greedy")
+        g_correct, _ = _score(greedy_groups, rows, rewards, samples, "greedy", first_index)
         mean, stderr = mean_and_stderr([float(c[0]) for c in g_correct])
         metrics[f"{prefix}greedy_accuracy"], metrics[f"{prefix}greedy_accuracy_stderr"] = mean, stderr
     return EvalResult(metrics, samples)
@@ -112,7 +115,30 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _score(groups: list[list[Completion]], rows, rewards: RewardRunner, samples: list, mode: str):
+def metrics_from_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int], prefix: str = "heldout/") -> dict[str, float]:
+    """``evaluate``'s metrics from its samples (e.g. gathered from several ranks' slices of the rows).
+
+    Equal to ``evaluate(...).metrics`` except that a verifier that applied to no sample has no
+    ``reward/<name>`` key (instead of NaN)."""
+    sampled = [s for s in samples if s["mode"] == "sampled"]
+    per_problem: dict[int, list[bool]] = {}
+    for s in sampled:
+        per_problem.setdefault(s["problem"], []).append(bool(s["correct"]))
+    metrics = {f"{prefix}{k}": v for k, v in sampled_metrics(list(per_problem.values()), ks).items()}
+    metrics[f"{prefix}reward"] = _mean([s["reward"] for s in sampled])
+    names = list(dict.fromkeys(name for s in sampled for name in s["rewards"]))
+    for name in names:
+        metrics[f"{prefix}reward/{name}"] = _mean([s["rewards"][name] for s in sampled if name in s["rewards"]])
+    shapes = [Completion([0] * s["num_tokens"], "", [], s["finish_reason"]) for s in sampled]
+    metrics.update({f"{prefix}{k}": v for k, v in length_stats(shapes).items()})
+    greedy = [float(s["correct"]) for s in samples if s["mode"] == "greedy"]
+    if greedy:
+        metrics[f"{prefix}greedy_accuracy"], metrics[f"{prefix}greedy_accuracy_stderr"] = mean_and_stderr(greedy)
+    return metrics
+
+
+def _score(groups: list[list[Completion]], rows, rewards: RewardRunner, samples: list, mode: str,
+           first_index: int = 0):
     flat_rows = [row for row, g in zip(rows, groups) for _ in g]
     flat = [c for g in groups for c in g]
     batch = rewards.score(flat_rows, [c.text for c in flat])
@@ -120,7 +146,8 @@ def _score(groups: list[list[Completion]], rows, rewards: RewardRunner, samples:
     for row, g in zip(rows, groups):
         out.append(batch.correct[i:i + len(g)])
         for j, c in enumerate(g):
-            samples.append({"id": row.get("id"), "mode": mode, "sample": j, "prompt": row.get("prompt"),
+            samples.append({"id": row.get("id"), "problem": first_index + len(out) - 1, "mode": mode, "sample": j,
+                            "prompt": row.get("prompt"),
                             "completion": c.text, "reward": batch.total[i + j], "correct": batch.correct[i + j],
                             "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids),
                             "rewards": {k: v[i + j] for k, v in batch.per_verifier.items() if v[i + j] is not None},

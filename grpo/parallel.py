@@ -1,7 +1,7 @@
-"""The data-parallel pieces of a training step: the wrapped policy and whole-batch merges.
+"""The data-parallel pieces of a training step: the wrapped policy, gathered state, reductions.
 
-* ``Policy`` is the module the update differentiates: ``forward(batch)`` returns the
-  sampled-token log-probs of a ``GroupedBatch`` (shared-prompt KV path included). Under
+* ``Policy`` is the module the update differentiates: ``forward(compute)`` runs the
+  trainer's log-prob computation on the model (shared-prompt KV path or packed). Under
   torchrun it is wrapped by DDP (adapters' gradients reduced across ranks, base
   replicated) or sharded by FSDP2 ``fully_shard`` (per decoder layer, so the frozen base
   weights are sharded too). Going through the wrapper's ``forward`` is what lets DDP and
@@ -9,35 +9,44 @@
 * Gradients are **summed** over ranks, not averaged: every rank's loss is already
   normalised by whole-batch counts (sequences, tokens), so the sum is exactly the
   gradient of the one-process loss.
-* ``gather_rewards`` concatenates every rank's scores in global prompt order, so advantages
-  (batch std included) and step metrics are computed from the whole batch, identically on
-  every rank and at any world size.
+* The trainer gathers every rank's scored groups (``grpo.dist.all_gather_concat``), so
+  advantages (batch std included), dynamic-sampling decisions and step metrics are
+  computed from the whole batch, identically on every rank and at any world size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from grpo import dist
 from grpo.errors import UserError
-from grpo.logprobs import GroupedBatch, grouped_logprobs, pack_grouped
+from grpo.logprobs import grouped_logprobs, pack_grouped
 
 
 class Policy(torch.nn.Module):
-    """``forward(batch) -> (b, T)`` log-probs of the completion tokens under ``model``."""
+    """The module DDP / FSDP2 wrap: ``forward(compute)`` returns ``compute(model)``.
 
-    def __init__(self, model: torch.nn.Module, temperature: float, chunk_tokens: int, pad_id: int):
+    ``compute`` is the trainer's log-prob computation (grouped or packed, with or without
+    entropy); running it inside this forward is what lets DDP prepare its gradient
+    reduction and FSDP2 gather its root parameters, whatever path the computation takes
+    through the model (the shared-prompt KV path calls the backbone twice).
+    """
+
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        self.temperature, self.chunk_tokens, self.pad_id = temperature, chunk_tokens, pad_id
 
-    def forward(self, batch: GroupedBatch) -> torch.Tensor:
-        # a fresh tensor, not a view: FSDP2 hooks its backward onto this output
-        return grouped_logprobs(self.model, batch, self.temperature, self.chunk_tokens, self.pad_id).clone()
+    def forward(self, compute: Callable[[torch.nn.Module], Any]) -> Any:
+        out = compute(self.model)
+        # fresh tensors, not views: FSDP2 hooks its backward onto the outputs
+        return tuple(_fresh(o) for o in out) if isinstance(out, tuple) else _fresh(out)
+
+
+def _fresh(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
 
 
 def _sum_allreduce_hook(state, bucket):  # no annotations: DDP checks them against its own types
@@ -61,7 +70,7 @@ def wrap_policy(policy: Policy, strategy: str, me: dist.DistInfo) -> torch.nn.Mo
             module.set_gradient_divide_factor(1.0)  # sum, see the module docstring
             module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
         with torch.no_grad():  # FSDP2 initialises from the first forward, which must enter at the root
-            policy(pack_grouped([[policy.pad_id]], [0], [[policy.pad_id]], policy.pad_id, _device(policy)))
+            policy(lambda model: grouped_logprobs(model, pack_grouped([[0]], [0], [[0]], 0, _device(policy))))
         return policy
     from torch.nn.parallel import DistributedDataParallel
 
@@ -156,48 +165,6 @@ def full_value(x: Any) -> float:
     if hasattr(x, "full_tensor"):
         x = x.full_tensor()
     return float(x)
-
-
-def merge_reward_batches(batches: Sequence[Any]) -> Any:
-    """One ``RewardBatch`` from every rank's, in rank order: lists concatenated (per verifier
-    too), error counts summed; per-batch correlations averaged (an approximation)."""
-    first = batches[0]
-    if len(batches) == 1:
-        return first
-    merged = {}
-    for f in dataclasses.fields(first):
-        values = [getattr(b, f.name) for b in batches]
-        if isinstance(values[0], list):
-            merged[f.name] = [x for v in values for x in v]
-        elif isinstance(values[0], dict):
-            keys = list(dict.fromkeys(k for v in values for k in v))
-            inner = next((v[k] for v in values for k in v), None)
-            if isinstance(inner, list):
-                merged[f.name] = {k: [x for v in values for x in v.get(k, [])] for k in keys}
-            elif f.name == "errors":
-                merged[f.name] = {k: sum(v.get(k, 0) for v in values) for k in keys}
-            else:
-                merged[f.name] = {k: sum(v[k] for v in values if k in v) / sum(k in v for v in values) for k in keys}
-        else:
-            merged[f.name] = values[0]
-    return type(first)(**merged)
-
-
-@dataclasses.dataclass
-class BatchView:
-    """The whole step's rollout summary (every rank's groups), identical on every rank."""
-
-    scored: Any  # RewardBatch over all B completions
-    lengths: list[int]  # (B,) completion tokens
-    truncated: list[bool]  # (B,) finish_reason == "length"
-
-
-def gather_rewards(scored: Any, completions: Sequence[Any]) -> BatchView:
-    """Collective: every rank's scores and completion lengths, in global prompt order."""
-    local = (scored, [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions])
-    parts = dist.all_gather_objects(local)
-    return BatchView(merge_reward_batches([p[0] for p in parts]), [n for p in parts for n in p[1]],
-                     [t for p in parts for t in p[2]])
 
 
 def reduce_update_stats(stats: dict[str, float], summed: Sequence[str], maxed: Sequence[str]) -> dict[str, float]:

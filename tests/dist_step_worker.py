@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N tests/dist_step_worker.py MODEL_DIR PLUGIN OUT_FILE STRATEGY
 
 Every rank builds the same synthetic step (P=4 prompts x G=4 completions of varied
-lengths, fixed rewards), keeps its own groups, runs ``Trainer._update`` and rank 0 saves
+lengths, fixed rewards: what ``_draw_groups`` returns, gathered), keeps its share of the
+groups (``Trainer._advantages``), runs ``Trainer._update`` and rank 0 saves
 the first update's loss and the full adapter gradients of a second update to OUT_FILE. Run without torchrun it is
 the one-process reference: same rollouts, same maths, one rank.
 """
@@ -22,7 +23,8 @@ from conftest import tiny_run_config  # noqa: E402
 from grpo import dist  # noqa: E402
 from grpo.config import load_config  # noqa: E402
 from grpo.engines.base import Completion  # noqa: E402
-from grpo.trainer import Trainer  # noqa: E402
+from grpo.rewards import RewardBatch  # noqa: E402
+from grpo.trainer import ScoredGroup, Trainer  # noqa: E402
 
 P, G = 4, 4
 
@@ -52,9 +54,9 @@ def one_step(model_dir: str, plugin: str, out: str, strategy: str, extra: list[s
     try:
         trainer.setup()
         prompts, completions, rewards = fixed_rollout(trainer)
-        mine = trainer.dist.slice(P)
-        local = [c for i in mine for c in completions[i * G:(i + 1) * G]]
-        rollout = trainer._advantages([prompts[i] for i in mine], local, rewards, mine)
+        groups = [ScoredGroup(prompts[p], completions[p * G:(p + 1) * G], rewards[p * G:(p + 1) * G],
+                              RewardBatch(rewards[p * G:(p + 1) * G], {}, {}, [False] * G)) for p in range(P)]
+        rollout = trainer._advantages(groups)  # this rank's share of the whole batch
         stats = trainer._update(rollout)
         trainer._update(rollout)  # a second update: LoRA B is no longer zero, so A gets gradients too
         grads = {}

@@ -25,8 +25,6 @@ from grpo.cli import main
 from grpo.config import load_config
 from grpo.engines.base import SamplingParams, stream_seed
 from grpo.errors import UserError
-from grpo.parallel import merge_reward_batches
-from grpo.rewards import RewardBatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_step_worker import one_step  # noqa: E402
@@ -117,15 +115,6 @@ def test_prompt_streams_make_a_group_independent_of_its_batch_mates(tiny_model_d
     assert [c.token_ids for c in other[0]] != [c.token_ids for c in alone[0]]
 
 
-def test_reward_batches_merge_in_rank_order():
-    a = RewardBatch([1.0, 0.0], {"m": [1.0, None]}, {"m": ["ok", ""]}, [True, False], {"m": 1}, {"x~y": 0.5})
-    b = RewardBatch([0.5], {"m": [0.5]}, {"m": ["half"]}, [False], {"m": 2}, {"x~y": 0.1})
-    m = merge_reward_batches([a, b])
-    assert m.total == [1.0, 0.0, 0.5] and m.per_verifier == {"m": [1.0, None, 0.5]}
-    assert m.reasons == {"m": ["ok", "", "half"]} and m.correct == [True, False, False]
-    assert m.errors == {"m": 3} and m.correlations == {"x~y": pytest.approx(0.3)}
-
-
 # ----------------------------------------------------------------- two processes
 @pytest.mark.parametrize("strategy,extra", [
     ("ddp", []),
@@ -164,10 +153,11 @@ def test_micro_batch_composition_does_not_change_the_update(tiny_model_dir, toy_
 
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_model_dir, toy_plugin, tmp_path_factory):
-    """A 3-step run on 2 ranks (checkpoints at steps 2 and 3) and the same run in one process."""
+    """A 3-step run on 2 ranks (checkpoints at steps 2 and 3) and the same run in one process
+    (with dynamic sampling on, so its decisions are taken on the gathered batch too)."""
     tmp = tmp_path_factory.mktemp("dist")
     common = {"steps": 3, "checkpoint_every": 2, "rollout.prompts_per_step": 4, "eval.num_problems": 3,
-              "eval.num_samples": 2}
+              "eval.num_samples": 2, "rollout.dynamic_sampling": "true", "rollout.max_sampling_rounds": 2}
     runs = {}
     for name in ("one", "two"):
         runs[name] = tmp / name
@@ -195,7 +185,8 @@ def test_two_ranks_log_the_one_process_metrics_once_from_rank_0(two_rank_run):
     for a, b in zip(one, two):
         for key in ("reward/mean", "reward/std", "train/accuracy", "completion_length", "zero_variance_groups",
                     "tokens/generated", "sequences_in_loss", "tokens_in_loss", "heldout/accuracy", "heldout/reward",
-                    "heldout/greedy_accuracy", "heldout/completion_length"):
+                    "heldout/greedy_accuracy", "heldout/completion_length", "dynamic_sampling/rounds",
+                    "dynamic_sampling/kept_groups"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-6), key
         for key in ("loss", "kl", "grad_norm"):
