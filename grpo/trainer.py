@@ -21,23 +21,29 @@ from typing import Any
 
 import torch
 
-from grpo import checkpoint
+from grpo import checkpoint, dist
 from grpo.algorithms import (group_advantages, masked_mean, overlong_penalty, policy_loss,
                              truncated_importance_weights)
 from grpo.config import RunConfig, to_dict
 from grpo.dynamic_sampling import Filled, fill_batch, sampling_metrics
-from grpo.engines.base import Completion, SamplingParams
+from grpo.engines.base import Completion, SamplingParams, stream_seed
 from grpo.errors import UserError
-from grpo.evaluate import EVAL_SEED_OFFSET, evaluate
+from grpo.evaluate import EVAL_SEED_OFFSET, evaluate, metrics_from_samples
 from grpo.logprobs import fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode
 from grpo.metrics import MetricsLogger
 from grpo.packing import pack_tree, tree_logprobs
+from grpo.parallel import (Policy, full_adapter_state, generation_mode, load_optimizer_state, optimizer_state,
+                           reduce_update_stats, set_gradient_sync, wrap_policy)
 from grpo.trackers import check_available as check_trackers
 from grpo.prompts import encode_prompt
 from grpo.rewards import RewardBatch, RewardRunner
 from grpo.training import (claim_run_dir, clip_gradients, make_optimizer, progress_bar, resume_training,
                            save_training, seed_everything)
 from grpo.tools.episodes import episode_metrics, with_episode_terms
+
+
+TIME_KEYS = ("time/generate", "time/score", "time/update", "time/step", "time/reference_and_old",
+             "time/policy_forward_backward", "time/optimizer")  # reduced as the slowest rank's
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,7 +93,7 @@ class ScoredGroup:
 
 @dataclass
 class Rollout:
-    """One step's data: B = P * G sequences, prompt-major."""
+    """One step's data: B = P * G sequences, prompt-major (under torchrun: this rank's share of the groups)."""
 
     prompt_ids: list[list[int]]  # (B,) prompt token ids per sequence
     completions: list[Completion]  # (B,)
@@ -107,10 +113,12 @@ class Trainer:
         from grpo.build import build_task_rows, build_policy, build_engine
 
         cfg = self.cfg
+        self.dist = dist.info()
+        dist.check_divisible(cfg.rollout.prompts_per_step, "rollout.prompts_per_step", self.dist)
         seed_everything(cfg.seed, cfg.threads)
         check_trackers(cfg.report_to)  # a missing tracker library fails before any model work
         # before any model is loaded or file written; on --resume also reads and checks the checkpoint
-        self.run_lock, resumed = claim_run_dir(self.run_dir, to_dict(cfg), self.resume)
+        self.run_lock, resumed = self._claim_run_dir()
         self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers)
         self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
         self._prompt_cache: dict[str, list[int]] = {}
@@ -119,6 +127,9 @@ class Trainer:
         self.engine = build_engine(self.model, self.tokenizer, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss,
                                    tools=cfg.tools)
         self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
+        if resumed is not None:  # the adapter goes in before DDP/FSDP2 wrap the model
+            checkpoint.load_adapter(resumed[0], self.model)
+        self.policy = wrap_policy(Policy(self.model), cfg.distributed.strategy, self.dist)
         o = cfg.optim
         self.optimizer, self.scheduler = make_optimizer(
             (p for p in self.model.parameters() if p.requires_grad), lr=o.lr, betas=o.betas,
@@ -128,8 +139,25 @@ class Trainer:
         resume_step = 0
         if resumed is not None:
             resume_step = self._load_checkpoint(resumed)
-        self.metrics = MetricsLogger(self.run_dir, resume_step, cfg.report_to, cfg.name, cfg.tracker_project,
-                                     to_dict(cfg))
+        self.metrics = None  # rank 0 alone writes metrics, trackers and plots
+        if self.dist.is_main:
+            self.metrics = MetricsLogger(self.run_dir, resume_step, cfg.report_to, cfg.name, cfg.tracker_project,
+                                         to_dict(cfg))
+
+    def _claim_run_dir(self):
+        """Rank 0 claims the run directory (lock, checks, config.yaml); the other ranks then read
+        the checkpoint it checked. Returns (lock or None, resumed or None)."""
+        lock = resumed = None
+        if self.dist.is_main:
+            lock, resumed = claim_run_dir(self.run_dir, to_dict(self.cfg), self.resume)
+        dist.barrier()
+        if self.resume and not self.dist.is_main:
+            resumed = checkpoint.find_resumable(self.run_dir)
+        return lock, resumed
+
+    def _log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.metrics is not None:  # rank 0
+            self.metrics.log(step, metrics)
 
     def _check_fast_head(self) -> bool:
         """Use the chunked LM head only if it reproduces the model's own logits (scaled/capped heads do not)."""
@@ -151,10 +179,10 @@ class Trainer:
                 summary["before"] = self._evaluate(0)
             elif (before := self._logged_eval(0)) is not None:
                 summary["before"] = before  # resumed: the evaluation logged before step 1
-        bar = progress_bar(self.progress, cfg.steps, self.step, "grpo")
+        bar = progress_bar(self.progress and self.dist.is_main, cfg.steps, self.step, "grpo")
         while self.step < cfg.steps:
             metrics = self.train_step(sampling)
-            self.metrics.log(self.step, metrics)                                       # log
+            self._log(self.step, metrics)                                              # log
             self._show(bar, metrics)
             if (cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0 and self.heldout_rows
                     and (self.step < cfg.steps or not cfg.eval.at_end)):  # at_end evaluates the last step
@@ -176,7 +204,7 @@ class Trainer:
     def train_step(self, sampling: SamplingParams) -> dict[str, float]:
         """One GRPO step; returns its metrics."""
         t0 = time.perf_counter()
-        self._times = {"generate": 0.0, "score": 0.0}
+        self._times, self._drawn = {"generate": 0.0, "score": 0.0}, 0
         filled = self._collect(sampling)                                               # prompts, rollout, verify
         t_rollout = time.perf_counter()
         rollout = self._advantages(filled.kept)                                        # advantages
@@ -184,9 +212,9 @@ class Trainer:
         self.engine.sync_weights()                                                     # engine sync
         self.step += 1
         t_end = time.perf_counter()
-        return {**self._rollout_metrics(filled), **stats,
-                "time/generate": self._times["generate"], "time/score": self._times["score"],
-                "time/update": t_end - t_rollout, "time/step": t_end - t0, "lr": self.scheduler.get_last_lr()[0],
+        times = reduce_update_stats({"time/generate": self._times["generate"], "time/score": self._times["score"],
+                                     "time/update": t_end - t_rollout, "time/step": t_end - t0}, (), TIME_KEYS)
+        return {**self._rollout_metrics(filled), **stats, **times, "lr": self.scheduler.get_last_lr()[0],
                 "tokens/generated": sum(len(c.token_ids) for g in filled.drawn for c in g.completions)}
 
     # ------------------------------------------------------------- the pieces
@@ -206,11 +234,19 @@ class Trainer:
                           r.max_sampling_rounds, informative=_rewards_differ)
 
     def _draw_groups(self, count: int, sampling: SamplingParams) -> list[ScoredGroup]:
-        """Sample ``count`` prompts, roll out G completions each, score them."""
+        """Sample ``count`` prompts, roll out G completions each, score them.
+
+        Under torchrun each rank rolls out and scores its contiguous share of the ``count``
+        prompts; the scored groups of every rank are gathered (a collective), so every rank
+        returns the same ``count`` groups, in prompt order."""
         G, t0 = sampling.n, time.perf_counter()
-        rows = [self.train_rows[i] for i in self.sampler.next(count)]
+        mine = self.dist.slice(count)
+        rows = [self.train_rows[i] for i in self.sampler.next(count)][mine.start:mine.stop]
         prompt_ids = [self._encode(r["prompt"]) for r in rows]
-        groups = self.engine.generate(prompt_ids, sampling)
+        seeds = [stream_seed(self.cfg.seed, self.step, self._drawn + i) for i in mine]  # a stream per prompt
+        self._drawn += count
+        with generation_mode(self.policy, self.engine):
+            groups = self.engine.generate(prompt_ids, sampling, prompt_seeds=seeds)
         t1 = time.perf_counter()
         completions = [c for g in groups for c in g]
         scored = self.rewards.score([r for r in rows for _ in range(G)], [c.text for c in completions])
@@ -221,18 +257,29 @@ class Trainer:
                                    self._max_completion_tokens(), loss.overlong_buffer, loss.overlong_penalty)
         total = (torch.tensor(scored.total, dtype=torch.float32) + penalty).tolist()
         total = with_episode_terms(total, completions)  # + per-episode terms (tool-error penalty)
-        return [ScoredGroup(prompt_ids[p], groups[p], total[p * G:(p + 1) * G], slice_scores(scored, p * G, G))
-                for p in range(len(rows))]
+        return dist.all_gather_concat(
+            [ScoredGroup(prompt_ids[p], groups[p], total[p * G:(p + 1) * G], slice_scores(scored, p * G, G))
+             for p in range(len(rows))])
 
     def _advantages(self, groups: list[ScoredGroup]) -> Rollout:
+        """Advantages over the whole batch (every rank's groups: batch std etc. as in one process);
+        the Rollout of this rank's share of the groups."""
         cfg, G = self.cfg, self.cfg.rollout.num_generations
-        completions = [c for g in groups for c in g.completions]
-        prompt_ids = [g.prompt_ids for g in groups]
         rewards = torch.tensor([x for g in groups for x in g.rewards], dtype=torch.float32)
         adv = group_advantages(rewards, G, cfg.loss.advantage_scale, cfg.loss.advantage_eps)
+        share = self.dist.share(len(groups))  # the update's split: whole groups, as even as possible
+        live = share.stop > share.start
+        if not live:  # fewer kept groups than ranks: hold one group with no sequence in the loss
+            share = range(0, min(1, len(groups)))
+        groups, zero_variance = groups[share.start:share.stop], adv.zero_variance[share.start:share.stop]
+        rewards, advantages = rewards[share.start * G:share.stop * G], adv.advantages[share.start * G:share.stop * G]
+        completions = [c for g in groups for c in g.completions]
+        prompt_ids = [g.prompt_ids for g in groups]
         keep = []
         for i, c in enumerate(completions):
-            if cfg.loss.drop_zero_variance and bool(adv.zero_variance[i // G]):
+            if not live:
+                continue
+            if cfg.loss.drop_zero_variance and bool(zero_variance[i // G]):
                 continue
             if cfg.loss.mask_truncated and c.finish_reason == "length":
                 continue
@@ -240,7 +287,7 @@ class Trainer:
                 continue
             keep.append(i)
         seq_prompts = [p for p in prompt_ids for _ in range(G)]
-        return Rollout(seq_prompts, completions, rewards, adv.advantages, keep)
+        return Rollout(seq_prompts, completions, rewards, advantages, keep)
 
     def _micro_batches(self, rollout: Rollout) -> list[list[int]]:
         # Keep a group's sequences together (its prompt is encoded once per micro-batch),
@@ -265,10 +312,14 @@ class Trainer:
                   dropout_seed: int | None = None):
         T, chunk, pad = self.cfg.rollout.temperature, self.cfg.optim.logprob_chunk_tokens, self.tokenizer.pad_token_id
         adapters_off = nullcontext() if adapters else self.model.disable_adapter()
-        with torch.set_grad_enabled(grad), adapters_off, same_dropout(dropout_seed, self.device):
+
+        def compute(model):  # runs inside the policy's forward, where DDP / FSDP2 hook in
             if self.cfg.optim.packing:
-                return tree_logprobs(self.model, batch, T, chunk, self.fast_head, entropy)
-            return grouped_logprobs(self.model, batch, T, chunk, pad, self.fast_head, entropy)
+                return tree_logprobs(model, batch, T, chunk, self.fast_head, entropy)
+            return grouped_logprobs(model, batch, T, chunk, pad, self.fast_head, entropy)
+
+        with torch.set_grad_enabled(grad), adapters_off, same_dropout(dropout_seed, self.device):
+            return self.policy(compute)
 
     def _dropout_seeds(self, count: int) -> list[int | None]:
         """One LoRA-dropout seed per micro-batch, shared by its old and policy passes (None: no dropout)."""
@@ -279,11 +330,13 @@ class Trainer:
     def _update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.cfg
         micro = self._micro_batches(rollout)
-        if not micro:  # every group was dropped (e.g. all zero-variance): nothing to learn from
-            return {"loss": 0.0, "sequences_in_loss": 0}
         packed = [self._pack(rollout, idx) for idx in micro]
-        n_seq = len(rollout.keep)
-        n_tok = int(sum(int(b.loss_mask.sum()) for b in packed))
+        # whole-batch normalisers (all ranks): the sum of the ranks' micro-batch losses is the batch loss
+        n_seq, n_tok = map(int, dist.all_reduce_sum([len(rollout.keep),
+                                                     sum(int(b.loss_mask.sum()) for b in packed)]))
+        if not n_seq:  # every group was dropped (e.g. all zero-variance): nothing to learn from
+            return {"loss": 0.0, "sequences_in_loss": 0}
+        micro, packed, live = self._balance_micro_batches(rollout, micro, packed)
         old_mode = cfg.loss.old_logprobs
         if old_mode == "auto":
             old_mode = "detached" if cfg.loss.update_passes == 1 else "recompute"
@@ -305,9 +358,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             sums = dict.fromkeys(sums, 0.0)
             t_pass = time.perf_counter()
-            for idx, batch, ref_lp, old_lp, seed in zip(micro, packed, ref, old, seeds):
+            for n, (idx, batch, ref_lp, old_lp, seed) in enumerate(zip(micro, packed, ref, old, seeds)):
+                set_gradient_sync(self.policy, n == len(micro) - 1)  # reduce across ranks in the last backward
                 logp, entropy = self._logprobs(batch, grad=True, entropy=True, dropout_seed=seed)
-                mask = batch.loss_mask  # model-written tokens only (tool observations are context)
+                # model-written tokens only (tool observations are context); a rank's padding micro-batch: none
+                mask = batch.loss_mask * live[n]
                 old_lp = logp.detach() if old_lp is None else old_lp
                 engine_lp = self._rollout_logprobs(rollout, idx, batch)
                 tis = None
@@ -339,11 +394,28 @@ class Trainer:
             self.scheduler.step()
             t2 = time.perf_counter()
             t_policy, t_opt = t_policy + (t1 - t_pass), t_opt + (t2 - t1)
-        return {"time/reference_and_old": t_ref - t0, "time/policy_forward_backward": t_policy,
-                "time/optimizer": t_opt, "tokens/trained": sum(b.num_tokens for b in packed),
-                "loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
-                "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"], "entropy": sums["entropy"],
-                "sequences_in_loss": n_seq, "tokens_in_loss": n_tok}
+        stats = {"time/reference_and_old": t_ref - t0, "time/policy_forward_backward": t_policy,
+                 "time/optimizer": t_opt, "tokens/trained": sum(b.num_tokens for b, w in zip(packed, live) if w),
+                 "loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
+                 "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"], "entropy": sums["entropy"],
+                 "sequences_in_loss": n_seq, "tokens_in_loss": n_tok}
+        return reduce_update_stats(stats, summed=("loss", "kl", "clip_fraction", "ratio", "engine_logprob_diff",
+                                                  "entropy", "tokens/trained"), maxed=TIME_KEYS)
+
+    def _balance_micro_batches(self, rollout: Rollout, micro: list[list[int]], packed: list):
+        """Give every rank the same number of micro-batches (at least one): a rank with fewer
+        repeats its first sequence with weight 0 (``live`` = 0), so the gradient reduction and
+        FSDP2's per-layer collectives line up across ranks."""
+        live = [1] * len(micro)
+        count = len(micro)
+        if self.dist.enabled:
+            count = int(dist.all_reduce_max([len(micro)])[0])
+            if self.cfg.distributed.strategy == "ddp":
+                count = max(1, len(micro))  # DDP only needs one synchronised backward per rank
+        while len(micro) < count:
+            pad = [rollout.keep[0] if rollout.keep else 0]
+            micro, packed, live = micro + [pad], packed + [self._pack(rollout, pad)], live + [0]
+        return micro, packed, live
 
     def _max_completion_tokens(self) -> int:
         """Longest possible completion: the constant normaliser of `constant` aggregation (Dr. GRPO)."""
@@ -402,7 +474,7 @@ class Trainer:
 
     def _logged_eval(self, step: int) -> dict[str, float] | None:
         """The held-out metrics logged at ``step`` (metrics.jsonl), if any."""
-        for record in self.metrics.records():
+        for record in self.metrics.records() if self.metrics is not None else []:  # rank 0
             if record.get("step") == step and "heldout/accuracy" in record:
                 return {k: v for k, v in record.items() if k != "step"}
         return None
@@ -416,24 +488,36 @@ class Trainer:
         bar.update(1)
 
     # ------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self) -> Path:
+    def _save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint (every rank holds the same adapter and optimizer state; under
+        FSDP2 they are gathered first, a collective)."""
+        adapter, optimizer = full_adapter_state(self.model), optimizer_state(self.policy, self.optimizer)
+        if not self.dist.is_main:
+            return None
         extra = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict()}
         return save_training(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                             to_dict(self.cfg), self.cfg.keep_checkpoints, extra)
+                             to_dict(self.cfg), self.cfg.keep_checkpoints, extra,
+                             optimizer_state=optimizer, adapter_state=adapter)
 
     def _load_checkpoint(self, resumed: tuple[Path, dict[str, Any]]) -> int:
+        """Every rank, once the optimizer exists (the adapter went in before the wrap, in setup)."""
         o = self.cfg.optim
         state = resume_training(resumed, self.model, self.optimizer, self.scheduler, lr=o.lr,
-                                weight_decay=o.weight_decay, betas=o.betas)
+                                weight_decay=o.weight_decay, betas=o.betas, adapter_loaded=True,
+                                load_optimizer=lambda saved: load_optimizer_state(self.policy, self.optimizer, saved))
         self.sampler.load_state_dict(state["sampler"])
         self.engine.load_state_dict(state["engine"])
         self.step = state["step"]
         return self.step
 
     def _finish(self, summary: dict[str, Any]) -> None:
+        """Rank 0: the final checkpoint, adapter, plot, summary and before/after report."""
         if self.cfg.checkpoint_every == 0 or self.step % self.cfg.checkpoint_every:
             self._save_checkpoint()  # the final state is always resumable
-        self.model.save_pretrained(self.run_dir / "adapter")
+        adapter = full_adapter_state(self.model)  # collective under FSDP2
+        if not self.dist.is_main:
+            return
+        self.model.save_pretrained(self.run_dir / "adapter", state_dict=adapter)
         self.tokenizer.save_pretrained(self.run_dir / "adapter")
         self.metrics.plot()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -499,19 +583,26 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> str
 
 
 def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train; under torchrun this process is one rank (joined here, left at the end or on failure)."""
+    dist.init(cfg.distributed.timeout_s, cfg.model.device)
     trainer = Trainer(cfg, resume=resume, progress=progress)
     try:
-        trainer.setup()
-        return trainer.train()
-    except TrainingDiverged as exc:
-        last = checkpoint.latest(cfg.run_dir)
-        raise UserError(f"training diverged: {exc}; last good checkpoint: {last or 'none'} "
-                        "(lower optim.lr or raise loss.beta, then --resume)") from exc
-    except OSError as exc:  # writing the run directory failed midway: disk full, read-only, ...
-        from grpo.rundir import WRITE_ERRNOS, describe_os_error
+        try:
+            trainer.setup()
+            return trainer.train()
+        except TrainingDiverged as exc:
+            last = checkpoint.latest(cfg.run_dir)
+            raise UserError(f"training diverged: {exc}; last good checkpoint: {last or 'none'} "
+                            "(lower optim.lr or raise loss.beta, then --resume)") from exc
+        except OSError as exc:  # writing the run directory failed midway: disk full, read-only, ...
+            from grpo.rundir import WRITE_ERRNOS, describe_os_error
 
-        if exc.errno not in WRITE_ERRNOS:
-            raise
-        raise UserError(describe_os_error(exc, f"run {cfg.run_dir} stopped, a file could not be written")) from exc
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            raise UserError(describe_os_error(exc, f"run {cfg.run_dir} stopped, a file could not be written")) from exc
+    except BaseException as exc:
+        dist.fail(exc)  # no hang: leave the group now; torchrun stops the other ranks
+        raise
     finally:
         trainer.cleanup()
+        dist.teardown()

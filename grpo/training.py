@@ -14,14 +14,14 @@ import math
 import random
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-from grpo import checkpoint, rundir
+from grpo import checkpoint, dist, rundir
 from grpo.resume import apply_optimizer_settings, reconcile
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -67,11 +67,17 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, weight_de
 
 
 def clip_gradients(params: Sequence[torch.nn.Parameter], max_grad_norm: float) -> float:
-    """The total gradient norm of ``params`` before clipping; clips it to ``max_grad_norm`` (0 = off)."""
+    """The total gradient norm of ``params`` before clipping; clips it to ``max_grad_norm`` (0 = off).
+
+    Works on FSDP2-sharded parameters too (the norm is then a DTensor, made whole here)."""
     if max_grad_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    norms = [p.grad.norm() for p in params if p.grad is not None]
-    return float(torch.norm(torch.stack(norms))) if norms else 0.0
+        return _scalar(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return _scalar(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _scalar(norm: torch.Tensor) -> float:
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def claim_run_dir(run_dir: Path, config: dict[str, Any], resume: bool):
@@ -97,29 +103,33 @@ def claim_run_dir(run_dir: Path, config: dict[str, Any], resume: bool):
 
 
 def save_training(run_dir: Path, step: int, model, optimizer, scheduler, config: dict[str, Any], keep: int,
-                  extra: dict[str, Any] | None = None) -> Path:
+                  extra: dict[str, Any] | None = None, *, optimizer_state: dict[str, Any] | None = None,
+                  adapter_state: dict[str, Any] | None = None) -> Path:
     """Checkpoint a trainer: adapter, optimizer, scheduler, RNG states and config, plus ``extra``
-    (the GRPO trainer's data position and engine state)."""
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": checkpoint.rng_state(), "config": config, **(extra or {})}
-    return checkpoint.save(run_dir, step, model, state, keep)
+    (the GRPO trainer's data position and engine state). ``optimizer_state`` / ``adapter_state``
+    replace the optimizer's and model's own when those are sharded (FSDP2: gathered by the caller)."""
+    state = {"step": step, "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "config": config, **(extra or {})}
+    return checkpoint.save(run_dir, step, model, state, keep, adapter_state)
 
 
 def resume_training(resumed: tuple[Path, dict[str, Any]], model, optimizer, scheduler, *, lr: float,
-                    weight_decay: float, betas: Sequence[float] = (0.9, 0.999)) -> dict[str, Any]:
+                    weight_decay: float, betas: Sequence[float] = (0.9, 0.999), adapter_loaded: bool = False,
+                    load_optimizer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Load ``claim_run_dir``'s checkpoint into the model, optimizer, scheduler and RNGs; return its state.
 
     The optimizer's saved hyperparameters give way to the config's (a resumed run may change
     ``lr`` or the schedule: ``grpo.resume.apply_optimizer_settings``).
     """
     path, state = resumed
-    checkpoint.load_adapter(path, model)
-    optimizer.load_state_dict(state["optimizer"])
+    if not adapter_loaded:  # the data-parallel trainer loads it before DDP/FSDP2 wrap the model
+        checkpoint.load_adapter(path, model)
+    (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     # the config wins over the saved hyperparameters (recomputing an unchanged lr gives the same float)
     apply_optimizer_settings(optimizer, scheduler, lr, weight_decay, tuple(betas))
     checkpoint.set_rng_state(state["rng"])
-    print(f"resumed from {path} (step {state['step']})", file=sys.stderr)
+    dist.print0(f"resumed from {path} (step {state['step']})", file=sys.stderr)
     return state
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-from grpo.engines.base import Completion, SamplingParams
+from grpo.engines.base import Completion, SamplingParams, stream_seed
 
 TURN_SEED_STRIDE = 1_000_003  # seeded (evaluation) rollouts: turn t samples with seed + t * stride
 
@@ -98,15 +98,23 @@ class EpisodeEngine:
         # tool definitions the chat template renders into prompts (call_format chat), else None
         self.prompt_tools = getattr(environment, "prompt_tools", None)
 
+    @property
+    def samples_from_trainer_module(self) -> bool:  # FSDP2: the trainer gathers the weights around generate()
+        return getattr(self.engine, "samples_from_trainer_module", False)
+
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
-                 seed: int | None = None) -> list[list[Completion]]:
+                 seed: int | None = None, prompt_seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        """``prompt_seeds``: one random stream per prompt (data-parallel training); episode j of
+        prompt i draws its later turns from ``stream_seed(prompt_seeds[i], turn, j)``."""
         if not prompts:
             return []
         G = params.n
         turn = replace(params, stop=tuple(params.stop) + tuple(self.environment.stop),
                        max_new_tokens=min(params.max_new_tokens, self.max_episode_tokens))
         episodes = [Episode(list(p), self.max_episode_tokens) for p in prompts for _ in range(G)]
-        first = self.engine.generate(prompts, turn, seed=seed)
+        streams = {} if prompt_seeds is None else {"prompt_seeds": prompt_seeds}
+        first = self.engine.generate(prompts, turn, seed=seed, **streams)
+        index = {id(ep): i for i, ep in enumerate(episodes)}
         for ep, c in zip(episodes, [c for g in first for c in g]):
             ep.add_model_turn(c, self.tokenizer)
         for t in range(1, self.max_turns + 1):
@@ -131,8 +139,11 @@ class EpisodeEngine:
             if not going:
                 break
             step = replace(turn, n=1, max_new_tokens=min(turn.max_new_tokens, max(ep.remaining for ep in going)))
+            if prompt_seeds is not None:
+                streams = {"prompt_seeds": [stream_seed(prompt_seeds[index[id(ep)] // G], t, index[id(ep)] % G)
+                                            for ep in going]}
             outs = self.engine.generate([ep.context for ep in going], step,
-                                        seed=None if seed is None else seed + t * TURN_SEED_STRIDE)
+                                        seed=None if seed is None else seed + t * TURN_SEED_STRIDE, **streams)
             for ep, group in zip(going, outs):
                 ep.add_model_turn(group[0], self.tokenizer)
         done = [ep.completion(self.tokenizer, self.error_penalty) for ep in episodes]
