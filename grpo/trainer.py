@@ -452,25 +452,39 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         rows = self.heldout_rows[:cfg.eval.num_problems] if cfg.eval.num_problems else self.heldout_rows
-        result = evaluate(self.engine, self._encode, rows, self.rewards, n=cfg.eval.num_samples,
-                          temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                          ks=cfg.eval.k, greedy=cfg.eval.greedy, seed=cfg.seed + EVAL_SEED_OFFSET,
-                          top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
-        self.metrics.log(step, result.metrics)
+        share = self.dist.share(len(rows))  # the problems this rank evaluates (all of them in one process)
+        samples = []
+        if share:
+            with generation_mode(self.policy, self.engine):
+                samples = evaluate(self.engine, self._encode, rows[share.start:share.stop], self.rewards,
+                                   n=cfg.eval.num_samples, temperature=cfg.rollout.temperature,
+                                   max_new_tokens=cfg.rollout.max_new_tokens, ks=cfg.eval.k, greedy=cfg.eval.greedy,
+                                   seed=cfg.seed + EVAL_SEED_OFFSET, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                                   first_index=share.start).samples
+        samples = dist.all_gather_concat(samples)  # every rank's samples, in problem order (collective)
+        m = metrics_from_samples(samples, cfg.eval.k)
+        self._write_eval(step, m, samples)
+        return m
+
+    def _write_eval(self, step: int, m: dict[str, float], samples: list[dict[str, Any]]) -> None:
+        """Rank 0: the metrics line, the samples file and the console summary of one evaluation."""
+        if not self.dist.is_main:
+            return
+        cfg = self.cfg
+        self._log(step, m)
         eval_dir = self.run_dir / "eval"
         eval_dir.mkdir(exist_ok=True)
         with (eval_dir / f"samples-step{step:06d}.jsonl").open("w") as f:
-            for s in result.samples:
+            for s in samples:
                 f.write(json.dumps(s) + "\n")
-        m = result.metrics
+        problems = len({s["problem"] for s in samples})
         line = (f"[eval step {step}] held-out accuracy (T={cfg.rollout.temperature:g}, "
-                f"{cfg.eval.num_samples} samples x {len(rows)} problems): "
+                f"{cfg.eval.num_samples} samples x {problems} problems): "
                 f"{m['heldout/accuracy']:.3f} ± {m['heldout/accuracy_stderr']:.3f}")
         line += "".join(f", pass@{k}: {m[f'heldout/pass@{k}']:.3f}" for k in cfg.eval.k if k > 1)
         if "heldout/greedy_accuracy" in m:
             line += f", greedy: {m['heldout/greedy_accuracy']:.3f}"
         print(line, file=sys.stderr, flush=True)
-        return m
 
     def _logged_eval(self, step: int) -> dict[str, float] | None:
         """The held-out metrics logged at ``step`` (metrics.jsonl), if any."""
