@@ -129,8 +129,10 @@ def metrics_from_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int], p
     names = list(dict.fromkeys(name for s in sampled for name in s["rewards"]))
     for name in names:
         metrics[f"{prefix}reward/{name}"] = _mean([s["rewards"][name] for s in sampled if name in s["rewards"]])
-    shapes = [Completion([0] * s["num_tokens"], "", [], s["finish_reason"]) for s in sampled]
+    shapes = [Completion([0] * s["num_tokens"], "", [], s["finish_reason"],
+                         {"metrics": s["metrics"]} if "metrics" in s else {}) for s in sampled]
     metrics.update({f"{prefix}{k}": v for k, v in length_stats(shapes).items()})
+    metrics.update(episode_metrics(shapes, prefix))  # tool episodes only
     greedy = [float(s["correct"]) for s in samples if s["mode"] == "greedy"]
     if greedy:
         metrics[f"{prefix}greedy_accuracy"], metrics[f"{prefix}greedy_accuracy_stderr"] = mean_and_stderr(greedy)
@@ -158,8 +160,8 @@ def _score(groups: list[list[Completion]], rows, rewards: RewardRunner, samples:
 
 
 def _episode_fields(c: Completion) -> dict[str, Any]:
-    """A tool episode's whole transcript and its segments (model turns, observations)."""
-    return {k: c.extra[k] for k in ("transcript", "segments") if k in c.extra}
+    """A tool episode's whole transcript, its segments (model turns, observations) and numbers."""
+    return {k: c.extra[k] for k in ("transcript", "segments", "metrics") if k in c.extra}
 
 
 # ------------------------------------------------------------------------ reporting
