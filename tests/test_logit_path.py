@@ -170,9 +170,9 @@ def test_heldout_evaluation_samples_with_top_k(tiny_model_dir, toy_plugin, tmp_p
     seen = []
     generate = trainer.engine.generate
 
-    def recording(prompts, params, seed=None):
+    def recording(prompts, params, seed=None, **streams):  # streams: the engine's per-prompt seeds
         seen.append(params)
-        return generate(prompts, params, seed=seed)
+        return generate(prompts, params, seed=seed, **streams)
 
     trainer.engine.generate = recording
     try:
