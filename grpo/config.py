@@ -259,7 +259,7 @@ class DistributedConfig:
         "ddp", "under torchrun: ddp (adapters' gradients all-reduced, base replicated on every rank) or fsdp2 "
                "(torch fully_shard: base weights sharded across ranks too, for models that do not fit one device)")
     timeout_s: float = opt(1800.0, "seconds any collective may wait for the other ranks before the job fails "
-                                   "(must exceed the longest generation + scoring of a step)")
+                                   "(must exceed the longest generation + scoring of a step)", gt=0)
 
 
 @dataclass
@@ -470,7 +470,6 @@ def validate(cfg: RunConfig) -> None:
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
         (all(1 <= k <= cfg.eval.num_samples for k in cfg.eval.k),
          f"eval.k values must be between 1 and eval.num_samples ({cfg.eval.num_samples})"),
-        (cfg.distributed.timeout_s > 0, "distributed.timeout_s must be > 0"),
     ]
     for ok, message in checks:
         if not ok:
