@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import yaml
 
 from grpo.errors import UserError
+from grpo.resume import flatten  # dotted keys, as the resume check compares them
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 _MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
@@ -162,7 +163,7 @@ class MLflowTracker:
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
             run = self.client.create_run(experiment_id, run_name=run_name)
             self.run_id = run.info.run_id
-            for key, value in _flatten(config).items():
+            for key, value in flatten(config).items():
                 self.client.log_param(self.run_id, key[:250], str(value)[:6000])
             self.client.log_text(self.run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
         else:
@@ -178,13 +179,3 @@ class MLflowTracker:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
