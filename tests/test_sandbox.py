@@ -370,6 +370,27 @@ def secret():
     assert "secret() ==" in r.reason
 
 
+def serve_token(servers, token: str, done) -> tuple[threading.Thread, list]:
+    """A host service: a daemon thread answering ``token`` to every connection on ``servers``
+    (sockets with a timeout) until ``done()``; returns the thread and the accepted connections."""
+    connections: list = []
+
+    def serve():
+        while not done():
+            for srv in servers:
+                try:
+                    conn, _ = srv.accept()
+                except (socket.timeout, OSError):
+                    continue
+                connections.append(conn)
+                conn.sendall(token.encode())
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread, connections
+
+
 def test_network_is_unreachable(sandbox):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
@@ -377,21 +398,8 @@ def test_network_is_unreachable(sandbox):
     server.settimeout(0.2)
     port = server.getsockname()[1]
     token = "hello-" + secrets.token_hex(4)
-    connections = []
-
-    def serve():
-        end = time.monotonic() + 6
-        while time.monotonic() < end:
-            try:
-                conn, _ = server.accept()
-            except (socket.timeout, OSError):
-                continue
-            connections.append(conn)
-            conn.sendall(token.encode())
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    deadline = time.monotonic() + 6
+    thread, connections = serve_token([server], token, lambda: time.monotonic() > deadline)
     program = f'''
 import socket
 def fetch():
@@ -449,7 +457,7 @@ def unix_server():
     name = f"grpo-sbx-{secrets.token_hex(6)}"
     path = os.path.join(run_dir, name + ".sock")
     token = "unix-" + secrets.token_hex(4)
-    servers, connections, stop = [], [], threading.Event()
+    servers, stop = [], threading.Event()
     for addr in (path, "\0" + name):
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         srv.bind(addr)
@@ -457,20 +465,7 @@ def unix_server():
         srv.settimeout(0.1)
         servers.append(srv)
     os.chmod(path, 0o777)
-
-    def serve():
-        while not stop.is_set():
-            for srv in servers:
-                try:
-                    conn, _ = srv.accept()
-                except (socket.timeout, OSError):
-                    continue
-                connections.append(conn)
-                conn.sendall(token.encode())
-                conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    thread, connections = serve_token(servers, token, stop.is_set)
     try:
         yield path, name, token, connections
     finally:
