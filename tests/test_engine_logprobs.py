@@ -142,3 +142,68 @@ def test_inverse_cdf_sampler_matches_the_distribution_and_skips_zero_mass():
     freq = torch.bincount(tokens, minlength=6).float() / len(tokens)
     assert freq[[0, 2, 5]].sum() == 0  # zero-probability tokens are never drawn
     assert torch.allclose(freq, probs[0], atol=0.01)  # 4 sigma of a 100k-sample frequency is < 0.007
+
+
+SHARED = [1] + list(range(40, 60))  # a 21-token common prefix (a system message, a few-shot example)
+SHARED_PROMPTS = [SHARED + [10, 11, 12], SHARED + [20], SHARED + [30, 31, 32, 33, 34], SHARED[:-1] + [25]]
+
+
+def _record_inputs(model):
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+    model.forward = spy
+    return seen
+
+
+def test_common_prefix_is_encoded_once_and_decodes_as_without_sharing(policy):
+    """Prompts sharing a long prefix: the prefix is prefilled once (one row), each prompt's
+    suffix on top of it, and every prompt decodes the same tokens with the same log-probs as
+    when it is generated alone (no sharing possible)."""
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    seen = _record_inputs(model)
+    greedy = SamplingParams(n=2, max_new_tokens=8, temperature=0.0)
+    batched = engine.generate(SHARED_PROMPTS, greedy)
+    assert seen[0] == (1, len(SHARED) - 1)  # the prefix common to all four, once
+    assert seen[1] == (4, 6)  # the suffixes: the longest is 6 tokens
+    seen.clear()
+    single = [engine.generate([p], greedy)[0] for p in SHARED_PROMPTS]
+    assert seen[0] == (1, len(SHARED_PROMPTS[0]))  # one prompt: nothing to share, one prefill
+    for g, s in zip(batched, single):
+        for c in g:
+            assert c.token_ids == s[0].token_ids
+            assert torch.allclose(torch.tensor(c.logprobs), torch.tensor(s[0].logprobs), atol=1e-5)
+
+
+def test_shared_prefix_sampling_matches_trainer_logprobs_and_per_prompt_streams(policy):
+    """Sampled with per-prompt streams: each prompt's tokens do not depend on its batch, and the
+    engine's log-probs equal a full forward's (the trainer's definition)."""
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    params = SamplingParams(n=3, max_new_tokens=8, temperature=1.0)
+    seeds = [11, 12, 13, 14]
+    together = engine.generate(SHARED_PROMPTS, params, prompt_seeds=seeds)
+    for i, p in enumerate(SHARED_PROMPTS):
+        alone = engine.generate([p], params, prompt_seeds=[seeds[i]])[0]
+        assert [c.token_ids for c in alone] == [c.token_ids for c in together[i]]
+    prompts = [p for p, g in zip(SHARED_PROMPTS, together) for _ in g]
+    comps = [c for g in together for c in g]
+    model.eval()
+    with torch.no_grad():
+        lp = sampled_logprobs(model, pack(prompts, [c.token_ids for c in comps], tok.pad_token_id), 1.0)
+    for i, c in enumerate(comps):
+        assert torch.allclose(lp[i, :len(c.logprobs)], torch.tensor(c.logprobs), atol=1e-4)
+
+
+def test_a_prompt_that_is_the_common_prefix_keeps_one_token_to_start_from(policy):
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    seen = _record_inputs(model)
+    greedy = SamplingParams(n=1, max_new_tokens=4, temperature=0.0)
+    out = engine.generate([SHARED, SHARED + [7, 8]], greedy)
+    assert seen[0] == (1, len(SHARED) - 1) and seen[1] == (2, 3)
+    assert out[0][0].token_ids == engine.generate([SHARED], greedy)[0][0].token_ids

@@ -104,6 +104,16 @@ def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None,
     return torch.searchsorted(cdf, u, side="right").squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+SHARED_PREFIX_MIN = 16  # tokens; a shorter common prefix is not worth a separate forward
+
+
+def _common_prefix_len(prompts: Sequence[list[int]]) -> int:
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n
+
+
 class HFEngine:
     """Rollout engine over a (peft) causal LM shared with the trainer."""
 
@@ -167,18 +177,9 @@ class HFEngine:
     def _generate(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
                   streams: PromptStreams | None = None) -> list[list[Completion]]:
         P, G, dev = len(prompts), params.n, self.device
-        L = max(len(p) for p in prompts)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
-        input_ids = torch.full((P, L), self.pad_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((P, L), dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):  # left padding
-            input_ids[i, L - len(p):] = torch.tensor(p, device=dev)
-            mask[i, L - len(p):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]  # logits: (P, V)
+        cache, logits, mask = self._prefill(prompts)  # logits: (P, V); mask: (P, cached length)
         if G > 1:
             cache.batch_repeat_interleave(G)
             logits, mask = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
@@ -214,6 +215,39 @@ class HFEngine:
         completions = [Completion(tokens[r], texts[r], logps[r], finish[r],  # type: ignore[arg-type]
                                   {"stop": stops[r]} if r in stops else {}) for r in range(B)]
         return [completions[i * G:(i + 1) * G] for i in range(P)]
+
+    def _prefill(self, prompts: list[list[int]]):
+        """Encode the prompts into a KV cache; return (cache, last-position logits (P, V), mask).
+
+        The prompts' longest common prefix, when it is at least ``SHARED_PREFIX_MIN`` tokens
+        (a system message, few-shot examples, the earlier turns of an episode's group), is
+        encoded once and its cache repeated to every row; each prompt's own suffix is then
+        encoded on top, left-padded *within the suffix segment* (mask 0, positions continuing
+        the prefix's), so the cost is one prefix plus P suffixes instead of P whole prompts.
+        Every prompt keeps at least one suffix token, whose logits start the sampling.
+        """
+        dev, P = self.device, len(prompts)
+        shared = _common_prefix_len(prompts) if P > 1 else 0
+        shared = min(shared, min(len(p) for p in prompts) - 1)
+        if shared < SHARED_PREFIX_MIN:
+            shared = 0
+        cache = None
+        if shared:
+            head = torch.tensor([prompts[0][:shared]], device=dev)
+            cache = self.model(input_ids=head, position_ids=torch.arange(shared, device=dev)[None],
+                               use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(P)
+        L = max(len(p) for p in prompts) - shared
+        input_ids = torch.full((P, L), self.pad_id, dtype=torch.long, device=dev)
+        own = torch.zeros((P, L), dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):  # left padding (of the suffix segment)
+            input_ids[i, L - len(p) + shared:] = torch.tensor(p[shared:], device=dev)
+            own[i, L - len(p) + shared:] = 1
+        mask = torch.cat([own.new_ones((P, shared)), own], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1, :], mask
 
     def _stop_hits(self, rows: list[int], tokens: list[list[int]], stop: tuple[str, ...],
                    stops: dict[int, str]) -> torch.Tensor:
