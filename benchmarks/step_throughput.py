@@ -10,6 +10,10 @@ memory is its own); the driver alternates one step of each, and reports the medi
 time after the warm-up steps, generation and training tokens/s, peak memory (RSS on CPU,
 torch.cuda.max_memory_allocated on GPU) and the ratios. Our per-phase times come from the
 trainer's own metrics.
+
+Activation checkpointing A/B (peak memory and policy forward+backward time, interleaved):
+``--systems ours_nockpt,ours_ckpt`` runs our trainer twice, with
+``optim.activation_checkpointing`` false and true, and prints their ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import subprocess
 import sys
 import time
 
+# our trainer under a name: the config default, or activation checkpointing forced off / on
+OURS = {"ours": [], "ours_nockpt": ["optim.activation_checkpointing=false"],
+        "ours_ckpt": ["optim.activation_checkpointing=true"]}
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,10 +78,11 @@ def worker_ours(args) -> None:
     cfg = load_config(None, [
         f"model.name={args.model}", f"model.device={args.device}", f"model.lora_rank={args.rank}",
         f"model.lora_alpha={2 * args.rank}", f"model.lora_target_modules=[{','.join(LORA_TARGETS)}]",
-        "task.name=_bench", f"output_dir={args.out}/ours", f"rollout.prompts_per_step={args.prompts}",
+        "task.name=_bench", f"output_dir={args.out}/{args.worker}", f"rollout.prompts_per_step={args.prompts}",
         f"rollout.num_generations={args.group}", f"rollout.max_new_tokens={args.tokens}", "rollout.ignore_eos=true",
         f"loss.beta={args.beta}", f"optim.lr={args.lr}", f"optim.micro_batch_size={args.prompts * args.group}",
         "eval.at_start=false", "eval.at_end=false", "checkpoint_every=0", f"steps={10 ** 6}", f"threads={args.threads}",
+        *OURS[args.worker],
     ])
     trainer = Trainer(cfg, progress=False)
     trainer.setup()
@@ -169,16 +177,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--steps", type=int, default=3, help="measured steps per system")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--systems", default="ours,trl")
+    parser.add_argument("--systems", default="ours,trl", help=f"comma-separated: trl, {', '.join(OURS)}")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads in both workers (0 = torch default)")
     parser.add_argument("--rate-seconds", type=float, default=0.5, help="length of each matmul-rate window")
     parser.add_argument("--trl-bf16", action="store_true", help="TRL in bf16 on CPU too (its CPU default is fp32)")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--json", default=None, help="write all step records here")
-    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*OURS, "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        {"ours": worker_ours, "trl": worker_trl}[args.worker](args)
+        (worker_trl if args.worker == "trl" else worker_ours)(args)
         return
 
     systems = args.systems.split(",")
@@ -264,10 +272,16 @@ def report(args, records: dict[str, list[dict]], rates: dict[str, float] | None 
     for name, r in rows.items():
         print(f"| {name} | {r['step_s']:.2f} | {r.get('gen_tok_s', float('nan')):.0f} | "
               f"{r.get('train_tok_s', float('nan')):.0f} | {r['peak_mb']:.0f} |")
-    if "ours" in rows:
-        o = rows["ours"]
-        print(f"\nours per phase (s): generate {o['generate_s']:.2f}, score {o['score_s']:.2f}, "
-              f"reference {o['reference_s']:.2f}, policy fwd+bwd {o['policy_s']:.2f}, optimizer {o['optimizer_s']:.3f}")
+    for name, o in rows.items():
+        if "generate_s" in o:
+            print(f"\n{name} per phase (s): generate {o['generate_s']:.2f}, score {o['score_s']:.2f}, "
+                  f"reference {o['reference_s']:.2f}, policy fwd+bwd {o['policy_s']:.2f}, "
+                  f"optimizer {o['optimizer_s']:.3f}")
+    if "ours_ckpt" in rows and "ours_nockpt" in rows:
+        on, off = rows["ours_ckpt"], rows["ours_nockpt"]
+        print(f"activation checkpointing on/off: peak memory {on['peak_mb'] / off['peak_mb']:.2f} "
+              f"({on['peak_mb']:.0f} / {off['peak_mb']:.0f} MB), policy fwd+bwd {on['policy_s'] / off['policy_s']:.2f}, "
+              f"step {on['step_s'] / off['step_s']:.2f}")
     floor_line = ""
     if "ours" in rows and rates and info:
         floor_line = roofline_report(args, rows["ours"], rates, info)

@@ -201,6 +201,10 @@ class OptimConfig:
                                     gt=0)
     packing: bool = opt(False, "padding-free update passes: each group's prompt and completions packed into one "
                                "row with a block attention mask (faster when completion lengths vary; docs/algorithms.md)")
+    activation_checkpointing: bool | Literal["auto"] = opt(
+        "auto", "recompute each decoder layer in backward instead of keeping its activations (less peak memory, "
+                "more update time; works with the shared-prompt cache and packing): true, false, or auto "
+                "(on for CUDA, off for CPU; measured in docs/benchmarks.md)")
 
 
 @dataclass

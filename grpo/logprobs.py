@@ -12,16 +12,25 @@ or cap them (Granite divides by ``logits_scaling``, Gemma 2 soft-caps). The trai
 checks the fast head against the model's own forward at setup (``fast_head_agrees``)
 and passes ``fast_head=False`` on any mismatch, which routes every pass through the
 model's forward; a LoRA adapter on the head itself also takes that route.
+
+Every pass that builds a graph can run its decoder layers under activation checkpointing
+(``checkpoint_layers=True``, ``optim.activation_checkpointing``): each layer keeps only its
+input for backward and recomputes the rest there. The shared-prompt path stays correct under
+it through ``grpo.prompt_cache.SharedPromptCache``, whose ``update`` a recomputed layer may
+call again without appending its keys and values twice.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from grpo.errors import UserError
 
 
 @dataclass
@@ -104,22 +113,26 @@ def entropy_from_logits(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor
 
 
 def sampled_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
-                     chunk_tokens: int = 512, fast_head: bool = True, with_entropy: bool = False):
+                     chunk_tokens: int = 512, fast_head: bool = True, with_entropy: bool = False,
+                     checkpoint_layers: bool = False):
     """log pi(completion token | prefix) at ``temperature``, shape (b, T); 0 where masked.
 
-    Differentiable w.r.t. the model's trainable parameters when grad is enabled.
+    Differentiable w.r.t. the model's trainable parameters when grad is enabled (with
+    ``checkpoint_layers``, each decoder layer is recomputed in backward instead of kept).
     Returns a ``TokenLogProbs`` when ``with_entropy``, else the log-prob tensor.
     """
     t = batch.completion_ids.shape[1]
     lp = batch.prompt_len
     parts = split_head(model, fast_head)
     if parts is None:
-        out = _full_forward_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
-                                     batch.completion_ids, batch.completion_mask, lp, temperature, with_entropy)
+        with checkpointed_layers(model, checkpoint_layers):
+            out = _full_forward_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                         batch.completion_ids, batch.completion_mask, lp, temperature, with_entropy)
         return out if with_entropy else out.logprobs
     backbone, head = parts
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    with checkpointed_layers(model, checkpoint_layers):
+        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, lp - 1:lp - 1 + t]  # (b, T, H): the state that predicts each completion token
     out = head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
                          with_entropy)
@@ -158,7 +171,7 @@ class GroupedBatch:
     Sequence i continues prompt ``group_index[i]``; its completion is row i of
     ``completion_ids``. The prompt is encoded once and its KV cache is indexed out to
     its sequences, so a group of G completions pays for its prompt once, not G times
-    (forward and backward: the indexing is differentiable).
+    (forward and backward: the indexing is differentiable; ``grpo.prompt_cache``).
     """
 
     prompt_ids: torch.Tensor  # (p, Lp) left-padded distinct prompts
@@ -213,32 +226,89 @@ def pack_grouped(prompts: list[list[int]], group_index: list[int], completions: 
 
 
 def grouped_logprobs(model, batch: GroupedBatch, temperature: float = 1.0, chunk_tokens: int = 512,
-                     pad_id: int = 0, fast_head: bool = True, with_entropy: bool = False):
+                     pad_id: int = 0, fast_head: bool = True, with_entropy: bool = False,
+                     checkpoint_layers: bool = False):
     """``sampled_logprobs`` for a ``GroupedBatch``, encoding each distinct prompt once. (b, T);
     0 outside ``batch.loss_mask`` (tool observations of an episode are context, not scored)."""
+    # transformers at call time (grpo.prompt_cache subclasses its cache): importing the trainer stays light
+    from grpo.prompt_cache import SharedPromptCache
+
     parts = split_head(model, fast_head)
-    if parts is None:
-        out = sampled_logprobs(model, batch.flat(pad_id), temperature, chunk_tokens, False, with_entropy)
+    cache = SharedPromptCache(parts[0].config) if parts is not None else None
+    if cache is None or not cache.readable:  # the model's own head, or a cache kind we cannot share: flat
+        out = sampled_logprobs(model, batch.flat(pad_id), temperature, chunk_tokens, parts is not None,
+                               with_entropy, checkpoint_layers)
         m = batch.loss_mask
         if not with_entropy:
             return out * m
         return TokenLogProbs(out.logprobs * m, out.entropy * m if out.entropy is not None else None)
     backbone, head = parts
     positions = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = backbone(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=positions,
-                   use_cache=True)
-    cache, last = out.past_key_values, out.last_hidden_state[:, -1]  # last: (p, H) predicts token 0
     idx = batch.group_index
-    cache.batch_select_indices(idx)  # (p, ...) -> (b, ...), differentiable indexing
     t = batch.completion_ids.shape[1]
     mask = torch.cat([batch.prompt_mask[idx], batch.completion_mask], dim=1)  # (b, Lp + T)
     c_pos = batch.prompt_mask.sum(-1)[idx][:, None] + torch.arange(t, device=idx.device)  # (b, T)
-    hidden = backbone(input_ids=batch.completion_ids, attention_mask=mask, position_ids=c_pos,
-                      past_key_values=cache, use_cache=True).last_hidden_state  # (b, T, H)
+    with checkpointed_layers(model, checkpoint_layers):
+        last = backbone(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=positions,
+                        past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # (p, H) predicts token 0
+        hidden = backbone(input_ids=batch.completion_ids, attention_mask=mask, position_ids=c_pos,
+                          past_key_values=cache.read_for(idx), use_cache=True).last_hidden_state  # (b, T, H)
     hidden = torch.cat([last[idx][:, None], hidden[:, :-1]], dim=1)  # state that predicts token j
     out = head_logprobs(hidden, batch.completion_ids, batch.loss_mask, head, temperature, chunk_tokens,
                         with_entropy)
     return out if with_entropy else out.logprobs
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a (peft-wrapped) causal LM (``get_decoder().layers``); [] if it has none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = base.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = getattr(base, "model", None)
+    layers = getattr(decoder, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def use_activation_checkpointing(setting: bool | str, model, device: torch.device) -> bool:
+    """``optim.activation_checkpointing`` resolved for this model and device.
+
+    ``auto`` is on for CUDA, where memory is what limits the micro-batch, and off for CPU,
+    where RAM is plentiful and the recomputation's time is not (docs/benchmarks.md has the
+    measurement). ``true`` on a model without decoder layers to wrap is a UserError.
+    """
+    if setting == "auto":
+        return device.type == "cuda" and bool(decoder_layers(model))
+    if setting and not decoder_layers(model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        raise UserError(f"optim.activation_checkpointing=true: cannot find the decoder layers (get_decoder().layers) "
+                        f"of {type(base).__name__}; set optim.activation_checkpointing=false")
+    return bool(setting)
+
+
+@contextmanager
+def checkpointed_layers(model, enabled: bool = True):
+    """Inside, each decoder layer runs under ``torch.utils.checkpoint`` (non-reentrant) when grad is on.
+
+    A layer then keeps only its inputs for backward and runs its forward again there. The
+    layer's own ``forward`` is wrapped, inside the module's ``__call__``: FSDP2's all-gather
+    hooks and DDP stay outside the recomputed region (torch's FSDP2 + checkpointing
+    composition), and peft's LoRA layers inside it. The RNG state is replayed, so LoRA dropout
+    draws the same masks on recomputation. A layer that writes to a KV cache needs a
+    ``SharedPromptCache``: a ``DynamicCache`` would be appended to a second time.
+    """
+    layers = decoder_layers(model) if enabled and torch.is_grad_enabled() else []
+    saved = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward (hooks) is kept
+    for layer in layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, own in zip(layers, saved):
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
 
 
 def _full_forward_logprobs(model, input_ids, attention_mask, position_ids, completion_ids, completion_mask,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.logprobs import TokenLogProbs, entropy_from_logits, head_logprobs, split_head
+from grpo.logprobs import TokenLogProbs, checkpointed_layers, entropy_from_logits, head_logprobs, split_head
 
 PAD_SEGMENT = -1
 
@@ -92,15 +92,17 @@ def pack_tree(prompts: list[list[int]], group_index: list[int], completions: lis
 
 
 def tree_logprobs(model, batch: TreeBatch, temperature: float = 1.0, chunk_tokens: int = 512,
-                  fast_head: bool = True, with_entropy: bool = False):
-    """``grouped_logprobs`` for a ``TreeBatch``: the same (b, T) log-probs, without completion padding."""
+                  fast_head: bool = True, with_entropy: bool = False, checkpoint_layers: bool = False):
+    """``grouped_logprobs`` for a ``TreeBatch``: the same (b, T) log-probs, without completion padding.
+    No KV cache is involved, so ``checkpoint_layers`` simply recomputes each layer in backward."""
     dtype = next(model.parameters()).dtype
     bias = batch.attention_bias(dtype)
     parts = split_head(model, fast_head)
     b, t = batch.completion_ids.shape
     if parts is None:  # the model's own head: full logits over the packed rows
-        logits = model(input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids,
-                       use_cache=False).logits.float() / temperature  # (p, L, V)
+        with checkpointed_layers(model, checkpoint_layers):
+            logits = model(input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids,
+                           use_cache=False).logits.float() / temperature  # (p, L, V)
         picked = logits.reshape(-1, logits.shape[-1])[batch.source.reshape(-1)]  # (b * T, V)
         lse = picked.logsumexp(-1)
         logp = picked.gather(-1, batch.completion_ids.reshape(-1, 1)).squeeze(-1) - lse
@@ -109,8 +111,9 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float = 1.0, chunk_token
         out = TokenLogProbs(logp, entropy)
     else:
         backbone, head = parts
-        hidden = backbone(input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids,
-                          use_cache=False).last_hidden_state  # (p, L, H)
+        with checkpointed_layers(model, checkpoint_layers):
+            hidden = backbone(input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids,
+                              use_cache=False).last_hidden_state  # (p, L, H)
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch.source.reshape(-1)].view(b, t, -1)  # (b, T, H)
         out = head_logprobs(hidden, batch.completion_ids, batch.completion_mask, head, temperature, chunk_tokens,
                              with_entropy)

@@ -29,7 +29,8 @@ from grpo.dynamic_sampling import Filled, fill_batch, sampling_metrics
 from grpo.engines.base import Completion, SamplingParams, stream_seed
 from grpo.errors import UserError
 from grpo.evaluate import EVAL_SEED_OFFSET, evaluate, metrics_from_samples
-from grpo.logprobs import fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode
+from grpo.logprobs import (fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode,
+                           use_activation_checkpointing)
 from grpo.metrics import MetricsLogger
 from grpo.packing import pack_tree, tree_logprobs
 from grpo.parallel import (Policy, full_adapter_state, generation_mode, load_optimizer_state, optimizer_state,
@@ -127,6 +128,8 @@ class Trainer:
         self.engine = build_engine(self.model, self.tokenizer, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss,
                                    tools=cfg.tools)
         self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
+        self.checkpoint_layers = use_activation_checkpointing(cfg.optim.activation_checkpointing, self.model,
+                                                              self.device)
         if resumed is not None:  # the adapter goes in before DDP/FSDP2 wrap the model
             checkpoint.load_adapter(resumed[0], self.model)
         self.policy = wrap_policy(Policy(self.model), cfg.distributed.strategy, self.dist)
@@ -315,8 +318,8 @@ class Trainer:
 
         def compute(model):  # runs inside the policy's forward, where DDP / FSDP2 hook in
             if self.cfg.optim.packing:
-                return tree_logprobs(model, batch, T, chunk, self.fast_head, entropy)
-            return grouped_logprobs(model, batch, T, chunk, pad, self.fast_head, entropy)
+                return tree_logprobs(model, batch, T, chunk, self.fast_head, entropy, self.checkpoint_layers)
+            return grouped_logprobs(model, batch, T, chunk, pad, self.fast_head, entropy, self.checkpoint_layers)
 
         with torch.set_grad_enabled(grad), adapters_off, same_dropout(dropout_seed, self.device):
             return self.policy(compute)

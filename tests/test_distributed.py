@@ -122,9 +122,13 @@ def test_prompt_streams_make_a_group_independent_of_its_batch_mates(tiny_model_d
     ("ddp", ["loss.drop_zero_variance=true"]),
     # FSDP2 needs equal micro-batch counts (per-layer collectives): rank 1 pads up to rank 0's
     ("fsdp2", ["loss.drop_zero_variance=true"]),
-], ids=["ddp", "ddp-rank1-empty", "fsdp2-rank1-empty"])
+    # activation checkpointing on the two ranks, against one process without it
+    ("ddp", ["optim.activation_checkpointing=true"]),
+    ("fsdp2", ["loss.drop_zero_variance=true", "optim.activation_checkpointing=true"]),
+], ids=["ddp", "ddp-rank1-empty", "fsdp2-rank1-empty", "ddp-checkpointing", "fsdp2-checkpointing"])
 def test_one_step_loss_and_gradients_match_one_process(tiny_model_dir, toy_plugin, tmp_path, strategy, extra):
-    one_step(str(tiny_model_dir), str(toy_plugin), str(tmp_path / "one.pt"), "ddp", extra)
+    reference = [e for e in extra if not e.startswith("optim.activation_checkpointing")]
+    one_step(str(tiny_model_dir), str(toy_plugin), str(tmp_path / "one.pt"), "ddp", reference)
     worker = str(Path(__file__).resolve().parent / "dist_step_worker.py")
     proc = torchrun([worker, str(tiny_model_dir), str(toy_plugin), str(tmp_path / "two.pt"), strategy, *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
