@@ -128,8 +128,7 @@ class Trainer:
         self.engine = build_engine(self.model, self.tokenizer, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss,
                                    tools=cfg.tools)
         self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
-        self.checkpoint_layers = use_activation_checkpointing(cfg.optim.activation_checkpointing, self.model,
-                                                              self.device)
+        self.checkpoint_layers = use_activation_checkpointing(cfg.optim.activation_checkpointing, self.model)
         if resumed is not None:  # the adapter goes in before DDP/FSDP2 wrap the model
             checkpoint.load_adapter(resumed[0], self.model)
         self.policy = wrap_policy(Policy(self.model), cfg.distributed.strategy, self.dist)
