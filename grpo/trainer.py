@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from grpo import checkpoint, dist
+from grpo.allocator import keep_freed_memory
 from grpo.algorithms import (group_advantages, masked_mean, overlong_penalty, policy_loss,
                              truncated_importance_weights)
 from grpo.config import RunConfig, to_dict
@@ -117,6 +118,7 @@ class Trainer:
         self.dist = dist.info()
         dist.check_divisible(cfg.rollout.prompts_per_step, "rollout.prompts_per_step", self.dist)
         seed_everything(cfg.seed, cfg.threads)
+        keep_freed_memory()  # megabyte temporaries reuse pages instead of faulting fresh ones (grpo/allocator.py)
         check_trackers(cfg.report_to)  # a missing tracker library fails before any model work
         # before any model is loaded or file written; on --resume also reads and checks the checkpoint
         self.run_lock, resumed = self._claim_run_dir()
