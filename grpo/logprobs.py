@@ -334,7 +334,10 @@ def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     On CUDA each chunk runs under activation checkpointing, so its (chunk, V) logits
     are recomputed in backward instead of kept (memory is the limit there). On CPU,
     where memory is plentiful and arithmetic is the limit, the logits of a chunk are
-    kept and the recomputation (about a fifth of a small model's update) is skipped.
+    kept and the recomputation (about a fifth of a small model's update) is skipped;
+    a 16-bit head weight is then cast to float32 once for all chunks, since autograd
+    keeps the weight every chunk's matmul used (one copy per chunk otherwise: 0.8 GB
+    for SmolLM2's 49k-token head over 4096 positions).
     """
     b, t = targets.shape
     flat_h = hidden.reshape(b * t, -1)
@@ -343,6 +346,8 @@ def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     out_flat = hidden.new_zeros(b * t, dtype=torch.float32)
     ent_flat = hidden.new_zeros(b * t, dtype=torch.float32)
     weight, bias = head.weight, getattr(head, "bias", None)
+    if torch.is_grad_enabled() and not hidden.is_cuda and weight.dtype != torch.float32:
+        weight, bias = weight.float(), None if bias is None else bias.float()  # one copy kept, not one per chunk
     pieces, entropies = [], []
     for start in range(0, keep.numel(), chunk_tokens):
         idx = keep[start:start + chunk_tokens]

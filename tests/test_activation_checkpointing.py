@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from grpo.errors import UserError
-from grpo.logprobs import (checkpointed_layers, decoder_layers, grouped_logprobs, pack, pack_grouped,
-                           sampled_logprobs, same_dropout, set_update_mode, split_head, use_activation_checkpointing)
+from grpo.logprobs import (checkpointed_layers, decoder_layers, grouped_logprobs, head_logprobs, pack,
+                           pack_grouped, sampled_logprobs, same_dropout, set_update_mode, split_head, use_activation_checkpointing)
 from grpo.models import add_lora
 from grpo.packing import pack_tree, tree_logprobs
 from grpo.prompt_cache import SharedPromptCache
@@ -112,6 +112,25 @@ def test_checkpointing_keeps_fewer_activations(policy, path):
     # the saved tensors of the forward: with checkpointing each layer keeps its inputs only
     # (the hooks see the recomputation too, so count the forward alone)
     assert on < off
+
+
+def test_a_bf16_head_weight_is_kept_once_for_backward_not_once_per_chunk(tiny_model_dir):
+    model = _policy(tiny_model_dir, dtype=torch.bfloat16)
+    _, head = split_head(model)
+    hidden = torch.randn(2, 5, head.weight.shape[1], dtype=torch.bfloat16, requires_grad=True)
+    targets, mask = torch.randint(0, head.weight.shape[0], (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    weight_copies = set()
+
+    def pack_hook(t):
+        if t.dtype == torch.float32 and t.shape in (head.weight.shape, head.weight.t().shape):
+            weight_copies.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        out = head_logprobs(hidden, targets, mask, head, 1.0, chunk_tokens=2)  # 5 chunks
+    assert len(weight_copies) == 1
+    out.logprobs.sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
 
 
 def test_prompt_cache_is_not_extended_by_recomputation(policy, monkeypatch):
