@@ -204,8 +204,8 @@ class OptimConfig:
     activation_checkpointing: bool | Literal["auto"] = opt(
         "auto", "recompute each decoder layer in backward instead of keeping its activations (less peak memory, "
                 "more update time; works with the shared-prompt cache and packing): true, false, or auto "
-                "(on wherever the model's decoder layers can be wrapped; SmolLM2 on CPU: peak -39..46 %, "
-                "step time +9 %, docs/benchmarks.md)")
+                "(on wherever the model's decoder layers can be wrapped; SmolLM2 on CPU: peak -39..51 %, "
+                "step time +7..9 %, docs/benchmarks.md)")
 
 
 @dataclass

@@ -275,7 +275,7 @@ def use_activation_checkpointing(setting: bool | str, model) -> bool:
 
     ``auto`` is on wherever the model's decoder layers can be wrapped, on CPU and CUDA alike:
     on SmolLM2-135M (4 prompts x G=8, 64 and 128 tokens, 2-core CPU) it lowered the step's peak
-    RSS by 39-46 % for 9 % more step time (the policy forward+backward 19-23 % slower;
+    RSS by 39-51 % for 7-9 % more step time (the policy forward+backward 19-23 % slower;
     docs/benchmarks.md). ``true`` on a model without decoder layers is a UserError.
     """
     layers = decoder_layers(model)
