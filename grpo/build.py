@@ -48,12 +48,14 @@ def build_task_rows(cfg: RunConfig, rewards: RewardRunner) -> tuple[list[dict], 
 
 def build_policy(cfg: RunConfig):
     """Base model + LoRA adapters (the reference is the same model with adapters disabled)."""
+    from grpo.attention import apply_attention_dtype
     from grpo.models import add_lora, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
 
     device = resolve_device(cfg.model.device)
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, cfg.model.dtype, device)
+    apply_attention_dtype(model, cfg.model.attention_dtype, device)  # engine, reference and update alike
     model.config.use_cache = False
     targets: Any = cfg.model.lora_target_modules
     if targets == ["all-linear"]:

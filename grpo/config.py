@@ -76,6 +76,11 @@ class ModelConfig:
     dtype: str = opt("auto", "dtype of the frozen base weights: auto (bf16 on CUDA when supported; on CPU bf16 "
                              "only where a cached matmul probe measures it faster, see grpo/precision.py), "
                              "float32, bfloat16, float16; LoRA weights and log-probs stay float32")
+    attention_dtype: Literal["auto", "float32", "model"] = opt(
+        "auto", "precision of attention (q, k, v, softmax) under a bf16/fp16 base, the same in rollout, reference "
+                "and update: float32 (upcast for SDPA, output cast back), model (the weights' dtype), auto (float32 on "
+                "CPU, where torch's bf16 SDPA is slow; model on CUDA, where bf16 flash/SDPA kernels are fast); "
+                "flash/flex attention implementations are left as they are (grpo/attention.py)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N", pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)
     lora_rank: int = opt(16, "LoRA rank r", ge=1)
     lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r)", gt=0)

@@ -1,0 +1,67 @@
+"""``model.attention_dtype``: attention computed in float32 under a bf16/fp16 base.
+
+torch's CPU SDPA kernel is slow in bf16 on CPUs without AMX (docs/benchmarks.md, "Generation:
+where one decode step goes": 70.7 ms of a 190 ms decode step in bf16, 15.7 ms in float32), and
+float32 softmax is also the more exact one. ``sdpa_float32_forward`` upcasts q, k, v (and a
+float mask) to float32, runs transformers' stock SDPA function and casts the output back to the
+query's dtype. It is installed on the loaded model itself, so the HF engine (rollout), the
+reference pass (the same module with adapters off) and the update all run it: the rollout's
+and the trainer's log-probs keep the same precision. Autograd flows through the casts.
+"""
+
+from __future__ import annotations
+
+from grpo.errors import UserError
+
+ATTENTION_DTYPES = ("auto", "float32", "model")
+FLOAT32_ATTENTION = "sdpa_float32"  # the name registered with transformers' AttentionInterface
+_REPLACEABLE = ("sdpa", "eager")  # flash / flex / paged kernels are left as they are
+
+
+def sdpa_float32_forward(module, query, key, value, attention_mask, **kwargs):
+    """transformers' ``sdpa_attention_forward`` on float32 q, k, v; output in ``query.dtype``."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()  # a packed 4-D bias: SDPA wants the query's dtype
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                          attention_mask, **kwargs)
+    return out.to(dtype) if dtype != torch.float32 else out, weights
+
+
+def register() -> None:
+    """Register ``sdpa_float32`` (attention and mask functions) with transformers; idempotent."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(FLOAT32_ATTENTION, sdpa_float32_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FLOAT32_ATTENTION, sdpa_mask)
+
+
+def wants_float32(setting: str, device: str, weight_dtype) -> bool:
+    """Whether ``model.attention_dtype: setting`` computes attention in float32.
+
+    ``auto``: on CPU when the base weights are bf16/fp16 (torch's CPU SDPA is slow there); on
+    CUDA never (bf16 flash/SDPA kernels are fast there). ``model``: never. ``float32``: when the
+    weights are not float32 already (otherwise it would change nothing)."""
+    import torch
+
+    if setting not in ATTENTION_DTYPES:
+        raise UserError(f"model.attention_dtype: {setting!r} is not one of {', '.join(ATTENTION_DTYPES)}")
+    if setting == "model" or weight_dtype == torch.float32:
+        return False
+    return setting == "float32" or not str(device).startswith("cuda")
+
+
+def apply_attention_dtype(model, setting: str, device: str) -> str:
+    """Switch ``model``'s sdpa/eager attention to ``sdpa_float32`` when ``wants_float32``;
+    return the attention implementation in use afterwards."""
+    config = model.config
+    current = getattr(config, "_attn_implementation", None)
+    if not wants_float32(setting, device, model.dtype) or current not in _REPLACEABLE:
+        return current
+    register()
+    config._attn_implementation = FLOAT32_ATTENTION
+    return FLOAT32_ATTENTION
