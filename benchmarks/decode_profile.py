@@ -102,21 +102,18 @@ def decode_state(model, prompt: list[int], batch: int, context: int):
 @contextlib.contextmanager
 def attention_variant(model, name: str):
     """Run ``model`` with a diagnostic attention function (``skip``: zeros, i.e. no attention
-    cost; ``fp32``: q, k, v upcast to float32 for SDPA, the result cast back), restored after.
-    Diagnostics only: neither gives the model's numbers."""
+    cost; ``fp32``: grpo/attention.py's ``model.attention_dtype: float32`` function), restored after.
+    ``skip`` is a diagnostic only: it does not give the model's numbers."""
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def skip(module, query, key, value, attention_mask, **kwargs):
         return torch.zeros_like(query).transpose(1, 2).contiguous(), None
 
-    def fp32(module, query, key, value, attention_mask, **kwargs):
-        out, w = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-        return out.to(query.dtype), w
+    from grpo.attention import sdpa_float32_forward  # model.attention_dtype: float32
 
-    ALL_ATTENTION_FUNCTIONS.register(f"diag_{name}", {"skip": skip, "fp32": fp32}[name])
+    ALL_ATTENTION_FUNCTIONS.register(f"diag_{name}", {"skip": skip, "fp32": sdpa_float32_forward}[name])
     ALL_MASK_ATTENTION_FUNCTIONS.register(f"diag_{name}", sdpa_mask)
     old, model.config._attn_implementation = model.config._attn_implementation, f"diag_{name}"
     try:

@@ -4,7 +4,7 @@
 
 Samples completions once with the fp32 model, then scores exactly those tokens with the
 model in fp32 and in bf16 (log-softmax in fp32 either way, as the trainer does), and times
-one no-grad forward of the whole batch in each dtype.
+one no-grad forward of the whole batch in each dtype (and bf16 with model.attention_dtype: float32).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     import torch
+    from grpo.attention import apply_attention_dtype
     from grpo.engines.base import SamplingParams
     from grpo.engines.hf import HFEngine
     from grpo.logprobs import pack, sampled_logprobs
@@ -45,8 +46,11 @@ def main() -> None:
     batch = pack([prompts[i // args.group] for i in range(len(comps))], comps, tok.pad_token_id)
     mask = batch.completion_mask.bool()
     results = {}
-    for name in ("float32", "bfloat16"):
-        model = fp32 if name == "float32" else load_causal_lm(path, "bfloat16").eval()
+    bf16 = load_causal_lm(path, "bfloat16").eval()
+    for name in ("float32", "bfloat16", "bfloat16+fp32 attention"):
+        if name == "bfloat16+fp32 attention":  # model.attention_dtype: float32 on the same bf16 weights
+            apply_attention_dtype(bf16, "float32", "cpu")
+        model = fp32 if name == "float32" else bf16
         with torch.no_grad():
             sampled_logprobs(model, batch)  # warm-up
             t0 = time.perf_counter()
@@ -58,6 +62,10 @@ def main() -> None:
     print(f"|log p bf16 - log p fp32| per token: mean {diff.mean():.4f}, median {diff.median():.4f}, "
           f"p99 {diff.quantile(0.99):.4f}, max {diff.max():.4f}")
     print(f"sequence log-prob difference: mean |sum| {((results['bfloat16'][0] - results['float32'][0]) * mask).sum(-1).abs().mean():.3f}")
+    att = (results["bfloat16+fp32 attention"][0] - results["float32"][0])[mask].abs()
+    print(f"|log p bf16 with fp32 attention - log p fp32| per token: mean {att.mean():.4f}, median "
+          f"{att.median():.4f}, p99 {att.quantile(0.99):.4f}, max {att.max():.4f}; forward "
+          f"{results['bfloat16+fp32 attention'][1]:.2f} s")
     print(f"forward (no grad) time: fp32 {results['float32'][1]:.2f} s, bf16 {results['bfloat16'][1]:.2f} s "
           f"(bf16 speedup {results['float32'][1] / results['bfloat16'][1]:.2f}x)")
     print(f"matmul probe now: {probe_bf16_speedup(args.threads)}")
