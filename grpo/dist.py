@@ -89,8 +89,18 @@ def init(timeout_s: float, device: str = "cpu") -> DistInfo:
 
 
 def teardown() -> None:
+    """Leave the process group at the end of a successful run, all ranks together.
+
+    The barrier keeps a rank that finished first (rank 1 while rank 0 still writes the adapter)
+    from tearing down its transport while a peer is still connected: a 2-rank gloo test once
+    aborted a rank at exit ("terminate called without an active exception") after a correct
+    run. On the failure path ``fail`` has already left the group, so this is a no-op there.
+    """
     if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+        try:
+            tdist.barrier()  # bounded by the group's timeout (distributed.timeout_s)
+        finally:
+            tdist.destroy_process_group()
 
 
 def fail(exc: BaseException) -> None:
