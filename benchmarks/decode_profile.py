@@ -226,7 +226,7 @@ def run_one(args, model, tok, prompt, batch: int, dtype: str) -> None:
         ("  backbone base matmuls alone (210 F.linear)", t_mm),
         ("  backbone rest (attention, norms, cache, dispatch)", t_backbone - (t_step - t_nolora) - t_mm),
         ("  of which attention (step - step with attention skipped)", t_step - t_no_attention),
-        ("  step with attention in fp32 instead (diagnostic, not the model's numbers)", t_fp32_attention),
+        ("  step with model.attention_dtype: float32 instead", t_fp32_attention),
         ("LM head alone (+ .float())", t_head),
         ("KV-cache append alone (30 layers' update + crop)", t_kv),
         ("sample_tokens (per-prompt streams)", t_sample),
