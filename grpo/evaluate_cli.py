@@ -108,6 +108,7 @@ def _load_model(s: EvalSettings, adapters: list[Path]):
     import torch
 
     from grpo.allocator import keep_freed_memory
+    from grpo.attention import apply_attention_dtype
     from grpo.models import load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
 
     if s.threads:
@@ -119,6 +120,7 @@ def _load_model(s: EvalSettings, adapters: list[Path]):
         _warn_if_other_base(adapter, s.model, path)
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, s.dtype, device)
+    apply_attention_dtype(model, s.attention_dtype, device)  # as in training (grpo/build.py)
     if adapters:
         from peft import PeftModel
         from safetensors import SafetensorError

@@ -224,3 +224,23 @@ def test_default_ks_are_one_powers_of_four_and_n():
         return resolve_settings(build_parser().parse_args(["eval", "--task", "t", "--model", "m", "--n", str(n)])).k
 
     assert ks(16) == [1, 4, 16] and ks(1) == [1] and ks(20) == [1, 4, 16, 20]
+
+
+def test_eval_runs_attention_at_the_training_precision(tiny_model_dir, tmp_path):
+    """grpo eval applies model.attention_dtype as training does (grpo/build.py): a bf16 base on
+    CPU gets float32 attention under auto, the model's own under 'model'; --config carries it."""
+    from grpo.attention import FLOAT32_ATTENTION
+    from grpo.cli import build_parser
+    from grpo.eval_settings import resolve_settings
+    from grpo.evaluate_cli import _load_model
+
+    def attention(*flags):
+        argv = ["eval", "--task", "t", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "bfloat16", *flags]
+        model, _, _ = _load_model(resolve_settings(build_parser().parse_args(argv)), [])
+        return model.config._attn_implementation
+
+    assert attention() == FLOAT32_ATTENTION
+    assert attention("--attention-dtype", "model") != FLOAT32_ATTENTION
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("task: {name: arith}\nmodel: {name: smollm2-135m, attention_dtype: model}\n")
+    assert resolve_settings(build_parser().parse_args(["eval", "--config", str(cfg)])).attention_dtype == "model"
