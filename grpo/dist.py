@@ -138,22 +138,22 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(values: Sequence[float]) -> list[float]:
-    """Element-wise sum over ranks (float64). Identity at world size 1."""
+def _all_reduce(values: Sequence[float], op) -> list[float]:
     if not info().enabled:
         return list(values)
     t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
-    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    tdist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks (float64). Identity at world size 1."""
+    return _all_reduce(values, tdist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: Sequence[float]) -> list[float]:
     """Element-wise maximum over ranks. Identity at world size 1."""
-    if not info().enabled:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return t.tolist()
+    return _all_reduce(values, tdist.ReduceOp.MAX)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -46,11 +46,16 @@ def test_engine_logprobs_match_trainer_logprobs(policy):
     model, tok = policy
     engine = HFEngine(model, tok, seed=3)
     groups = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, temperature=0.7))
-    prompts = [p for p, g in zip(PROMPTS, groups) for _ in g]
+    assert_engine_logprobs_match_trainer(model, tok, PROMPTS, groups, 0.7)
+
+
+def assert_engine_logprobs_match_trainer(model, tok, prompts, groups, temperature):
+    """Each completion's engine log-probs equal a full forward's (the trainer's definition)."""
+    rows = [p for p, g in zip(prompts, groups) for _ in g]
     comps = [c for g in groups for c in g]
     model.eval()
     with torch.no_grad():
-        lp = sampled_logprobs(model, pack(prompts, [c.token_ids for c in comps], tok.pad_token_id), 0.7)
+        lp = sampled_logprobs(model, pack(rows, [c.token_ids for c in comps], tok.pad_token_id), temperature)
     for i, c in enumerate(comps):
         assert torch.allclose(lp[i, :len(c.logprobs)], torch.tensor(c.logprobs), atol=1e-4)
 
@@ -190,13 +195,7 @@ def test_shared_prefix_sampling_matches_trainer_logprobs_and_per_prompt_streams(
     for i, p in enumerate(SHARED_PROMPTS):
         alone = engine.generate([p], params, prompt_seeds=[seeds[i]])[0]
         assert [c.token_ids for c in alone] == [c.token_ids for c in together[i]]
-    prompts = [p for p, g in zip(SHARED_PROMPTS, together) for _ in g]
-    comps = [c for g in together for c in g]
-    model.eval()
-    with torch.no_grad():
-        lp = sampled_logprobs(model, pack(prompts, [c.token_ids for c in comps], tok.pad_token_id), 1.0)
-    for i, c in enumerate(comps):
-        assert torch.allclose(lp[i, :len(c.logprobs)], torch.tensor(c.logprobs), atol=1e-4)
+    assert_engine_logprobs_match_trainer(model, tok, SHARED_PROMPTS, together, 1.0)
 
 
 def test_a_prompt_that_is_the_common_prefix_keeps_one_token_to_start_from(policy):
