@@ -30,6 +30,54 @@ from grpo.models import add_lora, load_causal_lm, resolve_model_path  # noqa: E4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _tensors(obj, out: list) -> None:
+    """Every tensor in ``obj``: nested tuples/lists/dicts, and the keys/values a KV cache holds."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            _tensors(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _tensors(x, out)
+    elif hasattr(obj, "layers") and isinstance(getattr(obj, "layers"), list):  # a transformers Cache
+        for layer in obj.layers:
+            _tensors([getattr(layer, "keys", None), getattr(layer, "values", None)], out)
+
+
+def saved_bytes(model, forward) -> tuple[int, object]:
+    """Bytes autograd keeps for backward while ``forward()`` builds its graph: distinct storages
+    (a tensor saved by two operations counts once) that saved-tensor hooks see, plus, under
+    activation checkpointing, those each checkpointed call keeps to recompute from (its
+    arguments: hidden states, mask, RoPE, the KV cache it reads). The model's own weights are
+    not counted. Returns (bytes, forward's result)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    original = logprobs.checkpoint
+
+    def recorded_checkpoint(fn, *args, **kwargs):
+        found: list[torch.Tensor] = []
+        _tensors([args, kwargs], found)
+        for t in found:
+            keep(t)
+        return original(fn, *args, **kwargs)
+
+    logprobs.checkpoint = recorded_checkpoint
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            result = forward()
+    finally:
+        logprobs.checkpoint = original
+    return sum(storages.values()), result
+
+
 def measure(model, batch, on: bool) -> dict[str, float]:
     storages: dict[int, tuple[int, bool]] = {}  # storage address -> (bytes, saved inside the LM head)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved, but not extra memory

@@ -200,8 +200,13 @@ class OptimConfig:
     warmup_steps: int = opt(0, "linear warmup optimizer steps", ge=0)
     schedule: Literal["constant", "linear", "cosine"] = opt("constant", "learning-rate schedule after warmup")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)", ge=0)
-    micro_batch_size: int = opt(16, "sequences per forward/backward (gradient accumulation over the batch)",
-                                ge=1)
+    micro_batch_size: int = opt(16, "sequences per forward/backward (gradient accumulation over the batch); "
+                                    "ignored when optim.memory_budget_gb is set", ge=1)
+    memory_budget_gb: float | Literal["auto"] | None = opt(
+        None, "size micro-batches to a memory budget instead of optim.micro_batch_size: GiB for the update's "
+              "activations (estimated per micro-batch from the model's shape and its tokens, grpo/memory.py), or "
+              "auto: 0.8 x free memory after the model is loaded (CUDA: the device's; CPU: MemAvailable shared by "
+              "this machine's ranks); null = fixed optim.micro_batch_size", gt=0)
     logprob_chunk_tokens: int = opt(512, "tokens per LM-head chunk when computing log-probs (memory bound)",
                                     gt=0)
     packing: bool = opt(False, "padding-free update passes: each group's prompt and completions packed into one "

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from grpo import checkpoint, dist
+from grpo import checkpoint, dist, memory
 from grpo.allocator import keep_freed_memory
 from grpo.algorithms import (group_advantages, masked_mean, overlong_penalty, policy_loss,
                              truncated_importance_weights)
@@ -131,6 +131,7 @@ class Trainer:
                                    tools=cfg.tools)
         self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
         self.checkpoint_layers = use_activation_checkpointing(cfg.optim.activation_checkpointing, self.model)
+        self.memory_plan = self._memory_plan()  # None: fixed optim.micro_batch_size
         if resumed is not None:  # the adapter goes in before DDP/FSDP2 wrap the model
             checkpoint.load_adapter(resumed[0], self.model)
         self.policy = wrap_policy(Policy(self.model), cfg.distributed.strategy, self.dist)
@@ -293,13 +294,35 @@ class Trainer:
         seq_prompts = [p for p in prompt_ids for _ in range(G)]
         return Rollout(seq_prompts, completions, rewards, advantages, keep)
 
-    def _micro_batches(self, rollout: Rollout) -> list[list[int]]:
-        # Keep a group's sequences together (its prompt is encoded once per micro-batch),
-        # shortest completions first inside a group; the order is deterministic.
+    def _memory_plan(self) -> memory.Plan | None:
+        """``optim.memory_budget_gb`` for this model and update path; checks one longest sequence fits."""
+        cfg = self.cfg
+        plan = memory.make_plan(
+            cfg.optim.memory_budget_gb, self.model.config, self.model.get_input_embeddings().weight.element_size(),
+            cfg.model.lora_rank, cfg.model.lora_target_modules, cfg.model.lora_dropout > 0, cfg.optim.packing,
+            self.fast_head, self.checkpoint_layers, str(self.device), cfg.optim.logprob_chunk_tokens)
+        if plan is not None:
+            prompt = self._encode(self.train_rows[0]["prompt"]) if self.train_rows else []
+            plan.check(len(prompt), self._max_completion_tokens())
+        return plan
+
+    def _micro_batches(self, rollout: Rollout) -> tuple[list[list[int]], dict[str, float]]:
+        """Sequence indices per micro-batch, and metrics of the split.
+
+        Keep a group's sequences together (its prompt is encoded once per micro-batch),
+        shortest completions first inside a group; the order is deterministic. Cut every
+        ``optim.micro_batch_size`` sequences or, with ``optim.memory_budget_gb``, where the
+        next sequence would take the micro-batch's estimated memory over the budget."""
         G = self.cfg.rollout.num_generations
         order = sorted(rollout.keep, key=lambda i: (i // G, len(rollout.completions[i].token_ids), i))
-        mb = self.cfg.optim.micro_batch_size
-        return [order[s:s + mb] for s in range(0, len(order), mb)]
+        if self.memory_plan is None:
+            mb = self.cfg.optim.micro_batch_size
+            return [order[s:s + mb] for s in range(0, len(order), mb)], {}
+        seqs = [memory.Seq(i // G, len(rollout.prompt_ids[i]), len(c.token_ids),
+                           len(c.token_ids) if c.loss_mask is None else sum(c.loss_mask))
+                for i, c in ((i, rollout.completions[i]) for i in order)]
+        parts, largest = self.memory_plan.split(seqs)
+        return [[order[j] for j in part] for part in parts], {"update/estimated_gb": largest / memory.GIB}
 
     def _pack(self, rollout: Rollout, idx: list[int]):
         G = self.cfg.rollout.num_generations
@@ -333,7 +356,7 @@ class Trainer:
 
     def _update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.cfg
-        micro = self._micro_batches(rollout)
+        micro, split_metrics = self._micro_batches(rollout)
         packed = [self._pack(rollout, idx) for idx in micro]
         # whole-batch normalisers (all ranks): the sum of the ranks' micro-batch losses is the batch loss
         n_seq, n_tok = map(int, dist.all_reduce_sum([len(rollout.keep),
@@ -402,9 +425,10 @@ class Trainer:
                  "time/optimizer": t_opt, "tokens/trained": sum(b.num_tokens for b, w in zip(packed, live) if w),
                  "loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
                  "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"], "entropy": sums["entropy"],
-                 "sequences_in_loss": n_seq, "tokens_in_loss": n_tok}
+                 "sequences_in_loss": n_seq, "tokens_in_loss": n_tok, "update/micro_batches": len(micro), **split_metrics}
         return reduce_update_stats(stats, summed=("loss", "kl", "clip_fraction", "ratio", "engine_logprob_diff",
-                                                  "entropy", "tokens/trained"), maxed=TIME_KEYS)
+                                                  "entropy", "tokens/trained"),
+                                   maxed=(*TIME_KEYS, "update/micro_batches", "update/estimated_gb"))
 
     def _balance_micro_batches(self, rollout: Rollout, micro: list[list[int]], packed: list):
         """Give every rank the same number of micro-batches (at least one): a rank with fewer

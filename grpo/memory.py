@@ -1,0 +1,324 @@
+"""Micro-batches sized to a memory budget (``optim.memory_budget_gb``): an estimate of the update's
+activation memory, and the greedy split that keeps each micro-batch under the budget.
+
+The estimate counts what autograd keeps for backward in one policy forward (LoRA on, grad on)
+of a micro-batch, from the model's shape and the tokens the network actually runs (padded
+widths included): each distinct prompt once per micro-batch on the shared-prompt path, one
+row per group under packing, prompt + completion per sequence on the flat path. Per decoder
+layer and token (no checkpointing), with ``s`` the base dtype's bytes, ``a`` attention's
+(4 under ``model.attention_dtype`` float32), LoRA and norms in float32:
+
+* the two RMSNorms: their float32 input and ``rsqrt`` (``2 (4H + 4)``; layer 0's first norm
+  sees the frozen embedding and keeps nothing);
+* attention: the query and the output (``2 nh d a``), the log-sum-exp (``4 nh``); per key
+  position the keys and values as SDPA receives them, repeated to ``nh`` heads
+  (``2 nh d a``); per (query, key) pair the mask (``a``); eager attention adds its
+  probabilities (``nh (4 + a)``);
+* the MLP: gate, up and act(gate) (``3 I s``);
+* LoRA: each adapter's input (a float32 copy per target under a 16-bit base or LoRA
+  dropout, plus dropout's float32 mask; one shared copy per input under float32) and its
+  rank-r hidden (``4 r`` per target).
+
+With activation checkpointing a layer keeps only its input (``H s`` per token) and, on the
+shared-prompt path, the prompt's keys and values it reads (``2 p Lp nkv d s``); outside the
+layers: the final norm, RoPE's cos/sin, and the LM head: on CPU the float32 logits of every
+scored position (``4 V`` each) and one float32 copy of a 16-bit head weight; on CUDA the
+chunks are checkpointed, so only their inputs. ``tests/test_memory.py`` checks this against
+the bytes autograd actually saves on a tiny random model (checkpointing on and off, float32
+and bf16, every path). ``transient`` adds what lives only for a while (one recomputed layer,
+activation gradients, an LM-head chunk): an allowance, not measured by that test.
+
+Every function here is pure except ``budget_bytes`` (it reads free memory for ``auto``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, NamedTuple, Sequence
+
+from grpo.errors import UserError
+
+GIB = 2 ** 30
+AUTO_FRACTION = 0.8  # of free memory, for ``auto``: headroom for the allocator and what the estimate leaves out
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about the policy (``model_shape`` reads it from an HF config)."""
+
+    layers: int
+    hidden: int  # H
+    intermediate: int  # I
+    heads: int  # nh
+    kv_heads: int  # nkv
+    head_dim: int  # d
+    vocab: int  # V
+    base_bytes: int = 4  # s: bytes per element of the frozen base (2 for bf16/fp16)
+    attention_bytes: int = 4  # a: bytes per element attention runs in (4 under float32 attention)
+    eager_attention: bool = False  # the attention probabilities are kept (eager implementation)
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = PROJECTIONS  # the Llama-style projections that carry an adapter
+    lora_dropout: bool = False
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """How the update runs a micro-batch (see ``grpo.trainer.Trainer._logprobs``)."""
+
+    path: Literal["grouped", "packed", "flat"] = "grouped"
+    full_head: bool = False  # the model's own LM head over every position (no chunked fast head)
+    checkpointing: bool = False
+    cuda: bool = False  # LM-head chunks checkpointed (CUDA) or their logits kept (CPU)
+    chunk_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The dimensions of one micro-batch that its memory depends on."""
+
+    prompts: int = 0  # p distinct prompts
+    sequences: int = 0  # b
+    prompt_len: int = 0  # Lp: longest prompt (prompts are left-padded to it)
+    completion_len: int = 0  # T: longest completion (completions are right-padded to it)
+    packed_len: int = 0  # W: longest packed row (a prompt and its completions in this batch)
+    loss_tokens: int = 0  # positions whose log-prob is computed (the loss mask)
+
+
+class Estimate(NamedTuple):
+    """Bytes of one micro-batch's policy forward + backward."""
+
+    layers: int  # kept for backward by the decoder layers
+    outside: int  # kept for backward outside the layers (final norm, RoPE, LM head)
+    transient: int  # alive only for a while: one recomputed layer, activation gradients, a head chunk
+
+    @property
+    def saved(self) -> int:
+        return self.layers + self.outside
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.outside + self.transient
+
+
+class Seq(NamedTuple):
+    """One sequence of the update, as the split sees it."""
+
+    group: int
+    prompt_len: int
+    completion_len: int
+    loss_tokens: int
+
+
+def model_shape(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str],
+                lora_dropout: bool) -> ModelShape:
+    """``ModelShape`` of an HF decoder config (Llama, Qwen, Mistral, ... attribute names).
+
+    Targets are matched by their last name; an unknown name (``all-linear``, another
+    family's projections) counts as every projection, so the estimate stays an upper bound."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    names = {t.rsplit(".", 1)[-1] for t in lora_targets}
+    targets = PROJECTIONS if names - set(PROJECTIONS) else tuple(p for p in PROJECTIONS if p in names)
+    return ModelShape(layers=config.num_hidden_layers, hidden=config.hidden_size,
+                      intermediate=config.intermediate_size, heads=heads,
+                      kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                      vocab=config.vocab_size, base_bytes=base_bytes,
+                      attention_bytes=4 if implementation == "sdpa_float32" else base_bytes,
+                      eager_attention=implementation == "eager", lora_rank=lora_rank, lora_targets=targets,
+                      lora_dropout=lora_dropout)
+
+
+def _lora_input_bytes(m: ModelShape) -> int:
+    """Per token and layer: the inputs the LoRA adapters keep (float32)."""
+    inputs = {"q_proj": m.hidden, "k_proj": m.hidden, "v_proj": m.hidden, "o_proj": m.heads * m.head_dim,
+              "gate_proj": m.hidden, "up_proj": m.hidden, "down_proj": m.intermediate}
+    if m.base_bytes != 4 or m.lora_dropout:  # each adapter casts (or drops out) its own copy
+        return sum(inputs[t] * (8 if m.lora_dropout else 4) for t in m.lora_targets)  # dropout: + its mask
+    shared = 0  # float32, no dropout: adapters on the same input share it; o_proj's is the attention output
+    if {"q_proj", "k_proj", "v_proj"} & set(m.lora_targets):
+        shared += 4 * m.hidden
+    if {"gate_proj", "up_proj"} & set(m.lora_targets):
+        shared += 4 * m.hidden
+    if "down_proj" in m.lora_targets:
+        shared += 4 * m.intermediate
+    return shared
+
+
+def _layer_bytes(m: ModelShape, rows: int, queries: int, keys: int) -> int:
+    """Kept for backward by one decoder layer without checkpointing: ``rows`` x ``queries`` tokens
+    attending to ``keys`` positions each."""
+    a, qd = m.attention_bytes, m.heads * m.head_dim
+    per_token = (2 * (4 * m.hidden + 4)  # two RMSNorms: float32 input, rsqrt
+                 + 2 * qd * a + 4 * m.heads  # query, output, log-sum-exp
+                 + 3 * m.intermediate * m.base_bytes  # gate, up, act(gate)
+                 + _lora_input_bytes(m) + 4 * m.lora_rank * len(m.lora_targets))
+    per_key = 2 * qd * a  # keys and values repeated to every head
+    per_pair = a + (m.heads * (4 + a) if m.eager_attention else 0)  # mask (+ eager's probabilities)
+    return rows * queries * per_token + rows * keys * per_key + rows * queries * keys * per_pair
+
+
+def _passes(s: UpdateSettings, b: Batch) -> list[tuple[int, int, int]]:
+    """(rows, queries, keys) of each backbone pass over the micro-batch."""
+    if s.path == "packed":
+        return [(b.prompts, b.packed_len, b.packed_len)]
+    if s.path == "grouped" and not s.full_head:  # prompts once, then completions reading their K/V
+        return [(b.prompts, b.prompt_len, b.prompt_len),
+                (b.sequences, b.completion_len, b.prompt_len + b.completion_len)]
+    length = b.prompt_len + b.completion_len  # flat: every sequence with its own prompt
+    return [(b.sequences, length, length)]
+
+
+def estimate(m: ModelShape, s: UpdateSettings, b: Batch) -> Estimate:
+    """Memory of one micro-batch's policy forward + backward (see the module docstring)."""
+    passes = _passes(s, b)
+    tokens = sum(r * q for r, q, _ in passes)
+    # layer 0's first norm reads the frozen embedding (no gradient there): it keeps nothing, nor do
+    # the dropout masks of the adapters on that norm's output
+    attention_in = len({"q_proj", "k_proj", "v_proj"} & set(m.lora_targets))
+    norm0 = 4 * m.hidden + 4 + (4 * m.hidden * attention_in if m.lora_dropout else 0)
+    unrolled = [_layer_bytes(m, *p) for p in passes]
+    if s.checkpointing:
+        layers = m.layers * tokens * m.hidden * m.base_bytes  # each layer's input
+        if s.path == "grouped" and not s.full_head:  # the prompt K/V the completion layers read
+            layers += m.layers * 2 * b.prompts * b.prompt_len * m.kv_heads * m.head_dim * m.base_bytes
+    else:
+        layers = m.layers * sum(unrolled) - tokens * norm0
+    outside = tokens * (4 * m.hidden + 4 + 2 * m.head_dim * m.base_bytes)  # final norm; RoPE cos, sin
+    if s.checkpointing:  # the mask each layer is handed, once per pass
+        outside += sum(r * q * k for r, q, k in passes) * m.base_bytes
+    chunk = min(s.chunk_tokens, b.loss_tokens)
+    if s.full_head:  # the model's logits over every position, float32 logits of the padded completions
+        scored = b.sequences * b.completion_len
+        outside += scored * (4 * m.vocab + 16)
+        head_transient = tokens * m.vocab * (m.base_bytes + 4)
+    elif s.cuda:  # each chunk checkpointed: only its inputs are kept, one chunk's logits at a time
+        outside += b.loss_tokens * (m.hidden * m.base_bytes + 32)
+        head_transient = 3 * chunk * m.vocab * 4
+    else:  # CPU: every chunk's float32 logits kept, one float32 copy of a 16-bit head weight
+        outside += b.loss_tokens * (4 * m.vocab + 32) + (m.vocab * m.hidden * 4 if m.base_bytes != 4 else 0)
+        head_transient = 2 * chunk * m.vocab * 4
+    gradients = 2 * tokens * (m.intermediate + m.hidden) * 4  # activation gradients in flight in backward
+    transient = (max(unrolled) if s.checkpointing else 0) + gradients + head_transient
+    return Estimate(int(layers), int(outside), int(transient))
+
+
+def add(b: Batch, seq: Seq, groups: dict[int, int]) -> Batch:
+    """``b`` with ``seq`` added; ``groups`` maps each group in ``b`` to its packed row length so far."""
+    row = groups.get(seq.group, seq.prompt_len) + seq.completion_len
+    return replace(b, prompts=b.prompts + (seq.group not in groups), sequences=b.sequences + 1,
+                   prompt_len=max(b.prompt_len, seq.prompt_len), completion_len=max(b.completion_len, seq.completion_len),
+                   packed_len=max(b.packed_len, row), loss_tokens=b.loss_tokens + seq.loss_tokens)
+
+
+def split_by_budget(seqs: Sequence[Seq], cost: Callable[[Batch], int], budget: int) -> list[list[int]]:
+    """Greedy: positions into ``seqs``, in their order, cut into micro-batches whose ``cost`` stays
+    within ``budget``; a micro-batch closes when the next sequence would exceed it. The order is the
+    caller's (a group's sequences next to each other keep its prompt in one micro-batch).
+    A sequence that exceeds the budget alone raises ``ValueError(its cost)``."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    batch, groups = Batch(), {}
+    for i, seq in enumerate(seqs):
+        grown = add(batch, seq, groups)
+        if current and cost(grown) > budget:
+            out.append(current)
+            current, batch, groups = [], Batch(), {}
+            grown = add(batch, seq, groups)
+        if not current and cost(grown) > budget:
+            raise ValueError(cost(grown))
+        current.append(i)
+        groups[seq.group] = groups.get(seq.group, seq.prompt_len) + seq.completion_len
+        batch = grown
+    if current:
+        out.append(current)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's micro-batch sizing: the model, how the update runs, the budget in bytes."""
+
+    shape: ModelShape
+    settings: UpdateSettings
+    budget: int
+    setting: float | str  # optim.memory_budget_gb as configured, for messages
+
+    def cost(self, b: Batch) -> int:
+        return estimate(self.shape, self.settings, b).total
+
+    def split(self, seqs: Sequence[Seq]) -> tuple[list[list[int]], int]:
+        """(micro-batches as positions into ``seqs``, the largest micro-batch's estimate in bytes);
+        a sequence over the budget alone is a ``UserError``."""
+        try:
+            parts = split_by_budget(seqs, self.cost, self.budget)
+        except ValueError as exc:
+            need = int(exc.args[0])
+            raise too_small(self.setting, self.budget, need, "one sequence of this step") from None
+        largest = 0
+        for part in parts:
+            batch, groups = Batch(), {}
+            for i in part:
+                batch = add(batch, seqs[i], groups)
+                groups[seqs[i].group] = groups.get(seqs[i].group, seqs[i].prompt_len) + seqs[i].completion_len
+            largest = max(largest, self.cost(batch))
+        return parts, largest
+
+    def check(self, prompt_len: int, completion_len: int) -> None:
+        """Fail before training when one sequence this long cannot fit the budget."""
+        need = self.cost(add(Batch(), Seq(0, prompt_len, completion_len, completion_len), {}))
+        if need > self.budget:
+            raise too_small(self.setting, self.budget, need,
+                            f"one sequence ({prompt_len} prompt + {completion_len} completion tokens)")
+
+
+def make_plan(setting: float | str | None, config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str],
+              lora_dropout: bool, packing: bool, fast_head: bool, checkpointing: bool, device: str,
+              chunk_tokens: int, local_ranks: int | None = None) -> Plan | None:
+    """The run's ``Plan`` (None without a budget: ``optim.micro_batch_size`` applies)."""
+    if setting is None:
+        return None
+    if local_ranks is None:  # processes sharing this machine's RAM (torchrun sets it)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    path = "packed" if packing else ("grouped" if fast_head else "flat")
+    settings = UpdateSettings(path, not fast_head, checkpointing, device.startswith("cuda"), chunk_tokens)
+    shape = model_shape(config, base_bytes, lora_rank, lora_targets, lora_dropout)
+    return Plan(shape, settings, budget_bytes(setting, device, local_ranks), setting)
+
+
+def too_small(setting, budget: int, need: int, what: str) -> UserError:
+    """The one-line error for a budget below one sequence's estimated need."""
+    return UserError(f"optim.memory_budget_gb={setting}: {what} needs an estimated {need / GIB:.3f} GiB for the "
+                     f"update (budget {budget / GIB:.3f} GiB); raise optim.memory_budget_gb, lower "
+                     "rollout.max_new_tokens, or turn on optim.activation_checkpointing")
+
+
+def mem_available(meminfo: str = "/proc/meminfo") -> int:
+    """Bytes the kernel could give this process now without swapping (``MemAvailable``)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise UserError(f"optim.memory_budget_gb=auto: cannot read MemAvailable from {meminfo} (not Linux?); "
+                    "set a number of GiB instead")
+
+
+def budget_bytes(setting: float | str, device: str, local_ranks: int = 1, meminfo: str = "/proc/meminfo") -> int:
+    """``optim.memory_budget_gb`` in bytes: GiB as given, or ``auto``: ``AUTO_FRACTION`` of the device's
+    free memory (CUDA) or of ``MemAvailable`` shared by the ``local_ranks`` processes of this machine
+    (CPU). Read once, after the model is loaded, so the budget is what is left for the update."""
+    if setting != "auto":
+        return int(float(setting) * GIB)
+    if device.startswith("cuda"):
+        import torch  # only here: the estimate itself needs no torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * AUTO_FRACTION)
+    if device != "cpu":
+        raise UserError(f"optim.memory_budget_gb=auto: free memory is not known on {device}; set a number of GiB")
+    return int(mem_available(meminfo) * AUTO_FRACTION / max(1, local_ranks))
