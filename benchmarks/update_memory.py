@@ -5,17 +5,19 @@
 One micro-batch of the shared-prompt update (``grouped_logprobs``: P prompts of
 ``--prompt-tokens`` random tokens, G completions of ``--tokens`` each, LoRA r16 on all
 linear layers) runs forward and backward, checkpointing off and on, twice each. For each
-it prints the memory of the tensors autograd keeps for backward (distinct storages, so a
-tensor saved by two operations counts once, the model's own weights not at all), split into the backbone (decoder layers) and
-the chunked LM head, and the forward and backward times. Under checkpointing the
-saved-tensor hooks see only what is saved outside the recomputed layers; the inputs each
-checkpointed layer keeps (b x T x hidden per layer) are added as computed. Peak RSS per
-setting needs a process each: ``benchmarks/step_throughput.py --systems ours_nockpt,ours_ckpt``.
+it prints the memory autograd keeps for backward, measured (``saved_bytes``: distinct
+storages the saved-tensor hooks see, so a tensor saved by two operations counts once and
+the model's own weights not at all, plus what each checkpointed layer keeps to recompute
+from: its arguments and the KV cache it reads), beside ``grpo.memory.estimate`` of the same
+micro-batch (what ``optim.memory_budget_gb`` sizes micro-batches by), that estimate's peak
+(with its transient allowance), and the forward and backward times. Peak RSS per setting
+needs a process each: ``benchmarks/step_throughput.py --systems ours_nockpt,ours_ckpt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -24,7 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from grpo import logprobs  # noqa: E402
+from grpo import logprobs, memory  # noqa: E402
+from grpo.attention import apply_attention_dtype  # noqa: E402
 from grpo.models import add_lora, load_causal_lm, resolve_model_path  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,46 +81,33 @@ def saved_bytes(model, forward) -> tuple[int, object]:
     return sum(storages.values()), result
 
 
-def measure(model, batch, on: bool) -> dict[str, float]:
-    storages: dict[int, tuple[int, bool]] = {}  # storage address -> (bytes, saved inside the LM head)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved, but not extra memory
-    in_head = [False]
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(key + ":")))
 
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages.setdefault(storage.data_ptr(), (storage.nbytes(), in_head[0]))
-        return t
 
-    original_head = logprobs.head_logprobs
-
-    def head(*a, **k):
-        in_head[0] = True
-        try:
-            return original_head(*a, **k)
-        finally:
-            in_head[0] = False
-
-    logprobs.head_logprobs = head
-    try:
-        t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            lp = logprobs.grouped_logprobs(model, batch, checkpoint_layers=on)
-        t1 = time.perf_counter()
-        lp.sum().backward()
-        t2 = time.perf_counter()
-    finally:
-        logprobs.head_logprobs = original_head
+def measure(model, batch, on: bool, plan: memory.Plan) -> dict[str, float]:
+    """Measured bytes kept for backward (``saved_bytes``) beside the estimate, the pass's times, and
+    the growth of the process's peak RSS during the pass (VmHWM, reset first through
+    /proc/self/clear_refs; meaningful in a fresh process only: pages freed by an earlier pass
+    and kept by the allocator are reused without growing RSS)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    rss0 = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    kept, lp = saved_bytes(model, lambda: logprobs.grouped_logprobs(model, batch, checkpoint_layers=on,
+                                                                     with_entropy=True).logprobs)
+    t1 = time.perf_counter()
+    lp.sum().backward()
+    t2 = time.perf_counter()
+    peak_rss = _status_kib("VmHWM") - rss0
     model.zero_grad(set_to_none=True)
-    head_bytes = sum(n for n, h in storages.values() if h)
-    backbone = sum(n for n, h in storages.values() if not h)
-    if on:  # each checkpointed layer keeps its input hidden states: prompt pass and completion pass
-        c = model.config
-        itemsize = model.get_input_embeddings().weight.element_size()  # the base dtype's
-        tokens = batch.prompt_ids.numel() + batch.completion_ids.numel()
-        backbone += tokens * c.hidden_size * itemsize * c.num_hidden_layers
-    return {"backbone_mb": backbone / 2**20, "head_mb": head_bytes / 2**20, "forward_s": t1 - t0,
-            "backward_s": t2 - t1}
+    b = batch.completion_ids.shape
+    shape = memory.Batch(prompts=batch.prompt_ids.shape[0], sequences=b[0], prompt_len=batch.prompt_ids.shape[1],
+                         completion_len=b[1], packed_len=0, loss_tokens=int(batch.loss_mask.sum()))
+    est = memory.estimate(plan.shape, dataclasses.replace(plan.settings, checkpointing=on), shape)
+    return {"measured_mib": kept / 2**20, "estimated_mib": est.saved / 2**20, "peak_mib": est.total / 2**20,
+            "forward_s": t1 - t0, "backward_s": t2 - t1, "peak_rss_mib": peak_rss / 1024}
 
 
 def main() -> None:
@@ -128,10 +118,19 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=43)
+    parser.add_argument("--attention-dtype", default="auto", help="model.attention_dtype (auto: float32 "
+                        "attention under a bf16 base on CPU, as training runs it)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--single", choices=["off", "on"], help="one pass with checkpointing off/on, no warm-up, "
+                        "in this fresh process: also prints the peak RSS growth during it beside the estimated peak")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = add_lora(load_causal_lm(resolve_model_path(args.model), args.dtype, "cpu"), 16, 32, 0.0, TARGETS)
+    base = load_causal_lm(resolve_model_path(args.model), args.dtype, "cpu")
+    attention = apply_attention_dtype(base, args.attention_dtype, "cpu")
+    model = add_lora(base, 16, 32, 0.0, TARGETS)
+    plan = memory.make_plan(1.0, base.config, base.get_input_embeddings().weight.element_size(), 16, TARGETS,
+                            False, packing=False, fast_head=True, checkpointing=False, device="cpu",
+                            chunk_tokens=512)
     logprobs.set_update_mode(model)
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -139,15 +138,24 @@ def main() -> None:
     group_index = [p for p in range(args.prompts) for _ in range(args.group)]
     completions = [torch.randint(3, vocab, (args.tokens,), generator=gen).tolist() for _ in group_index]
     batch = logprobs.pack_grouped(prompts, group_index, completions, 0)
-    print(f"{args.model} ({args.dtype} base), {args.prompts} prompts x {args.prompt_tokens} tokens, "
-          f"{len(completions)} completions x {args.tokens} tokens, {args.threads} thread(s)")
-    measure(model, batch, False)  # warm-up: first-call allocations
-    print("| checkpointing | kept for backward: backbone MB | LM head MB | forward s | backward s |")
-    print("|---|---|---|---|---|")
+    print(f"{args.model} ({args.dtype} base, {attention} attention), {args.prompts} prompts x {args.prompt_tokens} "
+          f"tokens, {len(completions)} completions x {args.tokens} tokens, {args.threads} thread(s)")
+    if args.single:
+        r = measure(model, batch, args.single == "on", plan)
+        print(f"checkpointing {args.single}: kept for backward measured {r['measured_mib']:.0f} MiB, estimated "
+              f"{r['estimated_mib']:.0f} MiB; peak RSS growth during the pass {r['peak_rss_mib']:.0f} MiB, "
+              f"estimated peak {r['peak_mib']:.0f} MiB; forward {r['forward_s']:.2f} s, backward "
+              f"{r['backward_s']:.2f} s")
+        return
+    measure(model, batch, False, plan)  # warm-up: first-call allocations
+    print("| checkpointing | kept for backward: measured MiB | estimated MiB (grpo/memory.py) | estimated / "
+          "measured | estimated peak MiB (+ transient) | forward s | backward s |")
+    print("|---|---|---|---|---|---|---|")
     for on in (False, True, False, True):
-        r = measure(model, batch, on)
-        print(f"| {'on' if on else 'off'} | {r['backbone_mb']:.0f} | {r['head_mb']:.0f} | "
-              f"{r['forward_s']:.2f} | {r['backward_s']:.2f} |", flush=True)
+        r = measure(model, batch, on, plan)
+        print(f"| {'on' if on else 'off'} | {r['measured_mib']:.0f} | {r['estimated_mib']:.0f} | "
+              f"{r['estimated_mib'] / r['measured_mib']:.3f} | {r['peak_mib']:.0f} | {r['forward_s']:.2f} | "
+              f"{r['backward_s']:.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()

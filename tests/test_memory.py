@@ -264,3 +264,21 @@ def test_budget_too_small_for_one_sequence_fails_at_setup(tiny_model_dir, toy_pl
             trainer.setup()
     finally:
         trainer.cleanup()
+
+
+def test_auto_budget_trains_and_logs_the_split(tiny_model_dir, toy_plugin, tmp_path):
+    from grpo.trainer import Trainer
+
+    cfg = load_config(None, tiny_run_config(tiny_model_dir, tmp_path / "run", toy_plugin,
+                                            **{"optim.memory_budget_gb": "auto"}))
+    trainer = Trainer(cfg, progress=False)
+    trainer.setup()
+    try:
+        total = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) * 1024
+        assert 0 < trainer.memory_plan.budget <= total * memory.AUTO_FRACTION  # a share of the free memory
+        assert trainer.memory_plan.settings == memory.UpdateSettings("grouped", False, True, False, 512)
+        m = trainer.train_step(trainer.sampling_params())
+    finally:
+        trainer.cleanup()
+    assert m["update/micro_batches"] == 1  # a tiny model's 8 sequences fit any real machine's budget
+    assert 0 < m["update/estimated_gb"] < 0.01
