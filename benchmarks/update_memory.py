@@ -10,8 +10,11 @@ storages the saved-tensor hooks see, so a tensor saved by two operations counts 
 the model's own weights not at all, plus what each checkpointed layer keeps to recompute
 from: its arguments and the KV cache it reads), beside ``grpo.memory.estimate`` of the same
 micro-batch (what ``optim.memory_budget_gb`` sizes micro-batches by), that estimate's peak
-(with its transient allowance), and the forward and backward times. Peak RSS per setting
-needs a process each: ``benchmarks/step_throughput.py --systems ours_nockpt,ours_ckpt``.
+(with its transient allowance), and the forward and backward times. ``--single off|on``
+runs one setting in this (fresh) process and also prints the pass's peak: the most bytes of
+live tensors (``peak_live_bytes``, the profiler's allocation events) and the growth of the
+process's peak RSS (which adds the allocator's caching and fragmentation). Peak RSS of a
+whole step: ``benchmarks/step_throughput.py --systems ours_nockpt,ours_ckpt``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,23 @@ def saved_bytes(model, forward) -> tuple[int, object]:
     return sum(storages.values()), result
 
 
+def peak_live_bytes(run) -> int:
+    """The most bytes torch's CPU allocator held at once during ``run()``, above what it held when
+    ``run`` started: the running sum of the profiler's allocation and free events (torch.profiler,
+    ``profile_memory=True``), so allocator caching and fragmentation do not count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         return int(next(line.split()[1] for line in f if line.startswith(key + ":")))
@@ -141,11 +161,18 @@ def main() -> None:
     print(f"{args.model} ({args.dtype} base, {attention} attention), {args.prompts} prompts x {args.prompt_tokens} "
           f"tokens, {len(completions)} completions x {args.tokens} tokens, {args.threads} thread(s)")
     if args.single:
-        r = measure(model, batch, args.single == "on", plan)
+        on = args.single == "on"
+        r = measure(model, batch, on, plan)
+
+        def run():
+            logprobs.grouped_logprobs(model, batch, checkpoint_layers=on, with_entropy=True).logprobs.sum().backward()
+
+        live = peak_live_bytes(run) / 2**20
+        model.zero_grad(set_to_none=True)
         print(f"checkpointing {args.single}: kept for backward measured {r['measured_mib']:.0f} MiB, estimated "
-              f"{r['estimated_mib']:.0f} MiB; peak RSS growth during the pass {r['peak_rss_mib']:.0f} MiB, "
-              f"estimated peak {r['peak_mib']:.0f} MiB; forward {r['forward_s']:.2f} s, backward "
-              f"{r['backward_s']:.2f} s")
+              f"{r['estimated_mib']:.0f} MiB; peak of the pass: live tensors (profiler) {live:.0f} MiB, "
+              f"RSS growth {r['peak_rss_mib']:.0f} MiB, estimated {r['peak_mib']:.0f} MiB; forward "
+              f"{r['forward_s']:.2f} s, backward {r['backward_s']:.2f} s")
         return
     measure(model, batch, False, plan)  # warm-up: first-call allocations
     print("| checkpointing | kept for backward: measured MiB | estimated MiB (grpo/memory.py) | estimated / "
