@@ -214,8 +214,9 @@ def add(b: Batch, seq: Seq, groups: dict[int, int]) -> Batch:
     """``b`` with ``seq`` added; ``groups`` maps each group in ``b`` to its packed row length so far."""
     row = groups.get(seq.group, seq.prompt_len) + seq.completion_len
     return replace(b, prompts=b.prompts + (seq.group not in groups), sequences=b.sequences + 1,
-                   prompt_len=max(b.prompt_len, seq.prompt_len), completion_len=max(b.completion_len, seq.completion_len),
-                   packed_len=max(b.packed_len, row), loss_tokens=b.loss_tokens + seq.loss_tokens)
+                   prompt_len=max(b.prompt_len, seq.prompt_len),
+                   completion_len=max(b.completion_len, seq.completion_len), packed_len=max(b.packed_len, row),
+                   loss_tokens=b.loss_tokens + seq.loss_tokens)
 
 
 def split_by_budget(seqs: Sequence[Seq], cost: Callable[[Batch], int], budget: int) -> list[list[int]]:
@@ -261,7 +262,8 @@ class Plan:
             parts = split_by_budget(seqs, self.cost, self.budget)
         except ValueError as exc:
             need = int(exc.args[0])
-            raise too_small(self.setting, self.budget, need, "one sequence of this step") from None
+            raise too_small(self.setting, self.budget, need, "one sequence of this step",
+                            self.settings.checkpointing) from None
         largest = 0
         for part in parts:
             batch, groups = Batch(), {}
@@ -276,7 +278,8 @@ class Plan:
         need = self.cost(add(Batch(), Seq(0, prompt_len, completion_len, completion_len), {}))
         if need > self.budget:
             raise too_small(self.setting, self.budget, need,
-                            f"one sequence ({prompt_len} prompt + {completion_len} completion tokens)")
+                            f"one sequence ({prompt_len} prompt + {completion_len} completion tokens)",
+                            self.settings.checkpointing)
 
 
 def make_plan(setting: float | str | None, config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str],
@@ -293,11 +296,12 @@ def make_plan(setting: float | str | None, config, base_bytes: int, lora_rank: i
     return Plan(shape, settings, budget_bytes(setting, device, local_ranks), setting)
 
 
-def too_small(setting, budget: int, need: int, what: str) -> UserError:
+def too_small(setting, budget: int, need: int, what: str, checkpointing: bool) -> UserError:
     """The one-line error for a budget below one sequence's estimated need."""
-    return UserError(f"optim.memory_budget_gb={setting}: {what} needs an estimated {need / GIB:.3f} GiB for the "
-                     f"update (budget {budget / GIB:.3f} GiB); raise optim.memory_budget_gb, lower "
-                     "rollout.max_new_tokens, or turn on optim.activation_checkpointing")
+    fixes = "raise optim.memory_budget_gb, lower rollout.max_new_tokens"
+    fixes += "" if checkpointing else ", or set optim.activation_checkpointing=true"
+    return UserError(f"optim.memory_budget_gb={setting}: {what} needs an estimated {need / GIB:.3g} GiB for the "
+                     f"update (budget {budget / GIB:.3g} GiB); {fixes}")
 
 
 def mem_available(meminfo: str = "/proc/meminfo") -> int:

@@ -425,7 +425,8 @@ class Trainer:
                  "time/optimizer": t_opt, "tokens/trained": sum(b.num_tokens for b, w in zip(packed, live) if w),
                  "loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
                  "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"], "entropy": sums["entropy"],
-                 "sequences_in_loss": n_seq, "tokens_in_loss": n_tok, "update/micro_batches": len(micro), **split_metrics}
+                 "sequences_in_loss": n_seq, "tokens_in_loss": n_tok, "update/micro_batches": len(micro),
+                 **split_metrics}
         return reduce_update_stats(stats, summed=("loss", "kl", "clip_fraction", "ratio", "engine_logprob_diff",
                                                   "entropy", "tokens/trained"),
                                    maxed=(*TIME_KEYS, "update/micro_batches", "update/estimated_gb"))

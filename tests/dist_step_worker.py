@@ -65,7 +65,8 @@ def one_step(model_dir: str, plugin: str, out: str, strategy: str, extra: list[s
                 g = p.grad
                 grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
         if trainer.dist.is_main:
-            torch.save({"loss": stats["loss"], "tokens": stats["tokens_in_loss"], "grads": grads}, out)
+            torch.save({"loss": stats["loss"], "tokens": stats["tokens_in_loss"], "grads": grads,
+                        "micro_batches": stats["update/micro_batches"]}, out)
     except BaseException as exc:
         dist.fail(exc)  # as grpo.trainer.run does: leave the group now, no barrier
         raise

@@ -125,7 +125,11 @@ def test_prompt_streams_make_a_group_independent_of_its_batch_mates(tiny_model_d
     # activation checkpointing on the two ranks, against one process without it
     ("ddp", ["optim.activation_checkpointing=true"]),
     ("fsdp2", ["loss.drop_zero_variance=true", "optim.activation_checkpointing=true"]),
-], ids=["ddp", "ddp-rank1-empty", "fsdp2-rank1-empty", "ddp-checkpointing", "fsdp2-checkpointing"])
+    # micro-batches cut by a memory budget (tight: several per rank), against one process with the same budget
+    ("ddp", ["optim.memory_budget_gb=0.0002"]),
+    ("fsdp2", ["loss.drop_zero_variance=true", "optim.memory_budget_gb=0.0002"]),
+], ids=["ddp", "ddp-rank1-empty", "fsdp2-rank1-empty", "ddp-checkpointing", "fsdp2-checkpointing",
+        "ddp-memory-budget", "fsdp2-memory-budget-rank1-empty"])
 def test_one_step_loss_and_gradients_match_one_process(tiny_model_dir, toy_plugin, tmp_path, strategy, extra):
     reference = [e for e in extra if not e.startswith("optim.activation_checkpointing")]
     one_step(str(tiny_model_dir), str(toy_plugin), str(tmp_path / "one.pt"), "ddp", reference)
@@ -134,6 +138,8 @@ def test_one_step_loss_and_gradients_match_one_process(tiny_model_dir, toy_plugi
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert two["tokens"] == one["tokens"]  # the global token-mean normaliser
+    if any(e.startswith("optim.memory_budget_gb") for e in extra):
+        assert one["micro_batches"] > 2 and two["micro_batches"] > 1  # the budget did split the batch
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-8)
     assert one["grads"].keys() == two["grads"].keys()
     for k, g in one["grads"].items():

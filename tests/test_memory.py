@@ -110,10 +110,14 @@ def test_plan_split_reports_the_largest_estimate_and_refuses_a_sequence_over_bud
     assert largest == plan.cost(memory.Batch(2, 4, 4, 3, 8, 8))
     tight = dataclasses.replace(plan, budget=100, setting=1e-7)
     with pytest.raises(UserError, match=r"optim.memory_budget_gb=1e-07: one sequence of this step needs an "
-                                        r"estimated [0-9.]+ GiB"):
+                                        r"estimated [0-9.e-]+ GiB for the update \(budget 9.31e-08 GiB\); raise "
+                                        r"optim.memory_budget_gb, lower rollout.max_new_tokens, or set "
+                                        r"optim.activation_checkpointing=true$"):
         tight.split(SEQS)
-    with pytest.raises(UserError, match=r"one sequence \(3 prompt \+ 64 completion tokens\) needs an estimated"):
-        tight.check(3, 64)
+    checkpointed = dataclasses.replace(tight, settings=memory.UpdateSettings("grouped", checkpointing=True))
+    with pytest.raises(UserError, match=r"one sequence \(3 prompt \+ 64 completion tokens\) needs an estimated "
+                                        r"[0-9.e-]+ GiB .*max_new_tokens$"):  # checkpointing is on already
+        checkpointed.check(3, 64)
 
 
 def test_budget_bytes(tmp_path):
@@ -294,7 +298,8 @@ def test_budget_too_small_for_one_sequence_fails_at_setup(tiny_model_dir, toy_pl
     trainer = Trainer(cfg, progress=False)
     try:
         with pytest.raises(UserError, match=r"^optim.memory_budget_gb=1e-06: one sequence \(\d+ prompt \+ 8 "
-                                            r"completion tokens\) needs an estimated 0.00\d+ GiB"):
+                                            r"completion tokens\) needs an estimated 0.000[0-9]+ GiB for the "
+                                            r"update \(budget 9.99e-07 GiB\)"):
             trainer.setup()
     finally:
         trainer.cleanup()
@@ -316,3 +321,31 @@ def test_auto_budget_trains_and_logs_the_split(tiny_model_dir, toy_plugin, tmp_p
         trainer.cleanup()
     assert m["update/micro_batches"] == 1  # a tiny model's 8 sequences fit any real machine's budget
     assert 0 < m["update/estimated_gb"] < 0.01
+
+
+def test_micro_batches_hand_the_split_each_sequence_with_its_model_tokens():
+    """Tool episodes: observation tokens run through the network but are not scored (loss mask 0)."""
+    from grpo.engines.base import Completion
+    from grpo.trainer import Rollout, Trainer
+
+    class Capture:  # a Plan stand-in that records what it is asked to split
+        seqs: list = []
+
+        def split(self, seqs):
+            self.seqs = list(seqs)
+            return [list(range(len(seqs)))], 123
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = load_config(None, ["rollout.num_generations=2"])
+    trainer.memory_plan = plan = Capture()
+    completions = [Completion([5, 6, 7, 8], "", [0.0] * 4, "stop", loss_mask=[1, 0, 0, 1]),
+                   Completion([5, 6], "", [0.0] * 2, "stop"), Completion([9], "", [0.0], "stop"),
+                   Completion([9, 9, 9], "", [0.0] * 3, "stop")]
+    rollout = Rollout([[1, 2, 3], [1, 2, 3], [4], [4]], completions, torch.zeros(4), torch.zeros(4), [0, 1, 2, 3])
+    micro, metrics = trainer._micro_batches(rollout)
+    assert micro == [[1, 0, 2, 3]]  # group by group, shortest completion first
+    assert plan.seqs == [memory.Seq(0, 3, 2, 2), memory.Seq(0, 3, 4, 2), memory.Seq(1, 1, 1, 1), memory.Seq(1, 1, 3, 3)]
+    assert metrics == {"update/estimated_gb": 123 / memory.GIB}
+    trainer.memory_plan = None  # without a budget: every optim.micro_batch_size sequences, no split metrics
+    trainer.cfg.optim.micro_batch_size = 3
+    assert trainer._micro_batches(rollout) == ([[1, 0, 2], [3]], {})
