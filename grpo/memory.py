@@ -33,7 +33,8 @@ within 5 %), and the total against the peak of live tensors the profiler sees du
 backward on CPU (never below it; at most 1.5x above with the chunked head). The CUDA head's
 numbers are not measured here (no GPU): they follow the same count.
 
-Every function here is pure except ``budget_bytes`` (it reads free memory for ``auto``).
+Every function here is pure except ``mem_available``, ``budget_bytes`` and ``make_plan``: they
+read free memory for ``auto`` and the launcher's ``LOCAL_WORLD_SIZE``, once, at setup.
 """
 
 from __future__ import annotations
