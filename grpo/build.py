@@ -49,6 +49,7 @@ def build_task_rows(cfg: RunConfig, rewards: RewardRunner) -> tuple[list[dict], 
 def build_policy(cfg: RunConfig):
     """Base model + LoRA adapters (the reference is the same model with adapters disabled)."""
     from grpo.attention import apply_attention_dtype
+    from grpo.fused_lora import use_fused_lora
     from grpo.models import add_lora, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
 
     device = resolve_device(cfg.model.device)
@@ -61,6 +62,7 @@ def build_policy(cfg: RunConfig):
     if targets == ["all-linear"]:
         targets = "all-linear"
     model = add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout, targets)
+    use_fused_lora(model, cfg.model.lora_kernel)  # engine, reference and update alike
     return model, tokenizer
 
 

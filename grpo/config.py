@@ -82,6 +82,10 @@ class ModelConfig:
                 "CPU, where torch's bf16 SDPA is slow; model on CUDA, where bf16 flash/SDPA kernels are fast); "
                 "flash/flex attention implementations are left as they are (grpo/attention.py)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N", pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)
+    lora_kernel: Literal["fused", "peft"] = opt(
+        "fused", "how LoRA layers compute: fused (base(x) + (x A^T)(s B)^T in one addmm, in the base's compute dtype "
+                 "from float32 master weights, as autocast would) or peft (peft's own forward, LoRA in float32); "
+                 "disabled, merged, multi-adapter and DoRA layers always use peft's (grpo/fused_lora.py)")
     lora_rank: int = opt(16, "LoRA rank r", ge=1)
     lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r)", gt=0)
     lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps rollout and training log-probs identical)",

@@ -50,6 +50,7 @@ class EvalSettings:
     dtype: str = opt(_MODEL.dtype, "auto, float32, bfloat16, float16")
     attention_dtype: Literal["auto", "float32", "model"] = opt(
         _MODEL.attention_dtype, "attention precision, as model.attention_dtype (match training)")
+    lora_kernel: Literal["fused", "peft"] = opt(_MODEL.lora_kernel, "LoRA forward, as model.lora_kernel (match training)")
     max_batch_size: int = opt(_ROLLOUT.max_batch_size, "most sequences decoded at once by the hf engine")
     workers: int = opt(2, "worker processes for isolated verifiers")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
@@ -64,7 +65,7 @@ _ALIASES = {"num_problems": ["--limit"], "max_batch_size": ["--batch-size"], "ou
 _METAVARS = {"task": "NAME", "model": "SPEC", "n": "N", "temperature": "T", "top_p": "P", "top_k": "K",
              "max_new_tokens": "TOKENS",
              "num_problems": "N", "seed": "SEED", "output": "DIR", "system_prompt": "TEXT", "device": "DEVICE",
-             "dtype": "DTYPE", "attention_dtype": "DTYPE", "max_batch_size": "N", "workers": "N", "threads": "N"}
+             "dtype": "DTYPE", "attention_dtype": "DTYPE", "lora_kernel": "KIND", "max_batch_size": "N", "workers": "N", "threads": "N"}
 _REPEATED = {"adapter": "DIR", "plugins": "FILE"}
 _BOOLEAN = ("base", "greedy")
 
@@ -150,7 +151,7 @@ def _from_training_config(path: str) -> dict[str, Any]:
         "task": cfg.task.name, "task_args": cfg.task.args, "verifier_args": cfg.task.verifier_args,
         "verifier_weights": cfg.task.verifier_weights, "plugins": cfg.plugins,
         "model": cfg.model.name, "system_prompt": cfg.model.system_prompt, "device": cfg.model.device,
-        "dtype": cfg.model.dtype, "attention_dtype": cfg.model.attention_dtype,
+        "dtype": cfg.model.dtype, "attention_dtype": cfg.model.attention_dtype, "lora_kernel": cfg.model.lora_kernel,
         "engine": cfg.rollout.engine, "vllm": cfg.rollout.vllm,
         "max_batch_size": cfg.rollout.max_batch_size, "temperature": cfg.rollout.temperature,
         "top_p": cfg.rollout.top_p, "top_k": cfg.rollout.top_k, "max_new_tokens": cfg.rollout.max_new_tokens,

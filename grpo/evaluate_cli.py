@@ -109,6 +109,7 @@ def _load_model(s: EvalSettings, adapters: list[Path]):
 
     from grpo.allocator import keep_freed_memory
     from grpo.attention import apply_attention_dtype
+    from grpo.fused_lora import use_fused_lora
     from grpo.models import load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
 
     if s.threads:
@@ -136,6 +137,7 @@ def _load_model(s: EvalSettings, adapters: list[Path]):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"cannot load an adapter onto {s.model}: {first} "
                             "(was it trained on this base model?)") from exc
+        use_fused_lora(model, s.lora_kernel)  # as in training (grpo/build.py)
     model.eval()
     return model, tokenizer, path
 

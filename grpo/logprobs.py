@@ -99,10 +99,45 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.T
     # float32 head (a no-op for float32 models): a bf16 model's logits would otherwise be rounded before
     # the log-softmax. Cast here, per chunk, so no float32 copy of the weight outlives the chunk.
     bias = None if bias is None else bias.float()
-    logits = torch.nn.functional.linear(hidden.float(), weight.float(), bias) / temperature  # (n, V) float32
-    lse = logits.logsumexp(-1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-    return logp, (entropy_from_logits(logits, lse) if with_entropy else None)
+    logits = torch.nn.functional.linear(hidden.float(), weight.float(), bias)  # (n, V) float32
+    return SampledLogProb.apply(logits, targets, temperature, with_entropy)
+
+
+class SampledLogProb(torch.autograd.Function):
+    """``log softmax(z / T)[y]`` per row of (n, V) float32 logits ``z``, and (no gradient) the entropy.
+
+    The same function as ``(z / T).log_softmax(-1).gather(y)``, in fewer passes over the (n, V)
+    block, which on CPU cost as much as the head's matmul: the exponentials ``exp(z/T - max)``
+    are computed once, summed for the normaliser, reused for the entropy (one batched dot
+    product, no (n, V) temporary) and kept for backward in place of the logits (same memory),
+    where ``d logp / d z = (onehot(y) - softmax) / T`` is one scaled copy and a scatter. At T = 1
+    no division pass runs at all.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature: float, with_entropy: bool):
+        z = logits if temperature == 1.0 else logits / temperature
+        top = z.amax(-1, keepdim=True)
+        e = (z - top).exp_()  # (n, V) unnormalised probabilities
+        total = e.sum(-1)
+        lse = top.squeeze(-1) + total.log()
+        logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+        entropy = None
+        if with_entropy:  # H = lse - sum_v p_v z_v
+            entropy = lse - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / total
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(e, total, targets)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        e, total, targets = ctx.saved_tensors
+        grad = e * (-grad_logp / total)[:, None]
+        grad.scatter_add_(-1, targets[:, None], grad_logp[:, None])
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad, None, None, None
 
 
 @torch.no_grad()

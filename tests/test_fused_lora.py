@@ -1,0 +1,127 @@
+"""model.lora_kernel: the fused LoRA forward computes peft's function, falls back to peft where it must."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from grpo.errors import UserError
+from grpo.fused_lora import fused_lora_forward, use_fused_lora
+from grpo.logprobs import grouped_logprobs, pack_grouped, set_update_mode
+from grpo.models import add_lora
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = [[1, 10, 11, 12, 13], [1, 20]]
+GROUP_INDEX = [0, 0, 1]
+COMPLETIONS = [[40, 41, 42], [50, 51, 52, 53, 54], [60]]
+
+
+def _policy(model_dir, dtype=torch.float32, dropout=0.0):
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), 4, 8, dropout, TARGETS)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero adapters, so that lora_A gets a gradient too
+            torch.nn.init.normal_(p, std=0.2)
+    set_update_mode(model)
+    return model
+
+
+def _logprobs_and_grads(model):
+    batch = pack_grouped(PROMPTS, GROUP_INDEX, COMPLETIONS, 0)
+    lp = grouped_logprobs(model, batch, 0.8)
+    lp.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return lp.detach(), grads
+
+
+def _fused_count(model):
+    return sum(m.__dict__.get("forward") is not None for m in model.modules())
+
+
+def test_fused_equals_peft_in_float32(tiny_model_dir):
+    model = _policy(tiny_model_dir)
+    lp_peft, g_peft = _logprobs_and_grads(model)
+    assert use_fused_lora(model, "fused") == 2 * len(TARGETS)  # every LoRA linear of the 2-layer model
+    lp_fused, g_fused = _logprobs_and_grads(model)
+    torch.testing.assert_close(lp_fused, lp_peft, rtol=1e-5, atol=1e-5)
+    assert g_fused.keys() == g_peft.keys() and len(g_peft) == 4 * len(TARGETS)  # A and B of every layer
+    for name in g_peft:
+        torch.testing.assert_close(g_fused[name], g_peft[name], rtol=1e-4, atol=1e-5)
+    assert all(g.dtype == torch.float32 for g in g_fused.values())
+
+
+def test_fused_under_bf16_base_stays_close_to_peft(tiny_model_dir):
+    """LoRA matmuls in the base's bf16 from float32 masters (as autocast): log-probs within bf16
+    rounding of peft's float32 LoRA path, gradients float32 and close in direction."""
+    model = _policy(tiny_model_dir, torch.bfloat16)
+    lp_peft, g_peft = _logprobs_and_grads(model)
+    use_fused_lora(model)
+    lp_fused, g_fused = _logprobs_and_grads(model)
+    assert (lp_fused - lp_peft).abs().max() < 0.05
+    for name in g_peft:
+        assert g_fused[name].dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(g_fused[name].flatten(), g_peft[name].flatten(), dim=0)
+        assert cos > 0.99, name
+    assert any(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_disabled_adapters_and_peft_kernel_fall_back(tiny_model_dir):
+    model = _policy(tiny_model_dir)
+    batch = pack_grouped(PROMPTS, GROUP_INDEX, COMPLETIONS, 0)
+    with torch.no_grad(), model.disable_adapter():
+        ref_peft = grouped_logprobs(model, batch)
+    with torch.no_grad():
+        policy = grouped_logprobs(model, batch)
+    use_fused_lora(model)
+    with torch.no_grad(), model.disable_adapter():  # the reference pass: the base model, bit for bit
+        assert torch.equal(grouped_logprobs(model, batch), ref_peft)
+    with torch.no_grad():
+        assert not torch.equal(grouped_logprobs(model, batch), ref_peft)  # adapters on again
+    assert use_fused_lora(model, "peft") == 0 and _fused_count(model) == 0
+    with torch.no_grad():
+        assert torch.equal(grouped_logprobs(model, batch), policy)  # peft's forward is back
+    with pytest.raises(UserError, match="model.lora_kernel"):
+        use_fused_lora(model, "triton")
+
+
+def test_merged_and_multi_adapter_layers_take_peft_forward(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(base, LoraConfig(**cfg), adapter_name="first")
+    model.add_adapter("second", LoraConfig(**cfg))
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        for active in (["first"], ["second"], ["first", "second"]):
+            layer.set_adapter(active)
+            assert torch.allclose(fused_lora_forward(layer, x), type(layer).forward(layer, x), atol=1e-5)
+        layer.set_adapter(["first"])
+        layer.merge()
+        assert torch.equal(fused_lora_forward(layer, x), type(layer).forward(layer, x))
+
+
+def test_dora_layer_takes_peft_forward(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True,
+                                            init_lora_weights=False))
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        assert torch.equal(fused_lora_forward(layer, x), type(layer).forward(layer, x))
+
+
+def test_lora_dropout_applies_and_replays(tiny_model_dir):
+    """With lora_dropout the fused path draws masks from the global RNG like peft: the same seed
+    gives the same output, another seed another one, and no dropout differs from both."""
+    model = _policy(tiny_model_dir, dropout=0.5)
+    use_fused_lora(model)
+    batch = pack_grouped(PROMPTS, GROUP_INDEX, COMPLETIONS, 0)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return grouped_logprobs(model, batch)
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
