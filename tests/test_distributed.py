@@ -157,8 +157,8 @@ def test_micro_batch_composition_does_not_change_the_update(tiny_model_dir, toy_
                  [f"optim.micro_batch_size={mb}", f"loss.aggregation={aggregation}"])
         runs[mb] = torch.load(out)
     assert runs[1]["loss"] == pytest.approx(runs[16]["loss"], rel=1e-5, abs=1e-7)  # ~0 at ratio 1
-    for k, g in runs[16]["grads"].items():
-        torch.testing.assert_close(runs[1]["grads"][k], g, rtol=1e-4, atol=1e-8)
+    for k, g in runs[16]["grads"].items():  # float32 sums blocked differently: tolerance scaled to the tensor
+        torch.testing.assert_close(runs[1]["grads"][k], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
 
 
 @pytest.fixture(scope="module")
