@@ -83,3 +83,47 @@ def phase_flops(s: Shape, prompt_lens: list[int], group: int, tokens: int, rank:
     # LoRA: input grads (1x) and weight grads (1x).
     backward = s.layers * all_tokens * s.layer_linear_flops() + head + 2 * attn + 2 * lora
     return {"generate": float(generate), "reference": float(reference), "policy": float(forward + backward)}
+
+
+def decode_flops(s: Shape, prompt_lens: list[int], group: int, tokens: int) -> float:
+    """The decode steps' share of ``phase_flops(...)["generate"]``: everything after the prefill
+    (each token of each row through the layers and the head, one row per completion)."""
+    prefill = sum(_forward_tokens(s, 0, p) for p in prompt_lens) + len(prompt_lens) * s.head_flops()
+    return phase_flops(s, prompt_lens, group, tokens, 0)["generate"] - prefill
+
+
+def decode_gflops(s: Shape, rows: int, dtype, threads: int = 1, seconds: float = 0.5) -> float:
+    """Sustained GFLOP/s of a decode step's linear layers on CPU: ``(rows, in) @ W`` for every linear
+    of every layer, each W its own tensor, so the sweep streams the backbone's weights from memory
+    as decoding does (a single small matrix would stay in cache and overstate the rate). Best of
+    three windows of about ``seconds``, after one warm-up sweep."""
+    import time
+
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        weights = [torch.randn(a, b, generator=gen).to(dtype) for _ in range(s.layers) for a, b in s.linears()]
+        inputs = {a: torch.randn(rows, a, generator=gen).to(dtype) for a, _ in s.linears()}
+        flops = 2 * rows * sum(w.shape[0] * w.shape[1] for w in weights)
+
+        def sweep():
+            for w in weights:
+                inputs[w.shape[0]] @ w
+
+        sweep()
+        best = 0.0
+        for _ in range(3):
+            reps, t0 = 0, time.perf_counter()
+            while True:
+                sweep()
+                reps += 1
+                dt = time.perf_counter() - t0
+                if dt >= seconds:
+                    break
+            best = max(best, flops * reps / dt / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(old)

@@ -200,6 +200,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", name] + [a for a in sys.argv[1:] if a != "--worker"]
         procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         infos[name] = _expect_ready(name, procs[name])
+    if "ours" in infos and not args.device.startswith("cuda"):  # the decode-shape rate, at our dtype
+        rates["decode"] = decode_rate(args, infos["ours"])
     records: dict[str, list[dict]] = {n: [] for n in systems}
     for i in range(args.warmup + args.steps):
         for name in systems:  # alternate: one step of each system in turn
@@ -233,6 +235,25 @@ def measure_rates(threads: int, device: str, seconds: float = 0.5) -> dict[str, 
             shape = (4096, 4096, 4096) if device.startswith("cuda") else (512, 576, 1536)
             rates[f"{dtype}@{t}"] = matmul_gflops(getattr(torch, dtype), t, shape, seconds, device)
     return rates
+
+
+def _shape(info: dict):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from roofline import Shape
+
+    c = info["shape"]
+    return Shape(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                 c["num_key_value_heads"] or c["num_attention_heads"],
+                 c["head_dim"] or c["hidden_size"] // c["num_attention_heads"], c["vocab_size"])
+
+
+def decode_rate(args, info: dict) -> float:
+    """GFLOP/s of the decode step's linears at prompts x G rows in our dtype (``roofline.decode_gflops``)."""
+    import torch
+    from roofline import decode_gflops
+
+    return decode_gflops(_shape(info), args.prompts * args.group, getattr(torch, info["dtype"]),
+                         args.threads or torch.get_num_threads(), args.rate_seconds)
 
 
 def _expect_ready(name: str, proc: subprocess.Popen) -> dict:
@@ -298,17 +319,13 @@ def report(args, records: dict[str, list[dict]], rates: dict[str, float] | None 
 def roofline_report(args, ours: dict, rates: dict[str, float], info: dict) -> str:
     """Print the machine's matmul rates and each phase's FLOPs and achieved fraction; return
     the ``compute floor`` line (FLOPs at the best measured rate at the run's threads)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from roofline import Shape, phase_flops
+    shape = _shape(info)
+    from roofline import decode_flops, phase_flops
 
-    c = info["shape"]
-    shape = Shape(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
-                  c["num_key_value_heads"] or c["num_attention_heads"],
-                  c["head_dim"] or c["hidden_size"] // c["num_attention_heads"], c["vocab_size"])
     flops = phase_flops(shape, info["prompt_lens"], args.group, args.tokens, args.rank)
     t = rates["threads"]
     print("\nmachine matmul rate now (GFLOP/s): " + ", ".join(f"{k} threads {v:.0f}" for k, v in rates.items()
-                                                           if k != "threads"))
+                                                           if k not in ("threads", "decode")))
     own = rates[f"{info['dtype']}@{t}"]
     best = max(rates[f"float32@{t}"], rates[f"bfloat16@{t}"])
     print(f"ours runs the base in {info['dtype']} ({own:.0f} GFLOP/s at {t} threads); best dtype here {best:.0f}")
@@ -320,7 +337,15 @@ def roofline_report(args, ours: dict, rates: dict[str, float], info: dict) -> st
         print(f"| {phase} | {f / 1e12:.3f} | {f / best / 1e9:.2f} | {times[phase]:.2f} | "
               f"{f / own / 1e9 / times[phase]:.1%} |")
     floor = sum(flops.values()) / best / 1e9
-    return f"compute floor: {floor:.2f} s; ours/floor = {ours['step_s'] / floor:.2f}"
+    line = f"compute floor: {floor:.2f} s; ours/floor = {ours['step_s'] / floor:.2f}"
+    if "decode" in rates:  # decoding cannot run at the big-matmul rate: its matmuls have prompts x G rows
+        decode = decode_flops(shape, info["prompt_lens"], args.group, args.tokens)
+        shaped = floor + decode / 1e9 * (1 / rates["decode"] - 1 / best)
+        print(f"decode-shape rate (the backbone's linears at {args.prompts * args.group} rows, weights streamed, "
+              f"{info['dtype']}): {rates['decode']:.0f} GFLOP/s; generation's decode steps are "
+              f"{decode / flops['generate']:.0%} of its FLOPs")
+        line += f"\nfloor at the step's matmul shapes: {shaped:.2f} s; ours/shape floor = {ours['step_s'] / shaped:.2f}"
+    return line
 
 
 if __name__ == "__main__":

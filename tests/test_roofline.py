@@ -23,3 +23,19 @@ def test_phase_flops_by_hand():
     #   head 320, attention 2*272, LoRA 2*768 -> 4128
     assert phase_flops(s, [2], group=2, tokens=2, rank=1) == {"generate": 1536.0, "reference": 2320.0,
                                                               "policy": 7216.0}
+
+
+def test_decode_flops_is_generation_after_the_prefill():
+    from roofline import decode_flops
+
+    s = Shape(hidden=4, intermediate=8, layers=1, heads=2, kv_heads=1, head_dim=2, vocab=10)
+    # generate 1536 = prefill 624 + head once 80 + decode 672 + head at 2 rows 160 (see above)
+    assert decode_flops(s, [2], group=2, tokens=2) == 672 + 160
+
+
+def test_decode_gflops_measures_a_positive_rate():
+    import torch
+    from roofline import decode_gflops
+
+    s = Shape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, head_dim=8, vocab=10)
+    assert decode_gflops(s, rows=4, dtype=torch.float32, threads=1, seconds=0.01) > 0
