@@ -31,7 +31,9 @@ OURS = {"ours": [], "ours_nockpt": ["optim.activation_checkpointing=false"],
         "ours_ckpt": ["optim.activation_checkpointing=true"],
         # bf16 base, attention in the weights' dtype vs in float32 (model.attention_dtype)
         "ours_bf16_att_model": ["model.dtype=bfloat16", "model.attention_dtype=model"],
-        "ours_bf16_att_fp32": ["model.dtype=bfloat16", "model.attention_dtype=float32"]}
+        "ours_bf16_att_fp32": ["model.dtype=bfloat16", "model.attention_dtype=float32"],
+        # LoRA through peft's own forward instead of the fused one (model.lora_kernel)
+        "ours_peft_lora": ["model.lora_kernel=peft"]}
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
