@@ -17,7 +17,11 @@ layer and token (no checkpointing), with ``s`` the base dtype's bytes, ``a`` att
 * the MLP: gate, up and act(gate) (``3 I s``);
 * LoRA: each adapter's input (a float32 copy per target under a 16-bit base or LoRA
   dropout, plus dropout's float32 mask; one shared copy per input under float32) and its
-  rank-r hidden (``4 r`` per target).
+  rank-r hidden (``4 r`` per target). Under ``model.lora_kernel: fused`` (grpo/fused_lora.py)
+  the adapters keep their layer's own input in the base dtype, shared (plus the bf16 cast of
+  attention's output for o_proj under float32 attention), the hidden in the base dtype, and per
+  pass each adapter's scaled ``B^T``; with dropout the peft count above stays (exact in float32,
+  an upper bound, about 1.35x, under bf16).
 
 With activation checkpointing a layer keeps only its input (``H s`` per token) and, on the
 shared-prompt path, the prompt's keys and values it reads (``2 p Lp nkv d s``); outside the
@@ -67,6 +71,7 @@ class ModelShape:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = PROJECTIONS  # the Llama-style projections that carry an adapter
     lora_dropout: bool = False
+    lora_fused: bool = False  # model.lora_kernel=fused (grpo/fused_lora.py): LoRA in the base's dtype
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ class Seq(NamedTuple):
 
 
 def model_shape(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str],
-                lora_dropout: bool) -> ModelShape:
+                lora_dropout: bool, lora_fused: bool = False) -> ModelShape:
     """``ModelShape`` of an HF decoder config (Llama, Qwen, Mistral, ... attribute names).
 
     Targets are matched by their last name; an unknown name (``all-linear``, another
@@ -134,14 +139,28 @@ def model_shape(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[
                       vocab=config.vocab_size, base_bytes=base_bytes,
                       attention_bytes=4 if implementation == "sdpa_float32" else base_bytes,
                       eager_attention=implementation == "eager", lora_rank=lora_rank, lora_targets=targets,
-                      lora_dropout=lora_dropout)
+                      lora_dropout=lora_dropout, lora_fused=lora_fused)
+
+
+def _lora_outputs(m: ModelShape) -> dict[str, int]:
+    kv = m.kv_heads * m.head_dim
+    return {"q_proj": m.heads * m.head_dim, "k_proj": kv, "v_proj": kv, "o_proj": m.hidden,
+            "gate_proj": m.intermediate, "up_proj": m.intermediate, "down_proj": m.hidden}
 
 
 def _lora_input_bytes(m: ModelShape) -> int:
-    """Per token and layer: the inputs the LoRA adapters keep (float32)."""
+    """Per token and layer: the inputs the LoRA adapters keep (float32 under peft's forward)."""
     inputs = {"q_proj": m.hidden, "k_proj": m.hidden, "v_proj": m.hidden, "o_proj": m.heads * m.head_dim,
               "gate_proj": m.hidden, "up_proj": m.hidden, "down_proj": m.intermediate}
-    if m.base_bytes != 4 or m.lora_dropout:  # each adapter casts (or drops out) its own copy
+    if m.lora_fused and not m.lora_dropout:  # in the base's dtype: the layer's own input, shared
+        shared = m.base_bytes * (m.hidden * bool({"q_proj", "k_proj", "v_proj"} & set(m.lora_targets))
+                                 + m.hidden * bool({"gate_proj", "up_proj"} & set(m.lora_targets))
+                                 + m.intermediate * ("down_proj" in m.lora_targets))
+        if "o_proj" in m.lora_targets and m.attention_bytes != m.base_bytes:  # attention's output cast back
+            shared += m.base_bytes * inputs["o_proj"]
+        return shared
+    # each adapter casts (or drops out) its own copy; with dropout also an upper bound for the fused forward
+    if m.base_bytes != 4 or m.lora_dropout:
         return sum(inputs[t] * (8 if m.lora_dropout else 4) for t in m.lora_targets)  # dropout: + its mask
     shared = 0  # float32, no dropout: adapters on the same input share it; o_proj's is the attention output
     if {"q_proj", "k_proj", "v_proj"} & set(m.lora_targets):
@@ -160,7 +179,7 @@ def _layer_bytes(m: ModelShape, rows: int, queries: int, keys: int) -> int:
     per_token = (2 * (4 * m.hidden + 4)  # two RMSNorms: float32 input, rsqrt
                  + 2 * qd * a + 4 * m.heads  # query, output, log-sum-exp
                  + 3 * m.intermediate * m.base_bytes  # gate, up, act(gate)
-                 + _lora_input_bytes(m) + 4 * m.lora_rank * len(m.lora_targets))
+                 + _lora_input_bytes(m) + (m.base_bytes if m.lora_fused else 4) * m.lora_rank * len(m.lora_targets))
     per_key = 2 * qd * a  # keys and values repeated to every head
     per_pair = a + (m.heads * (4 + a) if m.eager_attention else 0)  # mask (+ eager's probabilities)
     return rows * queries * per_token + rows * keys * per_key + rows * queries * keys * per_pair
@@ -192,6 +211,9 @@ def estimate(m: ModelShape, s: UpdateSettings, b: Batch) -> Estimate:
             layers += m.layers * 2 * b.prompts * b.prompt_len * m.kv_heads * m.head_dim * m.base_bytes
     else:
         layers = m.layers * sum(unrolled) - tokens * norm0
+        if m.lora_fused:  # each pass keeps every adapter's scaled B^T, cast to the base dtype (r x out)
+            layers += m.layers * len(passes) * m.base_bytes * m.lora_rank * sum(
+                out for t, out in _lora_outputs(m).items() if t in m.lora_targets)
     outside = tokens * (4 * m.hidden + 4 + 2 * m.head_dim * m.base_bytes)  # final norm; RoPE cos, sin
     if s.checkpointing:  # the mask each layer is handed, once per pass
         outside += sum(r * q * k for r, q, k in passes) * m.base_bytes
@@ -285,7 +307,7 @@ class Plan:
 
 def make_plan(setting: float | str | None, config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str],
               lora_dropout: bool, packing: bool, fast_head: bool, checkpointing: bool, device: str,
-              chunk_tokens: int, local_ranks: int | None = None) -> Plan | None:
+              chunk_tokens: int, local_ranks: int | None = None, lora_fused: bool = False) -> Plan | None:
     """The run's ``Plan`` (None without a budget: ``optim.micro_batch_size`` applies)."""
     if setting is None:
         return None
@@ -293,7 +315,7 @@ def make_plan(setting: float | str | None, config, base_bytes: int, lora_rank: i
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     path = "packed" if packing else ("grouped" if fast_head else "flat")
     settings = UpdateSettings(path, not fast_head, checkpointing, device.startswith("cuda"), chunk_tokens)
-    shape = model_shape(config, base_bytes, lora_rank, lora_targets, lora_dropout)
+    shape = model_shape(config, base_bytes, lora_rank, lora_targets, lora_dropout, lora_fused)
     return Plan(shape, settings, budget_bytes(setting, device, local_ranks), setting)
 
 

@@ -300,7 +300,8 @@ class Trainer:
         plan = memory.make_plan(
             cfg.optim.memory_budget_gb, self.model.config, self.model.get_input_embeddings().weight.element_size(),
             cfg.model.lora_rank, cfg.model.lora_target_modules, cfg.model.lora_dropout > 0, cfg.optim.packing,
-            self.fast_head, self.checkpoint_layers, str(self.device), cfg.optim.logprob_chunk_tokens)
+            self.fast_head, self.checkpoint_layers, str(self.device), cfg.optim.logprob_chunk_tokens,
+            lora_fused=cfg.model.lora_kernel == "fused")
         if plan is not None:
             prompt = self._encode(self.train_rows[0]["prompt"]) if self.train_rows else []
             plan.check(len(prompt), self._max_completion_tokens())

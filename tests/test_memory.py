@@ -18,6 +18,7 @@ from grpo import logprobs, memory
 from grpo.attention import apply_attention_dtype
 from grpo.config import load_config
 from grpo.errors import UserError
+from grpo.fused_lora import use_fused_lora
 from grpo.models import add_lora
 from grpo.packing import pack_tree, tree_logprobs
 
@@ -189,15 +190,16 @@ def _measured(model, path: str, fast_head: bool, on: bool) -> int:
     return n
 
 
-def _policy(model_dir, dtype, dropout):
+def _policy(model_dir, dtype, dropout, kernel="peft"):
     """(LoRA policy on every projection, its ModelShape, the test batch's Batch)."""
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     apply_attention_dtype(base, "auto", "cpu")  # bf16 on CPU: float32 attention, as training runs it
     model = add_lora(base, 4, 8, dropout, TARGETS)
+    use_fused_lora(model, kernel)
     logprobs.set_update_mode(model)
     shape = memory.model_shape(base.config, base.get_input_embeddings().weight.element_size(), 4, TARGETS,
-                               dropout > 0)
+                               dropout > 0, kernel == "fused")
     assert shape.attention_bytes == 4 and shape.base_bytes == (2 if dtype == torch.bfloat16 else 4)
     rows = [len(PROMPTS[0]) + 3 + 7 + 1, len(PROMPTS[1]) + 4 + 2]
     batch = memory.Batch(prompts=2, sequences=5, prompt_len=5, completion_len=7, packed_len=max(rows),
@@ -205,16 +207,26 @@ def _policy(model_dir, dtype, dropout):
     return model, shape, batch
 
 
-@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.float32, 0.1)],
-                         ids=["fp32", "bf16", "fp32-dropout"])
-def test_estimate_matches_the_bytes_autograd_keeps(tiny_model_dir, dtype, dropout):
-    model, shape, batch = _policy(tiny_model_dir, dtype, dropout)
+@pytest.mark.parametrize("dtype,dropout,kernel", [(torch.float32, 0.0, "peft"), (torch.bfloat16, 0.0, "peft"),
+                                                  (torch.float32, 0.1, "peft"), (torch.float32, 0.0, "fused"),
+                                                  (torch.bfloat16, 0.0, "fused"), (torch.float32, 0.1, "fused"),
+                                                  (torch.bfloat16, 0.1, "fused")],
+                         ids=["fp32", "bf16", "fp32-dropout", "fused-fp32", "fused-bf16", "fused-fp32-dropout",
+                              "fused-bf16-dropout"])
+def test_estimate_matches_the_bytes_autograd_keeps(tiny_model_dir, dtype, dropout, kernel):
+    """Within 5 % (seen 3.6 %); the fused kernel with dropout under bf16 is counted as peft's,
+    an upper bound (seen 1.32-1.38x without checkpointing)."""
+    model, shape, batch = _policy(tiny_model_dir, dtype, dropout, kernel)
+    bound = kernel == "fused" and dropout > 0 and dtype == torch.bfloat16
     for path in ("grouped", "packed", "flat"):
         for fast_head in (True, False):
             for on in (False, True):
                 measured = _measured(model, path, fast_head, on)
                 est = memory.estimate(shape, memory.UpdateSettings(path, not fast_head, on), batch)
-                assert abs(est.saved / measured - 1) <= TOLERANCE, (path, fast_head, on, est.saved, measured)
+                if bound:
+                    assert measured * (1 - TOLERANCE) <= est.saved <= 1.5 * measured, (path, fast_head, on)
+                else:
+                    assert abs(est.saved / measured - 1) <= TOLERANCE, (path, fast_head, on, est.saved, measured)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
