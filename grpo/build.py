@@ -48,6 +48,8 @@ def build_task_rows(cfg: RunConfig, rewards: RewardRunner) -> tuple[list[dict], 
 
 def build_policy(cfg: RunConfig):
     """Base model + LoRA adapters (the reference is the same model with adapters disabled)."""
+    import torch
+
     from grpo.attention import apply_attention_dtype
     from grpo.fused_lora import use_fused_lora
     from grpo.models import add_lora, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
@@ -61,7 +63,12 @@ def build_policy(cfg: RunConfig):
     targets: Any = cfg.model.lora_target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
-    model = add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout, targets)
+    # LoRA's initial weights depend on the seed alone, not on what drew random numbers before (a first
+    # run converting the embedded GGUF initialises a model of its own, which used to shift them)
+    devices = [torch.device(device)] if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        model = add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout, targets)
     use_fused_lora(model, cfg.model.lora_kernel)  # engine, reference and update alike
     return model, tokenizer
 

@@ -54,3 +54,30 @@ def test_embedded_default_converts_once_and_generates(tmp_path, monkeypatch):
                           SamplingParams(n=1, max_new_tokens=12, temperature=0.0))
     assert "4" in out[0][0].text
     assert torch.isfinite(torch.tensor(out[0][0].logprobs)).all()
+
+
+def test_lora_init_depends_on_the_seed_alone(tiny_model_dir):
+    """build_policy's LoRA weights are the same whatever drew random numbers before it (a first run
+    that converts the embedded GGUF builds a randomly initialised model before the policy)."""
+    import torch
+
+    from grpo.build import build_policy
+    from grpo.config import load_config
+
+    def lora_weights(cfg):
+        model, _ = build_policy(cfg)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.device=cpu", "model.lora_rank=4", "seed=3"])
+    torch.manual_seed(3)
+    first = lora_weights(cfg)
+    torch.manual_seed(3)
+    torch.rand(10_000)  # what a GGUF conversion's random init does to the global stream
+    second = lora_weights(cfg)
+    assert first and all(torch.equal(first[n], second[n]) for n in first)
+    other = lora_weights(load_config(None, [f"model.name={tiny_model_dir}", "model.device=cpu",
+                                            "model.lora_rank=4", "seed=4"]))
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+    state = torch.get_rng_state()
+    lora_weights(cfg)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is left as it was
