@@ -21,14 +21,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from grpo.logprobs import SampledLogProb, entropy_from_logits  # noqa: E402
+from grpo.logprobs import SampledLogProb  # noqa: E402
 
 
 def composed(z, y, temperature, with_entropy):
     logits = z / temperature
     lse = logits.logsumexp(-1)
     logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse
-    return logp, (entropy_from_logits(logits, lse) if with_entropy else None)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():  # the entropy metric as it was computed: a second pass of exponentials
+        entropy = lse - ((logits - lse[:, None]).exp() * logits).sum(-1)
+    return logp, entropy
 
 
 def function(z, y, temperature, with_entropy):

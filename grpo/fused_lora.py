@@ -11,7 +11,8 @@ in the base layer's compute dtype, as ``torch.autocast`` would: the LoRA weights
 state) stay float32 masters, cast to the base dtype for the matmul (a few KB per layer), and
 their gradients flow back through those casts in float32. Under a float32 base it is peft's
 arithmetic with the scale folded into B (equal to rounding). On this project's CPU it cut the
-policy forward+backward of a 4 x 8 x 64 update by about 8 % (docs/benchmarks.md).
+policy forward+backward of a 4 x 8 x 64 GRPO step by 14 % and its peak RSS by 38 %
+(docs/benchmarks.md, "Session 3").
 
 Anything but plain single-adapter LoRA (adapters disabled or merged, several active adapters,
 DoRA or another variant, a LoRA bias, extra call arguments) takes peft's own forward, so
@@ -42,7 +43,7 @@ def fused_lora_forward(self, x, *args, **kwargs):
     out = self.base_layer(x)
     h = torch.nn.functional.linear(self.lora_dropout[name](x), lora_a.weight.to(x.dtype))  # (..., r)
     b = (lora_b.weight * self.scaling[name]).to(out.dtype)  # (out, r), the scale folded in
-    flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]).to(out.dtype), b.t())
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
     return flat.view(out.shape)
 
 

@@ -140,13 +140,6 @@ class SampledLogProb(torch.autograd.Function):
         return grad, None, None, None
 
 
-@torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) - sum_v p_v z_v, per row of (n, V) logits (a metric: no gradient)."""
-    probs = (logits - lse[:, None]).exp()
-    return lse - (probs * logits).sum(-1)
-
-
 def sampled_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
                      chunk_tokens: int = 512, fast_head: bool = True, with_entropy: bool = False,
                      checkpoint_layers: bool = False):
@@ -352,14 +345,12 @@ def _full_forward_logprobs(model, input_ids, attention_mask, position_ids, compl
                            lp: int, temperature: float, with_entropy: bool = False) -> TokenLogProbs:
     t = completion_ids.shape[1]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    logits = out.logits[:, lp - 1:lp - 1 + t].float() / temperature  # (b, T, V)
-    lse = logits.logsumexp(-1)
-    logp = (logits.gather(-1, completion_ids[..., None]).squeeze(-1) - lse) * completion_mask
-    entropy = None
-    if with_entropy:
-        b = logits.shape[0]
-        entropy = entropy_from_logits(logits.reshape(b * t, -1), lse.reshape(b * t)).view(b, t) * completion_mask
-    return TokenLogProbs(logp, entropy)
+    logits = out.logits[:, lp - 1:lp - 1 + t].float()  # (b, T, V)
+    b = logits.shape[0]
+    logp, entropy = SampledLogProb.apply(logits.reshape(b * t, -1), completion_ids.reshape(b * t), temperature,
+                                         with_entropy)
+    return TokenLogProbs(logp.view(b, t) * completion_mask,
+                         entropy.view(b, t) * completion_mask if with_entropy else None)
 
 
 def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, head,

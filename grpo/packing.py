@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.logprobs import TokenLogProbs, checkpointed_layers, entropy_from_logits, head_logprobs, split_head
+from grpo.logprobs import SampledLogProb, TokenLogProbs, checkpointed_layers, head_logprobs, split_head
 
 PAD_SEGMENT = -1
 
@@ -102,13 +102,11 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float = 1.0, chunk_token
     if parts is None:  # the model's own head: full logits over the packed rows
         with checkpointed_layers(model, checkpoint_layers):
             logits = model(input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids,
-                           use_cache=False).logits.float() / temperature  # (p, L, V)
+                           use_cache=False).logits.float()  # (p, L, V)
         picked = logits.reshape(-1, logits.shape[-1])[batch.source.reshape(-1)]  # (b * T, V)
-        lse = picked.logsumexp(-1)
-        logp = picked.gather(-1, batch.completion_ids.reshape(-1, 1)).squeeze(-1) - lse
-        logp = logp.view(b, t) * batch.completion_mask
-        entropy = entropy_from_logits(picked, lse).view(b, t) * batch.completion_mask if with_entropy else None
-        out = TokenLogProbs(logp, entropy)
+        logp, entropy = SampledLogProb.apply(picked, batch.completion_ids.reshape(-1), temperature, with_entropy)
+        out = TokenLogProbs(logp.view(b, t) * batch.completion_mask,
+                            entropy.view(b, t) * batch.completion_mask if with_entropy else None)
     else:
         backbone, head = parts
         with checkpointed_layers(model, checkpoint_layers):
