@@ -7,6 +7,10 @@
 keeps the logits; its backward recomputes the exponentials) and the entropy from a second pass of
 exponentials. "function" is ``SampledLogProb``. Times are the median of ``--reps`` runs, no-grad
 forward (the reference pass) and forward + backward with the entropy (the policy pass).
+
+``--hidden H`` adds the head's matmul itself, a bf16 head of (vocab, H) on (rows, H) bf16 hidden
+states: the float32 forward with the weight cast per chunk vs once, and forward + backward through
+``F.linear`` in float32 (what ran before) vs ``grpo.logprobs.Float32Head`` (backward in bf16).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from grpo.logprobs import SampledLogProb  # noqa: E402
+from grpo.logprobs import Float32Head, SampledLogProb  # noqa: E402
 
 
 def composed(z, y, temperature, with_entropy):
@@ -52,6 +56,38 @@ def timed(fn, z, y, temperature, grad: bool, reps: int) -> float:
     return statistics.median(times)
 
 
+def median_ms(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def matmul_table(rows: int, vocab: int, hidden: int, reps: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(vocab, hidden, generator=g) * 0.05).bfloat16()
+    h = torch.randn(rows, hidden, generator=g).bfloat16()
+    w32 = w.float()
+    linear = torch.nn.functional.linear
+
+    def fwd_bwd(head):
+        x = h.detach().requires_grad_(True)
+        head(x).sum().backward()
+
+    print(f"\nthe head's matmul: ({rows}, {hidden}) bf16 hidden x ({vocab}, {hidden}) bf16 weight, median of {reps}")
+    print("| head matmul | ms |")
+    print("|---|---|")
+    with torch.no_grad():
+        print(f"| no-grad forward, float32 weight cast per chunk | {median_ms(lambda: linear(h.float(), w.float()), reps):.0f} |")
+        print(f"| no-grad forward, float32 weight cast once | {median_ms(lambda: linear(h.float(), w32), reps):.0f} |")
+    print(f"| forward + backward, F.linear in float32 | {median_ms(lambda: fwd_bwd(lambda x: linear(x.float(), w32)), reps):.0f} |")
+    print(f"| forward + backward, Float32Head (backward in bf16) | "
+          f"{median_ms(lambda: fwd_bwd(lambda x: Float32Head.apply(x, w32, None, w)), reps):.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=512)
@@ -59,6 +95,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=0, help="also time the head's matmul at this hidden size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -72,6 +109,8 @@ def main() -> None:
         fn(z, y, args.temperature, False)  # warm-up
         print(f"| {name} | {timed(fn, z, y, args.temperature, False, args.reps) * 1e3:.0f} | "
               f"{timed(fn, z, y, args.temperature, True, args.reps) * 1e3:.0f} |", flush=True)
+    if args.hidden:
+        matmul_table(args.rows, args.vocab, args.hidden, args.reps)
 
 
 if __name__ == "__main__":

@@ -94,13 +94,45 @@ def split_head(model, fast_head: bool = True):
 
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None, temperature: float, with_entropy: bool = False):
-    """(log pi(target), entropy or None) for n positions; float32 logits from float32 inputs."""
+                    bias: torch.Tensor | None, temperature: float, with_entropy: bool = False,
+                    weight32: torch.Tensor | None = None):
+    """(log pi(target), entropy or None) for n positions; float32 logits from float32 inputs.
+
+    ``weight32``: the head weight already cast to float32 (CPU: once for all chunks); else it
+    is cast here, per chunk, so no float32 copy of the weight outlives the chunk."""
     # float32 head (a no-op for float32 models): a bf16 model's logits would otherwise be rounded before
-    # the log-softmax. Cast here, per chunk, so no float32 copy of the weight outlives the chunk.
-    bias = None if bias is None else bias.float()
-    logits = torch.nn.functional.linear(hidden.float(), weight.float(), bias)  # (n, V) float32
+    # the log-softmax
+    bias32 = None if bias is None else bias.float()
+    weight32 = weight.float() if weight32 is None else weight32
+    frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if frozen and weight.dtype != torch.float32 and torch.is_grad_enabled():
+        logits = Float32Head.apply(hidden, weight32, bias32, weight)
+    else:
+        logits = torch.nn.functional.linear(hidden.float(), weight32, bias32)  # (n, V) float32
     return SampledLogProb.apply(logits, targets, temperature, with_entropy)
+
+
+class Float32Head(torch.autograd.Function):
+    """The float32 logits ``hidden W^T + b`` of a frozen 16-bit head, differentiable in ``hidden``.
+
+    Forward in float32 from the float32 copy of the weight (exact: a bf16 number is a float32
+    one), so the log-softmax sees unrounded logits. Backward ``d hidden = d logits @ W`` runs in
+    the weight's own 16-bit dtype, the precision of every other matmul in the bf16 backbone's
+    backward (and the one ``torch.autocast`` gives this one): on this project's CPU a (512, 49152)
+    x (49152, 576) product took 372 ms in float32 and 206 ms cast to bf16 and multiplied there
+    (``docs/benchmarks.md``). Only the 16-bit weight is kept for backward, no float32 copy.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight32, bias32, weight):
+        ctx.save_for_backward(weight)
+        ctx.hidden_dtype = hidden.dtype
+        return torch.nn.functional.linear(hidden.float(), weight32, bias32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return (grad.to(weight.dtype) @ weight).to(ctx.hidden_dtype), None, None, None
 
 
 class SampledLogProb(torch.autograd.Function):
@@ -358,12 +390,12 @@ def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     """Chunked LM head over the unmasked positions only. hidden: (b, T, H) -> (b, T).
 
     On CUDA each chunk runs under activation checkpointing, so its (chunk, V) logits
-    are recomputed in backward instead of kept (memory is the limit there). On CPU,
-    where memory is plentiful and arithmetic is the limit, the logits of a chunk are
-    kept and the recomputation (about a fifth of a small model's update) is skipped;
-    a 16-bit head weight is then cast to float32 once for all chunks, since autograd
-    keeps the weight every chunk's matmul used (one copy per chunk otherwise: 0.8 GB
-    for SmolLM2's 49k-token head over 4096 positions).
+    are recomputed in backward instead of kept (memory is the limit there), and a 16-bit
+    head weight is cast to float32 per chunk. On CPU, where memory is plentiful and
+    arithmetic is the limit, the logits of a chunk are kept and the recomputation (about
+    a fifth of a small model's update) is skipped, and the weight is cast once for all
+    chunks (a cast per chunk cost about 100 ms of SmolLM2's 49k x 576 head); backward
+    keeps only the 16-bit weight (``Float32Head``).
     """
     b, t = targets.shape
     flat_h = hidden.reshape(b * t, -1)
@@ -372,8 +404,7 @@ def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     out_flat = hidden.new_zeros(b * t, dtype=torch.float32)
     ent_flat = hidden.new_zeros(b * t, dtype=torch.float32)
     weight, bias = head.weight, getattr(head, "bias", None)
-    if torch.is_grad_enabled() and not hidden.is_cuda and weight.dtype != torch.float32:
-        weight, bias = weight.float(), None if bias is None else bias.float()  # one copy kept, not one per chunk
+    weight32 = None if hidden.is_cuda or not keep.numel() else weight.float()  # a no-op for a float32 head
     pieces, entropies = [], []
     for start in range(0, keep.numel(), chunk_tokens):
         idx = keep[start:start + chunk_tokens]
@@ -382,7 +413,7 @@ def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
             logp, ent = checkpoint(_chunk_logprobs, h, y, weight, bias, temperature, with_entropy,
                                    use_reentrant=False)
         else:
-            logp, ent = _chunk_logprobs(h, y, weight, bias, temperature, with_entropy)
+            logp, ent = _chunk_logprobs(h, y, weight, bias, temperature, with_entropy, weight32)
         pieces.append(logp)
         entropies.append(ent)
     if pieces:

@@ -26,10 +26,11 @@ layer and token (no checkpointing), with ``s`` the base dtype's bytes, ``a`` att
 With activation checkpointing a layer keeps only its input (``H s`` per token) and, on the
 shared-prompt path, the prompt's keys and values it reads (``2 p Lp nkv d s``); outside the
 layers: the final norm, RoPE's cos/sin, and the LM head: on CPU the float32 logits of every
-scored position (``4 V`` each) and one float32 copy of a 16-bit head weight; on CUDA the
-chunks are checkpointed, so only their inputs. ``transient`` adds what lives only for a while:
-one recomputed layer under checkpointing, activation gradients in flight, and one LM-head
-chunk's backward (its log-softmax and gather gradients; on CUDA also its recomputed logits).
+scored position (``4 V`` each); on CUDA the chunks are checkpointed, so only their inputs.
+``transient`` adds what lives only for a while: one recomputed layer under checkpointing,
+activation gradients in flight, one LM-head chunk's backward (its log-softmax and gather
+gradients; on CUDA also its recomputed logits) and, on CPU, the float32 copy of a 16-bit head
+weight the forward's chunks share (backward uses the 16-bit weight).
 
 ``tests/test_memory.py`` checks the saved part against the bytes autograd actually keeps on a
 tiny random model (every path, checkpointing on and off, float32 and bf16, LoRA dropout;
@@ -225,9 +226,10 @@ def estimate(m: ModelShape, s: UpdateSettings, b: Batch) -> Estimate:
     elif s.cuda:  # each chunk checkpointed: only its inputs are kept, one chunk's logits at a time
         outside += b.loss_tokens * (m.hidden * m.base_bytes + 32)
         head_transient = 5 * chunk * m.vocab * 4  # a chunk's logits recomputed, and its backward
-    else:  # CPU: every chunk's float32 logits kept, one float32 copy of a 16-bit head weight
-        outside += b.loss_tokens * (4 * m.vocab + 32) + (m.vocab * m.hidden * 4 if m.base_bytes != 4 else 0)
+    else:  # CPU: every chunk's float32 logits kept; a 16-bit head weight's float32 copy lives through the forward
+        outside += b.loss_tokens * (4 * m.vocab + 32)
         head_transient = 4 * chunk * m.vocab * 4  # a chunk's backward: log-softmax and gather gradients
+        head_transient += m.vocab * m.hidden * 4 if m.base_bytes != 4 else 0
     gradients = 2 * tokens * (m.intermediate + m.hidden) * 4  # activation gradients in flight in backward
     transient = (max(unrolled) if s.checkpointing else 0) + gradients + head_transient
     return Estimate(int(layers), int(outside), int(transient))

@@ -114,21 +114,25 @@ def test_checkpointing_keeps_fewer_activations(policy, path):
     assert on < off
 
 
-def test_a_bf16_head_weight_is_kept_once_for_backward_not_once_per_chunk(tiny_model_dir):
+def test_a_bf16_head_keeps_no_float32_weight_copy_for_backward(tiny_model_dir):
+    """Backward needs only the bf16 weight (grpo.logprobs.Float32Head): no float32 copy of it is kept,
+    neither one per chunk nor one for all chunks."""
     model = _policy(tiny_model_dir, dtype=torch.bfloat16)
     _, head = split_head(model)
     hidden = torch.randn(2, 5, head.weight.shape[1], dtype=torch.bfloat16, requires_grad=True)
     targets, mask = torch.randint(0, head.weight.shape[0], (2, 5)), torch.ones(2, 5, dtype=torch.long)
-    weight_copies = set()
+    float32_copies, bf16_weight = set(), set()
 
     def pack_hook(t):
-        if t.dtype == torch.float32 and t.shape in (head.weight.shape, head.weight.t().shape):
-            weight_copies.add(t.untyped_storage().data_ptr())
+        if t.shape in (head.weight.shape, head.weight.t().shape):
+            ptr = t.untyped_storage().data_ptr()
+            (float32_copies if t.dtype == torch.float32 else bf16_weight).add(ptr)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
         out = head_logprobs(hidden, targets, mask, head, 1.0, chunk_tokens=2)  # 5 chunks
-    assert len(weight_copies) == 1
+    assert not float32_copies
+    assert bf16_weight == {head.weight.untyped_storage().data_ptr()}
     out.logprobs.sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
 

@@ -233,3 +233,55 @@ def test_sampled_logprob_function_is_log_softmax_and_its_gradient(temperature):
     torch.testing.assert_close(entropy, -(ref.exp() * ref).sum(-1))
     assert not entropy.requires_grad and SampledLogProb.apply(z, y, temperature, False)[1] is None
     assert torch.autograd.gradcheck(lambda x: SampledLogProb.apply(x, y, temperature, False)[0], (z,))
+
+
+def _bf16_head_inputs(rows=24, vocab=97, hidden=16):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(vocab, hidden, generator=g) * 0.5).bfloat16()
+    h = (torch.randn(rows, hidden, generator=g) * 2).bfloat16()
+    y = torch.randint(0, vocab, (rows,), generator=g)
+    return w, h, y
+
+
+def test_float32_head_forward_is_float32_linear_and_backward_is_bf16_matmul():
+    """grpo.logprobs.Float32Head: float32 logits exactly as F.linear of the upcast inputs; the
+    hidden-state gradient equals d logits @ W in bf16, within bf16 rounding of the float32 one."""
+    from grpo.logprobs import Float32Head
+
+    w, h, _ = _bf16_head_inputs()
+    hx = h.detach().requires_grad_(True)
+    logits = Float32Head.apply(hx, w.float(), None, w)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(h.float(), w.float()))
+    up = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
+    logits.backward(up)
+    assert hx.grad.dtype == torch.bfloat16
+    assert torch.equal(hx.grad, (up.bfloat16() @ w).bfloat16())
+    ref = up.double() @ w.double()
+    rel = (hx.grad.double() - ref).norm() / ref.norm()
+    assert 0 < rel < 1e-2, rel  # bf16 rounding, not float32 arithmetic, and not wrong
+
+
+def test_chunked_head_gradients_under_a_bf16_head(tiny_model_dir):
+    """head_logprobs on a frozen bf16 head: float32 log-probs, hidden gradients within bf16 rounding of
+    the float64 head's; a trainable head weight (e.g. modules_to_save) still gets its gradient."""
+    from grpo.logprobs import head_logprobs
+
+    w, h, y = _bf16_head_inputs()
+    head = torch.nn.Linear(16, 97, bias=False).bfloat16()
+    head.weight.data.copy_(w)
+    head.weight.requires_grad_(False)
+    mask = torch.ones(2, 12)
+    hx = h.view(2, 12, 16).detach().requires_grad_(True)
+    out = head_logprobs(hx, y.view(2, 12), mask, head, 1.0, chunk_tokens=5)  # 5 chunks
+    out.logprobs.sum().backward()
+    h64 = h.view(2, 12, 16).double().requires_grad_(True)
+    ref = (h64 @ w.double().T).log_softmax(-1).gather(-1, y.view(2, 12, 1)).squeeze(-1)
+    ref.sum().backward()
+    assert out.logprobs.dtype == torch.float32
+    assert (out.logprobs.double() - ref).abs().max() < 1e-5
+    rel = (hx.grad.double() - h64.grad).norm() / h64.grad.norm()
+    assert rel < 1e-2, rel
+    head.weight.requires_grad_(True)  # a trained head: its own float32 autograd path, weight gradient included
+    head_logprobs(h.view(2, 12, 16), y.view(2, 12), mask, head, 1.0, chunk_tokens=5).logprobs.sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
