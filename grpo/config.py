@@ -217,9 +217,11 @@ class OptimConfig:
                                "row with a block attention mask (faster when completion lengths vary; docs/algorithms.md)")
     activation_checkpointing: bool | Literal["auto"] = opt(
         "auto", "recompute each decoder layer in backward instead of keeping its activations (less peak memory, "
-                "more update time; works with the shared-prompt cache and packing): true, false, or auto "
-                "(on wherever the model's decoder layers can be wrapped; SmolLM2 on CPU: peak -39..51 %, "
-                "step time +7..9 %, docs/benchmarks.md)")
+                "more update time; works with the shared-prompt cache and packing): true, false, or auto: "
+                "a micro-batch is checkpointed when its update without it is estimated (grpo/memory.py) above a "
+                "quarter of the free memory read at setup (CUDA: the device's; CPU: MemAvailable shared by this "
+                "machine's ranks), and every micro-batch is where free memory cannot be read or with "
+                "optim.memory_budget_gb (SmolLM2 on CPU: peak -39..51 %, step time +7..9 %, docs/benchmarks.md)")
 
 
 @dataclass

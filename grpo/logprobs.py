@@ -331,12 +331,14 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def use_activation_checkpointing(setting: bool | str, model) -> bool:
-    """``optim.activation_checkpointing`` resolved for this model.
+    """Whether ``optim.activation_checkpointing`` can checkpoint this model's micro-batches.
 
-    ``auto`` is on wherever the model's decoder layers can be wrapped, on CPU and CUDA alike:
-    on SmolLM2-135M (4 prompts x G=8, 64 and 128 tokens, 2-core CPU) it lowered the step's peak
-    RSS by 39-51 % for 7-9 % more step time (the policy forward+backward 19-23 % slower;
-    docs/benchmarks.md). ``true`` on a model without decoder layers is a UserError.
+    ``auto`` is possible wherever the model's decoder layers can be wrapped; which micro-batches
+    it checkpoints is the trainer's ``grpo.memory.CheckpointRule`` (those that would not fit a
+    quarter of free memory without it): on SmolLM2-135M (4 prompts x G=8, 64 and 128 tokens,
+    2-core CPU) checkpointing lowered the step's peak RSS by 39-51 % for 7-9 % more step time
+    (the policy forward+backward 19-23 % slower; docs/benchmarks.md). ``true`` on a model
+    without decoder layers is a UserError.
     """
     layers = decoder_layers(model)
     if setting == "auto":

@@ -38,8 +38,10 @@ within 5 %), and the total against the peak of live tensors the profiler sees du
 backward on CPU (never below it; at most 1.5x above with the chunked head). The CUDA head's
 numbers are not measured here (no GPU): they follow the same count.
 
-Every function here is pure except ``mem_available``, ``budget_bytes`` and ``make_plan``: they
-read free memory for ``auto`` and the launcher's ``LOCAL_WORLD_SIZE``, once, at setup.
+Every function here is pure except ``mem_available``, ``free_bytes``, ``budget_bytes``, ``make_plan``
+and ``make_checkpoint_rule``: they read free memory for ``auto`` and the launcher's
+``LOCAL_WORLD_SIZE``, once, at setup. ``CheckpointRule`` is ``optim.activation_checkpointing: auto``:
+a micro-batch is checkpointed only when its estimate without checkpointing exceeds a quarter of it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ from grpo.errors import UserError
 
 GIB = 2 ** 30
 AUTO_FRACTION = 0.8  # of free memory, for ``auto``: headroom for the allocator and what the estimate leaves out
+# activation_checkpointing=auto: a micro-batch estimated above this share of free memory without checkpointing
+# is checkpointed (the rest of memory: generation's KV cache, the allocator, other processes)
+CHECKPOINT_FRACTION = 0.25
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -244,6 +249,15 @@ def add(b: Batch, seq: Seq, groups: dict[int, int]) -> Batch:
                    loss_tokens=b.loss_tokens + seq.loss_tokens)
 
 
+def batch_of(seqs: Sequence[Seq]) -> Batch:
+    """The ``Batch`` of these sequences as one micro-batch."""
+    batch, groups = Batch(), {}
+    for seq in seqs:
+        batch = add(batch, seq, groups)
+        groups[seq.group] = groups.get(seq.group, seq.prompt_len) + seq.completion_len
+    return batch
+
+
 def split_by_budget(seqs: Sequence[Seq], cost: Callable[[Batch], int], budget: int) -> list[list[int]]:
     """Greedy: positions into ``seqs``, in their order, cut into micro-batches whose ``cost`` stays
     within ``budget``; a micro-batch closes when the next sequence would exceed it. The order is the
@@ -289,22 +303,40 @@ class Plan:
             need = int(exc.args[0])
             raise too_small(self.setting, self.budget, need, "one sequence of this step",
                             self.settings.checkpointing) from None
-        largest = 0
-        for part in parts:
-            batch, groups = Batch(), {}
-            for i in part:
-                batch = add(batch, seqs[i], groups)
-                groups[seqs[i].group] = groups.get(seqs[i].group, seqs[i].prompt_len) + seqs[i].completion_len
-            largest = max(largest, self.cost(batch))
+        largest = max((self.cost(batch_of([seqs[i] for i in part])) for part in parts), default=0)
         return parts, largest
 
     def check(self, prompt_len: int, completion_len: int) -> None:
         """Fail before training when one sequence this long cannot fit the budget."""
-        need = self.cost(add(Batch(), Seq(0, prompt_len, completion_len, completion_len), {}))
+        need = self.cost(batch_of([Seq(0, prompt_len, completion_len, completion_len)]))
         if need > self.budget:
             raise too_small(self.setting, self.budget, need,
                             f"one sequence ({prompt_len} prompt + {completion_len} completion tokens)",
                             self.settings.checkpointing)
+
+
+@dataclass(frozen=True)
+class CheckpointRule:
+    """``optim.activation_checkpointing: auto`` (without a memory budget): checkpoint a micro-batch
+    only when its update, run without checkpointing, is estimated above ``limit`` bytes
+    (``CHECKPOINT_FRACTION`` of the free memory read at setup). Below it the recomputation
+    (about a fifth of the policy pass) would buy memory nobody needs; the gradients are the same
+    either way."""
+
+    shape: ModelShape
+    settings: UpdateSettings  # with checkpointing=False
+    limit: int
+
+    def needed(self, seqs: Sequence[Seq]) -> bool:
+        return estimate(self.shape, self.settings, batch_of(seqs)).total > self.limit
+
+
+def _update_model(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str], lora_dropout: bool,
+                  packing: bool, fast_head: bool, checkpointing: bool, device: str, chunk_tokens: int,
+                  lora_fused: bool) -> tuple[ModelShape, UpdateSettings]:
+    path = "packed" if packing else ("grouped" if fast_head else "flat")
+    settings = UpdateSettings(path, not fast_head, checkpointing, device.startswith("cuda"), chunk_tokens)
+    return model_shape(config, base_bytes, lora_rank, lora_targets, lora_dropout, lora_fused), settings
 
 
 def make_plan(setting: float | str | None, config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str],
@@ -313,12 +345,29 @@ def make_plan(setting: float | str | None, config, base_bytes: int, lora_rank: i
     """The run's ``Plan`` (None without a budget: ``optim.micro_batch_size`` applies)."""
     if setting is None:
         return None
-    if local_ranks is None:  # processes sharing this machine's RAM (torchrun sets it)
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    path = "packed" if packing else ("grouped" if fast_head else "flat")
-    settings = UpdateSettings(path, not fast_head, checkpointing, device.startswith("cuda"), chunk_tokens)
-    shape = model_shape(config, base_bytes, lora_rank, lora_targets, lora_dropout, lora_fused)
-    return Plan(shape, settings, budget_bytes(setting, device, local_ranks), setting)
+    shape, settings = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout, packing, fast_head,
+                                    checkpointing, device, chunk_tokens, lora_fused)
+    return Plan(shape, settings, budget_bytes(setting, device, _local_ranks(local_ranks)), setting)
+
+
+def make_checkpoint_rule(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str], lora_dropout: bool,
+                         packing: bool, fast_head: bool, device: str, chunk_tokens: int,
+                         local_ranks: int | None = None, lora_fused: bool = False,
+                         meminfo: str = "/proc/meminfo") -> CheckpointRule | None:
+    """The ``CheckpointRule`` of ``activation_checkpointing: auto``; None where free memory cannot
+    be read (not Linux, not CUDA): every micro-batch is then checkpointed."""
+    shape, settings = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout, packing, fast_head,
+                                    False, device, chunk_tokens, lora_fused)
+    try:
+        free = free_bytes(device, _local_ranks(local_ranks), meminfo)
+    except UserError:
+        return None
+    return CheckpointRule(shape, settings, int(free * CHECKPOINT_FRACTION))
+
+
+def _local_ranks(local_ranks: int | None) -> int:
+    """Processes sharing this machine's RAM (torchrun sets ``LOCAL_WORLD_SIZE``)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_ranks is None else local_ranks
 
 
 def too_small(setting, budget: int, need: int, what: str, checkpointing: bool) -> UserError:
@@ -343,16 +392,21 @@ def mem_available(meminfo: str = "/proc/meminfo") -> int:
 
 
 def budget_bytes(setting: float | str, device: str, local_ranks: int = 1, meminfo: str = "/proc/meminfo") -> int:
-    """``optim.memory_budget_gb`` in bytes: GiB as given, or ``auto``: ``AUTO_FRACTION`` of the device's
-    free memory (CUDA) or of ``MemAvailable`` shared by the ``local_ranks`` processes of this machine
-    (CPU). Read once, after the model is loaded, so the budget is what is left for the update."""
+    """``optim.memory_budget_gb`` in bytes: GiB as given, or ``auto``: ``AUTO_FRACTION`` of
+    ``free_bytes``. Read once, after the model is loaded, so the budget is what is left for the update."""
     if setting != "auto":
         return int(float(setting) * GIB)
+    return int(free_bytes(device, local_ranks, meminfo) * AUTO_FRACTION)
+
+
+def free_bytes(device: str, local_ranks: int = 1, meminfo: str = "/proc/meminfo") -> int:
+    """This process's share of free memory: the CUDA device's free memory, or ``MemAvailable``
+    shared by the ``local_ranks`` processes of this machine (CPU); a ``UserError`` elsewhere."""
     if device.startswith("cuda"):
         import torch  # only here: the estimate itself needs no torch
 
         free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * AUTO_FRACTION)
+        return int(free)
     if device != "cpu":
         raise UserError(f"optim.memory_budget_gb=auto: free memory is not known on {device}; set a number of GiB")
-    return int(mem_available(meminfo) * AUTO_FRACTION / max(1, local_ranks))
+    return int(mem_available(meminfo) / max(1, local_ranks))

@@ -132,6 +132,7 @@ class Trainer:
         self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
         self.checkpoint_layers = use_activation_checkpointing(cfg.optim.activation_checkpointing, self.model)
         self.memory_plan = self._memory_plan()  # None: fixed optim.micro_batch_size
+        self.checkpoint_rule = self._checkpoint_rule()  # None: every micro-batch as checkpoint_layers says
         if resumed is not None:  # the adapter goes in before DDP/FSDP2 wrap the model
             checkpoint.load_adapter(resumed[0], self.model)
         self.policy = wrap_policy(Policy(self.model), cfg.distributed.strategy, self.dist)
@@ -307,8 +308,20 @@ class Trainer:
             plan.check(len(prompt), self._max_completion_tokens())
         return plan
 
-    def _micro_batches(self, rollout: Rollout) -> tuple[list[list[int]], dict[str, float]]:
-        """Sequence indices per micro-batch, and metrics of the split.
+    def _checkpoint_rule(self) -> memory.CheckpointRule | None:
+        """``optim.activation_checkpointing: auto`` without a memory budget: checkpoint only the
+        micro-batches whose activations would otherwise take over a quarter of free memory."""
+        cfg = self.cfg
+        if cfg.optim.activation_checkpointing != "auto" or not self.checkpoint_layers or self.memory_plan:
+            return None  # true / false as configured; with a budget, checkpointing sizes the micro-batches
+        return memory.make_checkpoint_rule(
+            self.model.config, self.model.get_input_embeddings().weight.element_size(), cfg.model.lora_rank,
+            cfg.model.lora_target_modules, cfg.model.lora_dropout > 0, cfg.optim.packing, self.fast_head,
+            str(self.device), cfg.optim.logprob_chunk_tokens, lora_fused=cfg.model.lora_kernel == "fused")
+
+    def _micro_batches(self, rollout: Rollout) -> tuple[list[list[int]], list[bool], dict[str, float]]:
+        """Sequence indices per micro-batch, whether each runs under activation checkpointing, and
+        metrics of the split.
 
         Keep a group's sequences together (its prompt is encoded once per micro-batch),
         shortest completions first inside a group; the order is deterministic. Cut every
@@ -316,14 +329,21 @@ class Trainer:
         next sequence would take the micro-batch's estimated memory over the budget."""
         G = self.cfg.rollout.num_generations
         order = sorted(rollout.keep, key=lambda i: (i // G, len(rollout.completions[i].token_ids), i))
-        if self.memory_plan is None:
-            mb = self.cfg.optim.micro_batch_size
-            return [order[s:s + mb] for s in range(0, len(order), mb)], {}
         seqs = [memory.Seq(i // G, len(rollout.prompt_ids[i]), len(c.token_ids),
                            len(c.token_ids) if c.loss_mask is None else sum(c.loss_mask))
                 for i, c in ((i, rollout.completions[i]) for i in order)]
-        parts, largest = self.memory_plan.split(seqs)
-        return [[order[j] for j in part] for part in parts], {"update/estimated_gb": largest / memory.GIB}
+        metrics = {}
+        if self.memory_plan is None:
+            mb = self.cfg.optim.micro_batch_size
+            parts = [list(range(s, min(s + mb, len(order)))) for s in range(0, len(order), mb)]
+        else:
+            parts, largest = self.memory_plan.split(seqs)
+            metrics["update/estimated_gb"] = largest / memory.GIB
+        rule = self.checkpoint_rule
+        checkpointed = [self.checkpoint_layers and (rule is None or rule.needed([seqs[j] for j in part]))
+                        for part in parts]
+        metrics["update/checkpointed_micro_batches"] = sum(checkpointed)
+        return [[order[j] for j in part] for part in parts], checkpointed, metrics
 
     def _pack(self, rollout: Rollout, idx: list[int]):
         G = self.cfg.rollout.num_generations
@@ -337,14 +357,14 @@ class Trainer:
                             [rollout.completions[i].loss_mask for i in idx])  # tool episodes: model tokens only
 
     def _logprobs(self, batch, grad: bool, adapters: bool = True, entropy: bool = False,
-                  dropout_seed: int | None = None):
+                  dropout_seed: int | None = None, checkpointed: bool = False):
         T, chunk, pad = self.cfg.rollout.temperature, self.cfg.optim.logprob_chunk_tokens, self.tokenizer.pad_token_id
         adapters_off = nullcontext() if adapters else self.model.disable_adapter()
 
         def compute(model):  # runs inside the policy's forward, where DDP / FSDP2 hook in
             if self.cfg.optim.packing:
-                return tree_logprobs(model, batch, T, chunk, self.fast_head, entropy, self.checkpoint_layers)
-            return grouped_logprobs(model, batch, T, chunk, pad, self.fast_head, entropy, self.checkpoint_layers)
+                return tree_logprobs(model, batch, T, chunk, self.fast_head, entropy, checkpointed)
+            return grouped_logprobs(model, batch, T, chunk, pad, self.fast_head, entropy, checkpointed)
 
         with torch.set_grad_enabled(grad), adapters_off, same_dropout(dropout_seed, self.device):
             return self.policy(compute)
@@ -357,7 +377,7 @@ class Trainer:
 
     def _update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.cfg
-        micro, split_metrics = self._micro_batches(rollout)
+        micro, checkpointed, split_metrics = self._micro_batches(rollout)
         packed = [self._pack(rollout, idx) for idx in micro]
         # whole-batch normalisers (all ranks): the sum of the ranks' micro-batch losses is the batch loss
         n_seq, n_tok = map(int, dist.all_reduce_sum([len(rollout.keep),
@@ -365,6 +385,7 @@ class Trainer:
         if not n_seq:  # every group was dropped (e.g. all zero-variance): nothing to learn from
             return {"loss": 0.0, "sequences_in_loss": 0}
         micro, packed, live = self._balance_micro_batches(rollout, micro, packed)
+        checkpointed += [False] * (len(micro) - len(checkpointed))  # a rank's padding micro-batch: one sequence
         old_mode = cfg.loss.old_logprobs
         if old_mode == "auto":
             old_mode = "detached" if cfg.loss.update_passes == 1 else "recompute"
@@ -388,7 +409,8 @@ class Trainer:
             t_pass = time.perf_counter()
             for n, (idx, batch, ref_lp, old_lp, seed) in enumerate(zip(micro, packed, ref, old, seeds)):
                 set_gradient_sync(self.policy, n == len(micro) - 1)  # reduce across ranks in the last backward
-                logp, entropy = self._logprobs(batch, grad=True, entropy=True, dropout_seed=seed)
+                logp, entropy = self._logprobs(batch, grad=True, entropy=True, dropout_seed=seed,
+                                               checkpointed=checkpointed[n])
                 # model-written tokens only (tool observations are context); a rank's padding micro-batch: none
                 mask = batch.loss_mask * live[n]
                 old_lp = logp.detach() if old_lp is None else old_lp
@@ -430,7 +452,8 @@ class Trainer:
                  **split_metrics}
         return reduce_update_stats(stats, summed=("loss", "kl", "clip_fraction", "ratio", "engine_logprob_diff",
                                                   "entropy", "tokens/trained"),
-                                   maxed=(*TIME_KEYS, "update/micro_batches", "update/estimated_gb"))
+                                   maxed=(*TIME_KEYS, "update/micro_batches", "update/estimated_gb",
+                                          "update/checkpointed_micro_batches"))
 
     def _balance_micro_batches(self, rollout: Rollout, micro: list[list[int]], packed: list):
         """Give every rank the same number of micro-batches (at least one): a rank with fewer

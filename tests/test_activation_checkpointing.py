@@ -221,24 +221,36 @@ def test_config_key_values():
 
 
 @pytest.mark.parametrize("packing", ["false", "true"])
-def test_training_step_with_checkpointing_matches_without(tiny_model_dir, toy_plugin, tmp_path, packing):
+def test_training_step_with_checkpointing_matches_without(tiny_model_dir, toy_plugin, tmp_path, packing, monkeypatch):
+    """true, false, and auto both ways (a limit of 0 bytes: every micro-batch over it; a huge one:
+    none) take the same step; auto checkpoints exactly the micro-batches over its limit."""
+    from grpo import memory
     from grpo.config import load_config
     from grpo.trainer import Trainer
     from conftest import tiny_run_config
 
-    metrics = []
-    for on in ("false", "true"):
-        cfg = load_config(None, tiny_run_config(tiny_model_dir, tmp_path / on, toy_plugin, **{
-            "optim.activation_checkpointing": on, "optim.packing": packing, "loss.beta": 0.1,
+    metrics = {}
+    for name, setting, fraction in (("false", "false", None), ("true", "true", None), ("auto_tight", "auto", 0.0),
+                                    ("auto_roomy", "auto", 1e9)):
+        if fraction is not None:
+            monkeypatch.setattr(memory, "CHECKPOINT_FRACTION", fraction)
+        cfg = load_config(None, tiny_run_config(tiny_model_dir, tmp_path / name, toy_plugin, **{
+            "optim.activation_checkpointing": setting, "optim.packing": packing, "loss.beta": 0.1,
             "loss.update_passes": 2, "optim.micro_batch_size": 3}))
         trainer = Trainer(cfg, progress=False)
         trainer.setup()
         try:
-            assert trainer.checkpoint_layers is (on == "true")
-            metrics.append(trainer.train_step(trainer.sampling_params()))
+            assert trainer.checkpoint_layers is (name != "false")
+            assert (trainer.checkpoint_rule is not None) is (setting == "auto")
+            metrics[name] = trainer.train_step(trainer.sampling_params())
         finally:
             trainer.cleanup()
-    plain, checkpointed = metrics
-    assert plain["sequences_in_loss"] == checkpointed["sequences_in_loss"] > 0
-    for key in ("loss", "kl", "ratio", "grad_norm", "entropy"):
-        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+    plain = metrics["false"]
+    assert plain["sequences_in_loss"] > 0 and plain["update/micro_batches"] >= 2
+    expected = {"false": 0, "true": plain["update/micro_batches"], "auto_tight": plain["update/micro_batches"],
+                "auto_roomy": 0}
+    for name, m in metrics.items():
+        assert m["update/checkpointed_micro_batches"] == expected[name], name
+        assert m["sequences_in_loss"] == plain["sequences_in_loss"]
+        for key in ("loss", "kl", "ratio", "grad_norm", "entropy"):
+            assert m[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), (name, key)

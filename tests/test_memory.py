@@ -350,14 +350,51 @@ def test_micro_batches_hand_the_split_each_sequence_with_its_model_tokens():
     trainer = Trainer.__new__(Trainer)
     trainer.cfg = load_config(None, ["rollout.num_generations=2"])
     trainer.memory_plan = plan = Capture()
+    trainer.checkpoint_layers, trainer.checkpoint_rule = True, None
     completions = [Completion([5, 6, 7, 8], "", [0.0] * 4, "stop", loss_mask=[1, 0, 0, 1]),
                    Completion([5, 6], "", [0.0] * 2, "stop"), Completion([9], "", [0.0], "stop"),
                    Completion([9, 9, 9], "", [0.0] * 3, "stop")]
     rollout = Rollout([[1, 2, 3], [1, 2, 3], [4], [4]], completions, torch.zeros(4), torch.zeros(4), [0, 1, 2, 3])
-    micro, metrics = trainer._micro_batches(rollout)
-    assert micro == [[1, 0, 2, 3]]  # group by group, shortest completion first
+    micro, checkpointed, metrics = trainer._micro_batches(rollout)
+    assert micro == [[1, 0, 2, 3]] and checkpointed == [True]  # group by group, shortest completion first
     assert plan.seqs == [memory.Seq(0, 3, 2, 2), memory.Seq(0, 3, 4, 2), memory.Seq(1, 1, 1, 1), memory.Seq(1, 1, 3, 3)]
-    assert metrics == {"update/estimated_gb": 123 / memory.GIB}
+    assert metrics == {"update/estimated_gb": 123 / memory.GIB, "update/checkpointed_micro_batches": 1}
     trainer.memory_plan = None  # without a budget: every optim.micro_batch_size sequences, no split metrics
     trainer.cfg.optim.micro_batch_size = 3
-    assert trainer._micro_batches(rollout) == ([[1, 0, 2], [3]], {})
+    assert trainer._micro_batches(rollout) == ([[1, 0, 2], [3]], [True, True],
+                                               {"update/checkpointed_micro_batches": 2})
+
+    class Rule:  # a CheckpointRule stand-in: checkpoint micro-batches of over 2 sequences
+        seen: list = []
+
+        def needed(self, seqs):
+            self.seen.append(list(seqs))
+            return len(seqs) > 2
+
+    trainer.checkpoint_rule = rule = Rule()
+    assert trainer._micro_batches(rollout)[1:] == ([True, False], {"update/checkpointed_micro_batches": 1})
+    assert rule.seen == [plan.seqs[:3], plan.seqs[3:]]
+    trainer.checkpoint_layers = False  # off (or no layers to wrap): the rule is not consulted
+    assert trainer._micro_batches(rollout)[1] == [False, False]
+
+
+def test_checkpoint_rule_checkpoints_only_what_would_not_fit(tmp_path):
+    """optim.activation_checkpointing=auto: a micro-batch is checkpointed when its estimate without
+    checkpointing exceeds CHECKPOINT_FRACTION of this rank's share of free memory."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3)  # SmolLM2-135M's shape
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       8388608 kB\nMemAvailable:   4194304 kB\n")  # 4 GiB free
+    rule = memory.make_checkpoint_rule(config, 2, 16, memory.PROJECTIONS, False, False, True, "cpu", 512,
+                                       local_ranks=2, meminfo=str(meminfo))
+    assert rule.limit == int(4 * 2 ** 30 / 2 * memory.CHECKPOINT_FRACTION) and not rule.settings.checkpointing
+    small, large = [memory.Seq(0, 40, 64, 64)] * 2, [memory.Seq(g, 40, 4096, 4096) for g in range(8)]
+    est = [memory.estimate(rule.shape, rule.settings, memory.batch_of(s)).total for s in (small, large)]
+    assert est[0] <= rule.limit < est[1]  # the test's premise: one fits, one does not
+    assert not rule.needed(small) and rule.needed(large)
+    # free memory unknown (not Linux, another device): no rule, every micro-batch checkpointed as before
+    assert memory.make_checkpoint_rule(config, 2, 16, memory.PROJECTIONS, False, False, True, "cpu", 512,
+                                       meminfo=str(tmp_path / "absent")) is None
+    assert memory.make_checkpoint_rule(config, 2, 16, memory.PROJECTIONS, False, False, True, "mps", 512) is None
