@@ -92,6 +92,12 @@ def decode_flops(s: Shape, prompt_lens: list[int], group: int, tokens: int) -> f
     return phase_flops(s, prompt_lens, group, tokens, 0)["generate"] - prefill
 
 
+def float32_head_flops(s: Shape, prompt_lens: list[int], group: int, tokens: int) -> float:
+    """The update's LM-head forwards (reference and policy passes), which run in float32 whatever
+    the base's dtype (log-probs from float32 logits; their backward runs in the base's dtype)."""
+    return float(2 * len(prompt_lens) * group * tokens * s.head_flops())
+
+
 def decode_gflops(s: Shape, rows: int, dtype, threads: int = 1, seconds: float = 0.5) -> float:
     """Sustained GFLOP/s of a decode step's linear layers on CPU: ``(rows, in) @ W`` for every linear
     of every layer, each W its own tensor, so the sweep streams the backbone's weights from memory

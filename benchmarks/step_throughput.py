@@ -322,7 +322,7 @@ def roofline_report(args, ours: dict, rates: dict[str, float], info: dict) -> st
     """Print the machine's matmul rates and each phase's FLOPs and achieved fraction; return
     the ``compute floor`` line (FLOPs at the best measured rate at the run's threads)."""
     shape = _shape(info)
-    from roofline import decode_flops, phase_flops
+    from roofline import decode_flops, float32_head_flops, phase_flops
 
     flops = phase_flops(shape, info["prompt_lens"], args.group, args.tokens, args.rank)
     t = rates["threads"]
@@ -347,6 +347,13 @@ def roofline_report(args, ours: dict, rates: dict[str, float], info: dict) -> st
               f"{info['dtype']}): {rates['decode']:.0f} GFLOP/s; generation's decode steps are "
               f"{decode / flops['generate']:.0%} of its FLOPs")
         line += f"\nfloor at the step's matmul shapes: {shaped:.2f} s; ours/shape floor = {ours['step_s'] / shaped:.2f}"
+        head32 = float32_head_flops(shape, info["prompt_lens"], args.group, args.tokens)
+        fp32 = rates[f"float32@{t}"]
+        if fp32 < best:  # the update's LM-head forwards run in float32 by design (unrounded logits)
+            precise = shaped + head32 / 1e9 * (1 / fp32 - 1 / best)
+            line += (f"\nfloor at the step's shapes and precisions (the update's LM-head forwards, "
+                     f"{head32 / 1e12:.3f} TFLOP, in float32): {precise:.2f} s; ours/that floor = "
+                     f"{ours['step_s'] / precise:.2f}")
     return line
 
 

@@ -39,3 +39,11 @@ def test_decode_gflops_measures_a_positive_rate():
 
     s = Shape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, head_dim=8, vocab=10)
     assert decode_gflops(s, rows=4, dtype=torch.float32, threads=1, seconds=0.01) > 0
+
+
+def test_float32_head_flops_counts_the_two_update_passes():
+    from roofline import float32_head_flops
+
+    s = Shape(hidden=4, intermediate=8, layers=1, heads=2, kv_heads=1, head_dim=2, vocab=10)
+    # head at 4 completion positions = 320 FLOPs per pass (see above); reference + policy forwards
+    assert float32_head_flops(s, [2], group=2, tokens=2) == 640.0
