@@ -74,17 +74,27 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
 
     The log-probability is under softmax(logits / T) (T = 1 when greedy), before
     truncation, matching ``grpo.logprobs.sampled_logprobs`` at the same temperature.
+
+    Without top-k / top-p the sampling distribution is that softmax itself, so one softmax
+    pass serves both: the tokens are drawn from it (the same probabilities, hence the same
+    tokens, as a separate log-softmax + softmax would give) and the chosen token's log-prob
+    is the log of its probability, for B entries only (equal to the log-softmax up to float
+    rounding, ~1e-7; a sampled token's probability is never denormal in practice). At T = 1
+    the division is skipped (x / 1 is x exactly).
     """
     logits = logits.float()
     if params.greedy:
         tokens = logits.argmax(-1)
         logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, logprobs
-    scaled = logits / params.temperature
-    logprobs_all = scaled.log_softmax(-1)
-    probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+    scaled = logits / params.temperature if params.temperature != 1.0 else logits
+    if params.top_k or params.top_p < 1.0:
+        probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+        tokens = _inverse_cdf_sample(probs, generator, streams, owner)
+        return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    probs = scaled.softmax(-1)  # (B, V)
     tokens = _inverse_cdf_sample(probs, generator, streams, owner)
-    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()
 
 
 def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None,
