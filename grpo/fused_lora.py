@@ -18,10 +18,18 @@ Anything but plain single-adapter LoRA (adapters disabled or merged, several act
 DoRA or another variant, a LoRA bias, extra call arguments) takes peft's own forward, so
 ``disable_adapter()`` (the reference pass), ``merge_and_unload`` (export) and multi-adapter
 evaluation behave exactly as with peft.
+
+While generating (``cached_lora_casts``, entered by the HF engine around ``generate``) the
+weights cannot change, so each layer casts A and ``s B`` once per generation instead of once
+per decode step: 210 layers x 2 casts per token on SmolLM2 otherwise. The cache exists only
+inside the context and only serves calls that record no gradient; each entry is also keyed by
+the weights' ``_version`` and storage, so an in-place update inside the context (an optimizer
+step, ``load_state_dict``) is never served a stale cast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 LORA_KERNELS = ("fused", "peft")
@@ -41,10 +49,45 @@ def fused_lora_forward(self, x, *args, **kwargs):
     if name in getattr(self, "lora_variant", {}) or lora_a.bias is not None or lora_b.bias is not None:
         return own(self, x, *args, **kwargs)
     out = self.base_layer(x)
-    h = torch.nn.functional.linear(self.lora_dropout[name](x), lora_a.weight.to(x.dtype))  # (..., r)
-    b = (lora_b.weight * self.scaling[name]).to(out.dtype)  # (out, r), the scale folded in
+    cache = self.__dict__.get(_CAST_CACHE)
+    if cache is not None and not torch.is_grad_enabled():
+        a, b = _cached_casts(cache, name, lora_a.weight, lora_b.weight, self.scaling[name], x.dtype, out.dtype)
+    else:
+        a = lora_a.weight.to(x.dtype)  # (r, in)
+        b = (lora_b.weight * self.scaling[name]).to(out.dtype)  # (out, r), the scale folded in
+    h = torch.nn.functional.linear(self.lora_dropout[name](x), a)  # (..., r)
     flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
     return flat.view(out.shape)
+
+
+_CAST_CACHE = "_grpo_lora_cast_cache"  # instance attribute of a fused layer, set only by cached_lora_casts
+
+
+def _cached_casts(cache: dict, name: str, weight_a, weight_b, scaling: float, a_dtype, b_dtype):
+    """(A in ``a_dtype``, s B in ``b_dtype``) from ``cache``, computed again whenever either
+    weight was written in place (``_version``) or replaced (``data_ptr``) since it was stored."""
+    stamp = (weight_a._version, weight_a.data_ptr(), weight_b._version, weight_b.data_ptr(), scaling)
+    key = (name, a_dtype, b_dtype)
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = cache[key] = (stamp, weight_a.to(a_dtype), (weight_b * scaling).to(b_dtype))
+    return hit[1], hit[2]
+
+
+@contextlib.contextmanager
+def cached_lora_casts(model):
+    """Inside: the fused LoRA layers of ``model`` cast their weights once, not per call, in
+    calls that record no gradient (generation). Dropped on exit, so nothing is kept between
+    generations and a training step never sees a cached cast. A no-op for a model without
+    fused layers."""
+    layers = [m for m in model.modules() if getattr(m.__dict__.get("forward"), "__func__", None) is fused_lora_forward]
+    for layer in layers:
+        layer.__dict__[_CAST_CACHE] = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop(_CAST_CACHE, None)
 
 
 def use_fused_lora(model, kernel: str = "fused") -> int:

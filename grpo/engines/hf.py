@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from grpo.engines.base import Completion, SamplingParams
+from grpo.fused_lora import cached_lora_casts
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -161,11 +162,12 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(prompts), per_chunk):
-                streams = None
-                if prompt_seeds is not None:
-                    streams = PromptStreams(prompt_seeds[start:start + per_chunk], self.device)
-                out.extend(self._generate(list(prompts[start:start + per_chunk]), params, generator, streams))
+            with cached_lora_casts(self.model):  # the weights cannot change while generating
+                for start in range(0, len(prompts), per_chunk):
+                    streams = None
+                    if prompt_seeds is not None:
+                        streams = PromptStreams(prompt_seeds[start:start + per_chunk], self.device)
+                    out.extend(self._generate(list(prompts[start:start + per_chunk]), params, generator, streams))
         finally:
             self.model.train(was_training)
         return out
