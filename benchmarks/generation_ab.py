@@ -1,0 +1,137 @@
+"""Generation A/B: the HF engine of an older commit against the working tree's, in one process.
+
+    .venv/bin/python benchmarks/generation_ab.py --old fff2f4b --prompts 4 --group 8 --tokens 64 --reps 5
+
+The old side loads ``grpo/engines/hf.py``, ``grpo/fused_lora.py`` and ``grpo/attention.py`` as
+they were at ``--old`` (``git show``) under other module names; everything they import from
+``grpo`` comes from the working tree. Two copies of the model are built the way the trainer
+builds its policy (``model.dtype``, float32 attention by ``model.attention_dtype: auto``, LoRA
+r16 on the 7 linears of each block with non-zero B, the fused LoRA forward), one bound to the
+old code and one to the new, with the same weights. Then whole ``generate()`` calls
+(``--prompts`` x ``--group`` rows, ``--tokens`` tokens, EOS ignored, per-prompt streams as in
+training) alternate old / new (the order flips every round; the first round is a warm-up),
+and it prints the medians and whether both sampled the same tokens with log-probs equal to
+float rounding (max |difference| printed).
+
+Like the trainer, it first raises glibc's malloc thresholds (``grpo/allocator.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+OLD_ATTENTION = "sdpa_float32_ab_old"  # the old attention function's name in transformers' registry
+
+
+def load_old(rev: str, path: str, name: str, folder: str):
+    """Module ``path`` of the repository as of ``rev``, imported as ``name``."""
+    source = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{path}"], check=True, capture_output=True,
+                            text=True).stdout
+    file = os.path.join(folder, name + ".py")
+    with open(file, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_pair(args, old_fused, old_attention):
+    import torch
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from grpo.attention import apply_attention_dtype
+    from grpo.fused_lora import use_fused_lora
+    from grpo.models import add_lora, load_causal_lm, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    tok = load_tokenizer(path)
+    base = load_causal_lm(path, args.dtype)
+    base.config.use_cache = False  # as grpo.build.build_policy leaves it; the engine passes use_cache=True
+    attention = apply_attention_dtype(base, "auto", "cpu")
+    new = add_lora(base, args.rank, 2 * args.rank, 0.0, LORA_TARGETS)
+    torch.manual_seed(0)
+    for name, p in new.named_parameters():
+        if "lora_B" in name:  # a trained adapter is non-zero
+            torch.nn.init.normal_(p, std=0.01)
+    old = copy.deepcopy(new)
+    use_fused_lora(new, "fused")
+    old_fused.use_fused_lora(old, "fused")
+    if attention == "sdpa_float32":
+        ALL_ATTENTION_FUNCTIONS.register(OLD_ATTENTION, old_attention.sdpa_float32_forward)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(OLD_ATTENTION, sdpa_mask)
+        old.config._attn_implementation = OLD_ATTENTION  # its own config object (deepcopy)
+    old.eval(), new.eval()
+    return old, new, tok, attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old", required=True, help="git revision of the old engine / fused LoRA / attention")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+
+    from grpo.allocator import keep_freed_memory
+    from grpo.engines.base import SamplingParams, stream_seed
+    from grpo.engines.hf import HFEngine
+
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    with tempfile.TemporaryDirectory() as folder:
+        old_hf = load_old(args.old, "grpo/engines/hf.py", "ab_old_hf", folder)
+        old_fused = load_old(args.old, "grpo/fused_lora.py", "ab_old_fused_lora", folder)
+        old_attention = load_old(args.old, "grpo/attention.py", "ab_old_attention", folder)
+    old_model, new_model, tok, attention = build_pair(args, old_fused, old_attention)
+    prompts = []
+    for a, b in [(3, 4), (7, 8), (2, 9), (6, 5), (1, 8), (9, 9), (4, 4), (5, 7)][:args.prompts]:
+        p = tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}? Explain step by step."}],
+                                    add_generation_prompt=True)
+        prompts.append(list(p["input_ids"] if hasattr(p, "keys") else p))
+    params = SamplingParams(n=args.group, max_new_tokens=args.tokens, temperature=args.temperature, ignore_eos=True)
+    seeds = [stream_seed(0, 0, i) for i in range(len(prompts))]
+    sides = {"old": (old_hf.HFEngine, old_model), "new": (HFEngine, new_model)}
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    outputs = {}
+    for rep in range(args.reps + 1):  # the first round is a warm-up
+        for name in ("old", "new") if rep % 2 == 0 else ("new", "old"):
+            cls, model = sides[name]
+            t0 = time.perf_counter()
+            out = cls(model, tok, seed=0).generate(prompts, params, prompt_seeds=seeds)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+            outputs[name] = [(c.token_ids, c.logprobs) for g in out for c in g]
+    old, new = statistics.median(times["old"]), statistics.median(times["new"])
+    same_tokens = [t for t, _ in outputs["old"]] == [t for t, _ in outputs["new"]]
+    diff = max(abs(a - b) for (_, la), (_, lb) in zip(outputs["old"], outputs["new"]) for a, b in zip(la, lb))
+    rows = len(prompts) * args.group
+    print(f"{args.dtype} weights, attention {attention}, {rows} rows x {args.tokens} tokens, {args.threads} thread(s), "
+          f"{args.reps} reps alternating, old = {args.old}:")
+    print(f"  old {old:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['old'])})")
+    print(f"  new {new:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['new'])})")
+    print(f"  old/new {old / new:.3f}; same tokens: {same_tokens}; max |log-prob old - new| {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
