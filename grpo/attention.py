@@ -3,13 +3,15 @@
 torch's CPU SDPA kernel is slow in bf16 on CPUs without AMX (docs/benchmarks.md, "Generation:
 where one decode step goes": 70.7 ms of a 190 ms decode step in bf16, 15.7 ms in float32), and
 float32 softmax is also the more exact one. ``sdpa_float32_forward`` upcasts q, k, v (and a
-float mask) to float32, runs transformers' stock SDPA function and casts the output back to the
-query's dtype. It is installed on the loaded model itself, so the HF engine (rollout), the
+float mask) to float32, runs SDPA as transformers' stock function does (grouped-query attention
+without copying the keys and values) and casts the output back to the query's dtype. It is installed on the loaded model itself, so the HF engine (rollout), the
 reference pass (the same module with adapters off) and the update all run it: the rollout's
 and the trainer's log-probs keep the same precision. Autograd flows through the casts.
 """
 
 from __future__ import annotations
+
+import functools
 
 from grpo.errors import UserError
 
@@ -18,17 +20,50 @@ FLOAT32_ATTENTION = "sdpa_float32"  # the name registered with transformers' Att
 _REPLACEABLE = ("sdpa", "eager")  # flash / flex / paged kernels are left as they are
 
 
-def sdpa_float32_forward(module, query, key, value, attention_mask, **kwargs):
-    """transformers' ``sdpa_attention_forward`` on float32 q, k, v; output in ``query.dtype``."""
+def sdpa_float32_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """transformers' ``sdpa_attention_forward`` on float32 q, k, v; output in ``query.dtype``.
+
+    Grouped-query attention (fewer key/value heads than query heads) goes to SDPA as it is,
+    with ``enable_gqa`` (torch >= 2.5), instead of transformers' ``repeat_kv``, which copies
+    every cached key and value ``heads / kv_heads`` times per layer and per decode step
+    whenever a mask is passed (always, in the HF engine). The kernel reads the same numbers
+    either way: outputs are bit-identical, gradients equal to float rounding
+    (tests/test_attention.py). Calls this does not cover (a position bias, a paged cache,
+    attention weights requested) take transformers' function on the upcast tensors.
+    """
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()  # a packed 4-D bias: SDPA wants the query's dtype
-    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
-                                          attention_mask, **kwargs)
-    return out.to(dtype) if dtype != torch.float32 else out, weights
+    groups = getattr(module, "num_key_value_groups", 1)
+    special = kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or kwargs.get("output_attentions")
+    if special or (groups > 1 and not _sdpa_has_gqa()):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return out.to(dtype) if dtype != torch.float32 else out, weights
+    q_length = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = q_length > 1 and attention_mask is None and causal  # transformers' rule: decode steps attend to all
+    if causal and key.shape[2] > q_length:  # an empty static cache's prefill (as transformers does)
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    gqa = {"enable_gqa": True} if groups > 1 else {}
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=causal, **gqa)  # (B, heads, q, head_dim)
+    out = out.transpose(1, 2).contiguous()
+    return out.to(dtype) if dtype != torch.float32 else out, None
+
+
+@functools.cache
+def _sdpa_has_gqa() -> bool:
+    """``scaled_dot_product_attention(enable_gqa=...)`` appeared in torch 2.5."""
+    import torch
+
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 def register() -> None:

@@ -114,3 +114,55 @@ def test_engine_logprobs_equal_the_trainers(tiny_model_dir):
                                       tok.pad_token_id))
     engine_lp = torch.tensor([c.logprobs for c in comps])
     assert (lp.detach() - engine_lp).abs().max() < 1e-2  # the bound of the bf16-attention test
+
+
+def reference_float32_attention(module, query, key, value, attention_mask, **kwargs):
+    """The function before grouped-query SDPA: transformers' own (``repeat_kv`` copies) on upcast tensors."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+@pytest.fixture()
+def reference_attention():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register("sdpa_float32_reference", reference_float32_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_float32_reference", sdpa_mask)
+    return "sdpa_float32_reference"
+
+
+@pytest.mark.parametrize("path", ["grouped", "packed", "flat"])
+def test_grouped_query_sdpa_equals_repeated_keys(tiny_model_dir, reference_attention, path):
+    """The tiny model has 4 query heads over 2 key/value heads: log-probs bit-identical to
+    transformers' repeat_kv path on every update path (causal prefill, shared-prompt cache,
+    packed 4-D float bias), gradients equal to float rounding."""
+    model = _policy(tiny_model_dir, torch.bfloat16, "float32")
+    assert model.base_model.model.model.layers[0].self_attn.num_key_value_groups == 2
+    lp, g = _run(model, path)
+    model.config._attn_implementation = reference_attention
+    lp_ref, g_ref = _run(model, path)
+    assert torch.equal(lp, lp_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-3, atol=1e-6)
+
+
+def test_engine_with_grouped_query_sdpa_samples_as_with_repeated_keys(tiny_model_dir, reference_attention):
+    from grpo.engines.base import stream_seed
+
+    model = _policy(tiny_model_dir, torch.bfloat16, "float32")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    params = SamplingParams(n=4, max_new_tokens=10)
+    seeds = [stream_seed(3, 0, i) for i in range(len(PROMPTS))]
+
+    def sample():
+        out = HFEngine(model, tok).generate(PROMPTS, params, prompt_seeds=seeds)
+        return [(c.token_ids, c.logprobs) for g in out for c in g]
+    new = sample()
+    model.config._attn_implementation = reference_attention
+    assert sample() == new  # same tokens, bit-identical log-probs (rows stop at different steps)
+    assert len({len(t) for t, _ in new}) > 1
