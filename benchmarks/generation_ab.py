@@ -9,7 +9,7 @@ builds its policy (``model.dtype``, float32 attention by ``model.attention_dtype
 r16 on the 7 linears of each block with non-zero B, the fused LoRA forward), one bound to the
 old code and one to the new, with the same weights. Then whole ``generate()`` calls
 (``--prompts`` x ``--group`` rows, ``--tokens`` tokens, EOS ignored, per-prompt streams as in
-training) alternate old / new (the order flips every round; the first round is a warm-up),
+training; ``--prompt-set``: equal or varied prompt lengths, see PROMPT_SETS) alternate old / new (the order flips every round; the first round is a warm-up),
 and it prints the medians and whether both sampled the same tokens with log-probs equal to
 float rounding (max |difference| printed).
 
@@ -32,6 +32,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# "equal": benchmarks/step_throughput.py's prompts, all the same length, so no row is padded and
+# transformers drops the attention mask; "varied": numbers of different lengths, as in training,
+# so the prompts are left-padded and every decode step's attention gets a mask.
+PROMPT_SETS = {"equal": [(3, 4), (7, 8), (2, 9), (6, 5), (1, 8), (9, 9), (4, 4), (5, 7)],
+               "varied": [(3, 4), (17, 8), (2, 913), (6125, 5), (1, 88), (99, 9), (4, 40000), (5, 7)]}
 OLD_ATTENTION = "sdpa_float32_ab_old"  # the old attention function's name in transformers' registry
 
 
@@ -87,6 +92,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), default="equal")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -105,7 +111,7 @@ def main() -> None:
         old_attention = load_old(args.old, "grpo/attention.py", "ab_old_attention", folder)
     old_model, new_model, tok, attention = build_pair(args, old_fused, old_attention)
     prompts = []
-    for a, b in [(3, 4), (7, 8), (2, 9), (6, 5), (1, 8), (9, 9), (4, 4), (5, 7)][:args.prompts]:
+    for a, b in PROMPT_SETS[args.prompt_set][:args.prompts]:
         p = tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}? Explain step by step."}],
                                     add_generation_prompt=True)
         prompts.append(list(p["input_ids"] if hasattr(p, "keys") else p))
@@ -126,7 +132,9 @@ def main() -> None:
     same_tokens = [t for t, _ in outputs["old"]] == [t for t, _ in outputs["new"]]
     diff = max(abs(a - b) for (_, la), (_, lb) in zip(outputs["old"], outputs["new"]) for a, b in zip(la, lb))
     rows = len(prompts) * args.group
-    print(f"{args.dtype} weights, attention {attention}, {rows} rows x {args.tokens} tokens, {args.threads} thread(s), "
+    lengths = sorted({len(p) for p in prompts})
+    print(f"{args.dtype} weights, attention {attention}, {rows} rows x {args.tokens} tokens, prompts of {lengths} tokens, "
+          f"{args.threads} thread(s), "
           f"{args.reps} reps alternating, old = {args.old}:")
     print(f"  old {old:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['old'])})")
     print(f"  new {new:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['new'])})")
