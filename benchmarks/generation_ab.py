@@ -13,6 +13,9 @@ training; ``--prompt-set``: equal or varied prompt lengths, see PROMPT_SETS) alt
 and it prints the medians and whether both sampled the same tokens with log-probs equal to
 float rounding (max |difference| printed).
 
+With ``--sampling`` it times only ``sample_tokens`` (old vs new, alternating, ``--reps`` x 20 calls
+each) on (``--prompts`` x ``--group``, vocabulary) bf16 logits drawn at random, per-prompt streams.
+
 Like the trainer, it first raises glibc's malloc thresholds (``grpo/allocator.py``).
 """
 
@@ -83,6 +86,37 @@ def build_pair(args, old_fused, old_attention):
     return old, new, tok, attention
 
 
+def sampling_ab(args, old_hf) -> None:
+    import torch
+
+    from grpo.engines.base import SamplingParams
+    from grpo.engines.hf import PromptStreams, sample_tokens
+
+    rows = args.prompts * args.group
+    torch.manual_seed(0)
+    logits = (torch.randn(rows, args.vocab) * 3).bfloat16()
+    owner = torch.arange(rows) // args.group
+    params = SamplingParams(n=args.group, temperature=args.temperature)
+    sides = {"old": (old_hf.sample_tokens, old_hf.PromptStreams), "new": (sample_tokens, PromptStreams)}
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    picked = {}
+    for rep in range(args.reps + 1):
+        for name in ("old", "new") if rep % 2 == 0 else ("new", "old"):
+            fn, streams_cls = sides[name]
+            streams = streams_cls(range(args.prompts), torch.device("cpu"))
+            t0 = time.perf_counter()
+            out = [fn(logits, params, None, streams, owner) for _ in range(20)]
+            if rep:
+                times[name].append((time.perf_counter() - t0) / 20)
+            picked[name] = out
+    same = all(torch.equal(a[0], b[0]) for a, b in zip(picked["old"], picked["new"]))
+    diff = max((a[1] - b[1]).abs().max().item() for a, b in zip(picked["old"], picked["new"]))
+    old, new = statistics.median(times["old"]), statistics.median(times["new"])
+    print(f"sample_tokens, ({rows}, {args.vocab}) bf16 logits, T={args.temperature}, {args.reps} reps x 20 calls alternating, "
+          f"old = {args.old}: old {old * 1e3:.2f} ms, new {new * 1e3:.2f} ms per call, old/new {old / new:.2f}; "
+          f"same tokens: {same}; max |log-prob old - new| {diff:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, help="git revision of the old engine / fused LoRA / attention")
@@ -96,6 +130,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sampling", action="store_true", help="time sample_tokens alone")
+    parser.add_argument("--vocab", type=int, default=49152, help="--sampling: vocabulary size (SmolLM2's)")
     args = parser.parse_args()
     import torch
 
@@ -109,6 +145,9 @@ def main() -> None:
         old_hf = load_old(args.old, "grpo/engines/hf.py", "ab_old_hf", folder)
         old_fused = load_old(args.old, "grpo/fused_lora.py", "ab_old_fused_lora", folder)
         old_attention = load_old(args.old, "grpo/attention.py", "ab_old_attention", folder)
+    if args.sampling:
+        sampling_ab(args, old_hf)
+        return
     old_model, new_model, tok, attention = build_pair(args, old_fused, old_attention)
     prompts = []
     for a, b in PROMPT_SETS[args.prompt_set][:args.prompts]:
