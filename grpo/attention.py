@@ -39,7 +39,7 @@ def sdpa_float32_forward(module, query, key, value, attention_mask, dropout: flo
         attention_mask = attention_mask.float()  # a packed 4-D bias: SDPA wants the query's dtype
     groups = getattr(module, "num_key_value_groups", 1)
     special = kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or kwargs.get("output_attentions")
-    if special or (groups > 1 and not _sdpa_has_gqa()):
+    if special or (groups > 1 and not sdpa_reads_grouped_kv()):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
@@ -59,8 +59,10 @@ def sdpa_float32_forward(module, query, key, value, attention_mask, dropout: flo
 
 
 @functools.cache
-def _sdpa_has_gqa() -> bool:
-    """``scaled_dot_product_attention(enable_gqa=...)`` appeared in torch 2.5."""
+def sdpa_reads_grouped_kv() -> bool:
+    """Whether ``sdpa_float32_forward`` hands SDPA the kv_heads keys/values as they are
+    (``enable_gqa``, torch >= 2.5) rather than repeated to every head; ``grpo.memory`` counts
+    what SDPA keeps for backward by it."""
     import torch
 
     return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)

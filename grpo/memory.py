@@ -12,7 +12,8 @@ layer and token (no checkpointing), with ``s`` the base dtype's bytes, ``a`` att
   sees the frozen embedding and keeps nothing);
 * attention: the query and the output (``2 nh d a``), the log-sum-exp (``4 nh``); per key
   position the keys and values as SDPA receives them, repeated to ``nh`` heads
-  (``2 nh d a``); per (query, key) pair the mask (``a``); eager attention adds its
+  (``2 nh d a``; ``2 nkv d a`` under float32 attention, whose SDPA reads grouped keys in place,
+  grpo/attention.py); per (query, key) pair the mask (``a``); eager attention adds its
   probabilities (``nh (4 + a)``);
 * the MLP: gate, up and act(gate) (``3 I s``);
 * LoRA: each adapter's input (a float32 copy per target under a 16-bit base or LoRA
@@ -50,6 +51,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Literal, NamedTuple, Sequence
 
+from grpo.attention import sdpa_reads_grouped_kv
 from grpo.errors import UserError
 
 GIB = 2 ** 30
@@ -74,6 +76,7 @@ class ModelShape:
     base_bytes: int = 4  # s: bytes per element of the frozen base (2 for bf16/fp16)
     attention_bytes: int = 4  # a: bytes per element attention runs in (4 under float32 attention)
     eager_attention: bool = False  # the attention probabilities are kept (eager implementation)
+    grouped_kv: bool = False  # SDPA keeps the nkv keys/values, not nh repeated copies (float32 attention's enable_gqa)
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = PROJECTIONS  # the Llama-style projections that carry an adapter
     lora_dropout: bool = False
@@ -144,7 +147,9 @@ def model_shape(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[
                       kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
                       vocab=config.vocab_size, base_bytes=base_bytes,
                       attention_bytes=4 if implementation == "sdpa_float32" else base_bytes,
-                      eager_attention=implementation == "eager", lora_rank=lora_rank, lora_targets=targets,
+                      eager_attention=implementation == "eager",
+                      grouped_kv=implementation == "sdpa_float32" and sdpa_reads_grouped_kv(),
+                      lora_rank=lora_rank, lora_targets=targets,
                       lora_dropout=lora_dropout, lora_fused=lora_fused)
 
 
@@ -186,7 +191,7 @@ def _layer_bytes(m: ModelShape, rows: int, queries: int, keys: int) -> int:
                  + 2 * qd * a + 4 * m.heads  # query, output, log-sum-exp
                  + 3 * m.intermediate * m.base_bytes  # gate, up, act(gate)
                  + _lora_input_bytes(m) + (m.base_bytes if m.lora_fused else 4) * m.lora_rank * len(m.lora_targets))
-    per_key = 2 * qd * a  # keys and values repeated to every head
+    per_key = 2 * (m.kv_heads if m.grouped_kv else m.heads) * m.head_dim * a  # keys and values as SDPA reads them
     per_pair = a + (m.heads * (4 + a) if m.eager_attention else 0)  # mask (+ eager's probabilities)
     return rows * queries * per_token + rows * keys * per_key + rows * queries * keys * per_pair
 
