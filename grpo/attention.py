@@ -3,10 +3,11 @@
 torch's CPU SDPA kernel is slow in bf16 on CPUs without AMX (docs/benchmarks.md, "Generation:
 where one decode step goes": 70.7 ms of a 190 ms decode step in bf16, 15.7 ms in float32), and
 float32 softmax is also the more exact one. ``sdpa_float32_forward`` upcasts q, k, v (and a
-float mask) to float32, runs SDPA as transformers' stock function does (grouped-query attention
-without copying the keys and values) and casts the output back to the query's dtype. It is installed on the loaded model itself, so the HF engine (rollout), the
-reference pass (the same module with adapters off) and the update all run it: the rollout's
-and the trainer's log-probs keep the same precision. Autograd flows through the casts.
+float mask) to float32, runs SDPA as transformers' stock function does (but grouped-query
+attention without copying the keys and values) and casts the output back to the query's dtype.
+It is installed on the loaded model itself, so the HF engine (rollout), the reference pass
+(the same module with adapters off) and the update all run it: the rollout's and the
+trainer's log-probs keep the same precision. Autograd flows through the casts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def sdpa_float32_forward(module, query, key, value, attention_mask, dropout: flo
     Grouped-query attention (fewer key/value heads than query heads) goes to SDPA as it is,
     with ``enable_gqa`` (torch >= 2.5), instead of transformers' ``repeat_kv``, which copies
     every cached key and value ``heads / kv_heads`` times per layer and per decode step
-    whenever a mask is passed (always, in the HF engine). The kernel reads the same numbers
+    whenever a mask is passed (in the HF engine: whenever the prompts differ in length). The kernel reads the same numbers
     either way: outputs are bit-identical, gradients equal to float rounding
     (tests/test_attention.py). Calls this does not cover (a position bias, a paged cache,
     attention weights requested) take transformers' function on the upcast tensors.

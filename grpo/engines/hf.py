@@ -80,7 +80,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     pass serves both: the tokens are drawn from it (the same probabilities, hence the same
     tokens, as a separate log-softmax + softmax would give) and the chosen token's log-prob
     is the log of its probability, for B entries only (equal to the log-softmax up to float
-    rounding, ~1e-7; a sampled token's probability is never denormal in practice). At T = 1
+    rounding, < 1e-6 measured; a sampled token's probability is never denormal in practice). At T = 1
     the division is skipped (x / 1 is x exactly).
     """
     logits = logits.float()
