@@ -206,3 +206,29 @@ def test_a_prompt_that_is_the_common_prefix_keeps_one_token_to_start_from(policy
     out = engine.generate([SHARED, SHARED + [7, 8]], greedy)
     assert seen[0] == (1, len(SHARED) - 1) and seen[1] == (2, 3)
     assert out[0][0].token_ids == engine.generate([SHARED], greedy)[0][0].token_ids
+
+
+def test_bf16_engine_samples_from_the_trainers_float32_logits(tiny_model_dir):
+    """Under a bf16 model the engine samples from the float32 head the trainer scores with: its
+    log-probs equal the trainer's to float rounding, where the model's own bf16 logits (the
+    engine's old path, float32_head=False) are off by their rounding."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(6.0)  # logits of a few units (bf16 rounds them by ~0.01), not one-hot
+    model = add_lora(model.to(torch.bfloat16), 4, 8, 0.0, ["q_proj", "v_proj"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    params = SamplingParams(n=4, max_new_tokens=8, temperature=1.0)
+    errors = {}
+    for float32_head in (True, False):
+        engine = HFEngine(model, tok, seed=5, float32_head=float32_head)
+        groups = engine.generate(PROMPTS, params)
+        assert (engine._head is not None) is float32_head and engine._logits is None  # copy dropped after
+        rows = [p for p, g in zip(PROMPTS, groups) for _ in g]
+        comps = [c for g in groups for c in g]
+        with torch.no_grad():
+            lp = sampled_logprobs(model, pack(rows, [c.token_ids for c in comps], tok.pad_token_id), 1.0)
+        errors[float32_head] = max(float((lp[i, :len(c.logprobs)] - torch.tensor(c.logprobs)).abs().max())
+                                   for i, c in enumerate(comps))
+    assert errors[True] < 1e-4, errors
+    assert errors[False] > 1e-3, errors  # what the float32 head removes

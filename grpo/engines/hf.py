@@ -14,6 +14,13 @@ does not pay for its longest one.
 Prompts are left-padded and prefilled once per prompt; the KV cache is then repeated
 ``n`` times (``batch_repeat_interleave``), so a group of G completions costs one
 prefill, not G.
+
+Under a 16-bit model the engine samples from the logits the trainer scores: the backbone's
+hidden state through the LM head in float32 (``grpo.logprobs``'s head), not the model's own
+16-bit logits, whose rounding (about 0.03 nats per token on SmolLM2 in bf16) would make every
+rollout slightly off-policy. A head that is more than a linear map (scaled or capped logits,
+a LoRA on the head: ``grpo.logprobs.fast_head_agrees`` says no) keeps the model's own logits,
+as the trainer then does.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 
 from grpo.engines.base import Completion, SamplingParams
 from grpo.fused_lora import cached_lora_casts
+from grpo.logprobs import fast_head_agrees, split_head
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -130,8 +138,12 @@ class HFEngine:
 
     samples_from_trainer_module = True  # FSDP2: the trainer gathers the sharded weights around generate()
 
-    def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_size: int = 256):
+    def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_size: int = 256, float32_head: bool = True):
         self.model = model
+        self.float32_head = float32_head  # False: the model's own logits, whatever its dtype
+        self._head: tuple | None = None  # (backbone, head) once checked, when the float32 head applies
+        self._head_checked = False
+        self._logits = None  # inside generate(): forward(**inputs) -> (KV cache, last float32 logits)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
@@ -163,14 +175,39 @@ class HFEngine:
         self.model.eval()
         try:
             with cached_lora_casts(self.model):  # the weights cannot change while generating
+                self._logits = self._logit_function(prompts[0])
                 for start in range(0, len(prompts), per_chunk):
                     streams = None
                     if prompt_seeds is not None:
                         streams = PromptStreams(prompt_seeds[start:start + per_chunk], self.device)
                     out.extend(self._generate(list(prompts[start:start + per_chunk]), params, generator, streams))
         finally:
+            self._logits = None  # drops the float32 head copy
             self.model.train(was_training)
         return out
+
+    @torch.no_grad()
+    def _logit_function(self, prompt: list[int]):
+        """``forward(**model inputs) -> (KV cache, last position's float32 logits)`` for this
+        generate call: the backbone and a float32 copy of the LM head (cast once per call) where
+        the head is a plain 16-bit linear map, else the model's own forward."""
+        if not self._head_checked:  # once: the model's architecture does not change
+            self._head_checked = True
+            parts = split_head(self.model) if self.float32_head else None
+            if parts is not None and parts[1].weight.dtype != torch.float32:
+                self._head = parts if fast_head_agrees(self.model, prompt[:16])[0] else None
+        if self._head is None:
+            def forward(**inputs):
+                out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+                return out.past_key_values, out.logits[:, -1, :]
+            return forward
+        backbone, head = self._head
+        weight, bias = head.weight.float(), None if head.bias is None else head.bias.float()
+
+        def forward(**inputs):
+            out = backbone(**inputs, use_cache=True)
+            return out.past_key_values, torch.nn.functional.linear(out.last_hidden_state[:, -1, :].float(), weight, bias)
+        return forward
 
     def sync_weights(self) -> None:
         pass  # the engine samples from the trainer's own module
@@ -219,9 +256,8 @@ class HFEngine:
                 cache.batch_select_indices(keep)
                 tok, mask, next_pos, rows = tok[keep], mask[keep], next_pos[keep], rows[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            cache, logits = self._logits(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                         past_key_values=cache)
             next_pos = next_pos + 1
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         completions = [Completion(tokens[r], texts[r], logps[r], finish[r],  # type: ignore[arg-type]
@@ -246,8 +282,7 @@ class HFEngine:
         cache = None
         if shared:
             head = torch.tensor([prompts[0][:shared]], device=dev)
-            cache = self.model(input_ids=head, position_ids=torch.arange(shared, device=dev)[None],
-                               use_cache=True, logits_to_keep=1).past_key_values
+            cache = self._logits(input_ids=head, position_ids=torch.arange(shared, device=dev)[None])[0]
             cache.batch_repeat_interleave(P)
         L = max(len(p) for p in prompts) - shared
         input_ids = torch.full((P, L), self.pad_id, dtype=torch.long, device=dev)
@@ -257,9 +292,9 @@ class HFEngine:
             own[i, L - len(p) + shared:] = 1
         mask = torch.cat([own.new_ones((P, shared)), own], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, out.logits[:, -1, :], mask
+        cache, logits = self._logits(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                     past_key_values=cache)
+        return cache, logits, mask
 
     def _stop_hits(self, rows: list[int], tokens: list[list[int]], stop: tuple[str, ...],
                    stops: dict[int, str]) -> torch.Tensor:
