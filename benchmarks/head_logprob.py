@@ -16,6 +16,7 @@ states: the float32 forward with the weight cast per chunk vs once, and forward 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import os
 import statistics
 import sys
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from grpo.logprobs import Float32Head, SampledLogProb  # noqa: E402
+from grpo.logprobs import Float32Head, SampledLogProb, float32_linear  # noqa: E402
 
 
 def composed(z, y, temperature, with_entropy):
@@ -83,9 +84,22 @@ def matmul_table(rows: int, vocab: int, hidden: int, reps: int) -> None:
     with torch.no_grad():
         print(f"| no-grad forward, float32 weight cast per chunk | {median_ms(lambda: linear(h.float(), w.float()), reps):.0f} |")
         print(f"| no-grad forward, float32 weight cast once | {median_ms(lambda: linear(h.float(), w32), reps):.0f} |")
+    head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+    head.weight.data = w
+    prepared = float32_linear(head)  # oneDNN's packed float32 layout where torch has it
+    with torch.no_grad():
+        print(f"| no-grad forward, float32_linear (prepared once) | {median_ms(lambda: prepared(h.float()), reps):.0f} |")
     print(f"| forward + backward, F.linear in float32 | {median_ms(lambda: fwd_bwd(lambda x: linear(x.float(), w32)), reps):.0f} |")
-    print(f"| forward + backward, Float32Head (backward in bf16) | "
-          f"{median_ms(lambda: fwd_bwd(lambda x: Float32Head.apply(x, w32, None, w)), reps):.0f} |", flush=True)
+    print(f"| forward + backward, Float32Head (F.linear forward, backward in bf16) | "
+          f"{median_ms(lambda: fwd_bwd(lambda x: Float32Head.apply(x, partial(linear, weight=w32), w)), reps):.0f} |")
+    print(f"| forward + backward, Float32Head (float32_linear forward, backward in bf16) | "
+          f"{median_ms(lambda: fwd_bwd(lambda x: Float32Head.apply(x, prepared, w)), reps):.0f} |", flush=True)
+    rows32 = h[:32].float()
+    with torch.no_grad():
+        print(f"| 32 rows (a decode step), F.linear in float32 | {median_ms(lambda: linear(rows32, w32), reps):.1f} |")
+        print(f"| 32 rows (a decode step), float32_linear | {median_ms(lambda: prepared(rows32), reps):.1f} |")
+        print(f"| 32 rows (a decode step), bf16 F.linear (rounded logits) | "
+              f"{median_ms(lambda: linear(rows32.bfloat16(), w), reps):.1f} |", flush=True)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -95,44 +95,85 @@ def split_head(model, fast_head: bool = True):
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None, temperature: float, with_entropy: bool = False,
-                    weight32: torch.Tensor | None = None):
+                    linear32: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """(log pi(target), entropy or None) for n positions; float32 logits from float32 inputs.
 
-    ``weight32``: the head weight already cast to float32 (CPU: once for all chunks); else it
-    is cast here, per chunk, so no float32 copy of the weight outlives the chunk."""
+    ``linear32``: the head as a float32 map prepared once for all chunks (CPU,
+    ``float32_linear``); else the weight is cast here, per chunk, so no float32 copy of it
+    outlives the chunk (CUDA, where memory is the limit)."""
     # float32 head (a no-op for float32 models): a bf16 model's logits would otherwise be rounded before
     # the log-softmax
     bias32 = None if bias is None else bias.float()
-    weight32 = weight.float() if weight32 is None else weight32
     frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
-    if frozen and weight.dtype != torch.float32 and torch.is_grad_enabled():
-        logits = Float32Head.apply(hidden, weight32, bias32, weight)
+    if not frozen:  # a trained head (e.g. modules_to_save): autograd through the float32 copy
+        logits = torch.nn.functional.linear(hidden.float(), weight.float(), bias32)
     else:
-        logits = torch.nn.functional.linear(hidden.float(), weight32, bias32)  # (n, V) float32
+        if linear32 is None:
+            linear32 = partial(torch.nn.functional.linear, weight=weight.float(), bias=bias32)
+        logits = Float32Head.apply(hidden, linear32, weight) if torch.is_grad_enabled() else linear32(hidden.float())
     return SampledLogProb.apply(logits, targets, temperature, with_entropy)
 
 
 class Float32Head(torch.autograd.Function):
-    """The float32 logits ``hidden W^T + b`` of a frozen 16-bit head, differentiable in ``hidden``.
+    """The float32 logits ``linear32(hidden)`` of a frozen head of weight ``weight``, differentiable
+    in ``hidden``.
 
-    Forward in float32 from the float32 copy of the weight (exact: a bf16 number is a float32
-    one), so the log-softmax sees unrounded logits. Backward ``d hidden = d logits @ W`` runs in
-    the weight's own 16-bit dtype, the precision of every other matmul in the bf16 backbone's
-    backward (and the one ``torch.autocast`` gives this one): on this project's CPU a (512, 49152)
-    x (49152, 576) product took 372 ms in float32 and 206 ms cast to bf16 and multiplied there
-    (``docs/benchmarks.md``). Only the 16-bit weight is kept for backward, no float32 copy.
+    Forward in float32 (``float32_linear``: exact for a bf16 weight, since a bf16 number is a
+    float32 one), so the log-softmax sees unrounded logits. Backward ``d hidden = d logits @ W``
+    runs in the weight's own dtype: under a 16-bit base the precision of every other matmul in
+    the backbone's backward (and the one ``torch.autocast`` gives this one); on this project's
+    CPU a (512, 49152) x (49152, 576) product took 372 ms in float32 and 206 ms cast to bf16 and
+    multiplied there (``docs/benchmarks.md``). Only the weight itself is kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight32, bias32, weight):
+    def forward(ctx, hidden, linear32, weight):
         ctx.save_for_backward(weight)
         ctx.hidden_dtype = hidden.dtype
-        return torch.nn.functional.linear(hidden.float(), weight32, bias32)
+        return linear32(hidden.float())
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return (grad.to(weight.dtype) @ weight).to(ctx.hidden_dtype), None, None, None
+        return (grad.to(weight.dtype) @ weight).to(ctx.hidden_dtype), None, None
+
+
+def float32_linear(head) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x W^T + b`` in float32 for a frozen CPU head (``x`` float32), prepared once per weight.
+
+    The float32 copy of the weight is kept on the module until the weight changes (its
+    identity, storage and version): in oneDNN's packed layout where torch has it
+    (``torch.ops.mkldnn``, what torch.compile's CPU backend runs linears with), else plain.
+    On this project's CPU (1 thread) a (512, 576) x (576, 49152) product took 358 ms packed vs
+    525 ms through ``F.linear``, a 32-row one (a decode step) 24 vs 49-58 ms, with the same
+    numbers to float rounding (docs/benchmarks.md). SmolLM2's copy is 113 MB.
+    """
+    weight, bias = head.weight, getattr(head, "bias", None)
+    key = (id(weight), weight.data_ptr(), weight._version,
+           None if bias is None else (id(bias), bias.data_ptr(), bias._version))
+    cached = head.__dict__.get("_grpo_float32_linear")
+    if cached is None or cached[0] != key:
+        cached = (key, _prepared_linear(weight.detach().float(), None if bias is None else bias.detach().float()))
+        head.__dict__["_grpo_float32_linear"] = cached  # a plain attribute: not a parameter, buffer or state
+    return cached[1]
+
+
+def _prepared_linear(w32: torch.Tensor, b32: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    plain = partial(torch.nn.functional.linear, weight=w32, bias=b32)
+    if w32.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return plain
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w32, 512)
+
+        def onednn(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b32, "none", [], "")
+
+        probe = torch.linspace(-1, 1, 2 * w32.shape[1]).view(2, -1)
+        if not torch.allclose(onednn(probe), plain(probe), rtol=1e-4, atol=1e-4):
+            return plain
+        return onednn
+    except (AttributeError, RuntimeError, NotImplementedError):  # a torch without these ops
+        return plain
 
 
 class SampledLogProb(torch.autograd.Function):
@@ -395,9 +436,9 @@ def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     are recomputed in backward instead of kept (memory is the limit there), and a 16-bit
     head weight is cast to float32 per chunk. On CPU, where memory is plentiful and
     arithmetic is the limit, the logits of a chunk are kept and the recomputation (about
-    a fifth of a small model's update) is skipped, and the weight is cast once for all
-    chunks (a cast per chunk cost about 100 ms of SmolLM2's 49k x 576 head); backward
-    keeps only the 16-bit weight (``Float32Head``).
+    a fifth of a small model's update) is skipped, and the float32 head is prepared once
+    per weight (``float32_linear``: a cast per chunk cost about 100 ms of SmolLM2's 49k x
+    576 head); backward keeps only the weight itself (``Float32Head``).
     """
     b, t = targets.shape
     flat_h = hidden.reshape(b * t, -1)
@@ -406,7 +447,7 @@ def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     out_flat = hidden.new_zeros(b * t, dtype=torch.float32)
     ent_flat = hidden.new_zeros(b * t, dtype=torch.float32)
     weight, bias = head.weight, getattr(head, "bias", None)
-    weight32 = None if hidden.is_cuda or not keep.numel() else weight.float()  # a no-op for a float32 head
+    linear32 = None if hidden.is_cuda or not keep.numel() else float32_linear(head)
     pieces, entropies = [], []
     for start in range(0, keep.numel(), chunk_tokens):
         idx = keep[start:start + chunk_tokens]
@@ -415,7 +456,7 @@ def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
             logp, ent = checkpoint(_chunk_logprobs, h, y, weight, bias, temperature, with_entropy,
                                    use_reentrant=False)
         else:
-            logp, ent = _chunk_logprobs(h, y, weight, bias, temperature, with_entropy, weight32)
+            logp, ent = _chunk_logprobs(h, y, weight, bias, temperature, with_entropy, linear32)
         pieces.append(logp)
         entropies.append(ent)
     if pieces:

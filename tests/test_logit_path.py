@@ -3,6 +3,8 @@ bf16 log-softmax, and the held-out evaluation's sampling settings."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GraniteConfig, GraniteForCausalLM
@@ -250,7 +252,7 @@ def test_float32_head_forward_is_float32_linear_and_backward_is_bf16_matmul():
 
     w, h, _ = _bf16_head_inputs()
     hx = h.detach().requires_grad_(True)
-    logits = Float32Head.apply(hx, w.float(), None, w)
+    logits = Float32Head.apply(hx, partial(torch.nn.functional.linear, weight=w.float()), w)
     assert logits.dtype == torch.float32
     assert torch.equal(logits, torch.nn.functional.linear(h.float(), w.float()))
     up = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
@@ -285,3 +287,30 @@ def test_chunked_head_gradients_under_a_bf16_head(tiny_model_dir):
     head.weight.requires_grad_(True)  # a trained head: its own float32 autograd path, weight gradient included
     head_logprobs(h.view(2, 12, 16), y.view(2, 12), mask, head, 1.0, chunk_tokens=5).logprobs.sum().backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_float32_linear_is_float32_linear_prepared_once_and_refreshed_when_the_weight_changes():
+    """grpo.logprobs.float32_linear: F.linear of the float32 copy (oneDNN's packed layout on CPU)
+    to float rounding, with and without bias, at decode and chunk row counts; the same prepared
+    map while the weight is unchanged, a new one after an in-place update or a replaced weight."""
+    from grpo.logprobs import float32_linear
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 97, bias=True).bfloat16().requires_grad_(False)
+    fn = float32_linear(head)
+    for rows in (1, 7, 64):
+        x = torch.randn(rows, 24).bfloat16().float()
+        ref = torch.nn.functional.linear(x, head.weight.float(), head.bias.float())
+        torch.testing.assert_close(fn(x), ref, rtol=1e-5, atol=1e-5)
+    assert float32_linear(head) is fn
+    if torch.backends.mkldnn.is_available():  # the packed path passed its own probe (not the fallback)
+        assert not isinstance(fn, partial)
+    with torch.no_grad():
+        head.weight.mul_(2)  # an in-place update bumps the version
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(float32_linear(head)(x), torch.nn.functional.linear(x, head.weight.float(),
+                                                                                   head.bias.float()), rtol=1e-5, atol=1e-5)
+    head.weight = torch.nn.Parameter(torch.randn(97, 24).bfloat16(), requires_grad=False)
+    torch.testing.assert_close(float32_linear(head)(x), torch.nn.functional.linear(x, head.weight.float(),
+                                                                                   head.bias.float()), rtol=1e-5, atol=1e-5)
+    assert "_grpo_float32_linear" not in head.state_dict()

@@ -25,13 +25,14 @@ as the trainer then does.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 
 from grpo.engines.base import Completion, SamplingParams
 from grpo.fused_lora import cached_lora_casts
-from grpo.logprobs import fast_head_agrees, split_head
+from grpo.logprobs import fast_head_agrees, float32_linear, split_head
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -202,11 +203,15 @@ class HFEngine:
                 return out.past_key_values, out.logits[:, -1, :]
             return forward
         backbone, head = self._head
-        weight, bias = head.weight.float(), None if head.bias is None else head.bias.float()
+        if head.weight.device.type == "cpu":  # prepared once per weight, kept (grpo.logprobs.float32_linear)
+            linear = float32_linear(head)
+        else:  # cast once per call: no float32 copy outlives the generation on a GPU
+            linear = partial(torch.nn.functional.linear, weight=head.weight.float(),
+                             bias=None if head.bias is None else head.bias.float())
 
         def forward(**inputs):
             out = backbone(**inputs, use_cache=True)
-            return out.past_key_values, torch.nn.functional.linear(out.last_hidden_state[:, -1, :].float(), weight, bias)
+            return out.past_key_values, linear(out.last_hidden_state[:, -1, :].float())
         return forward
 
     def sync_weights(self) -> None:
