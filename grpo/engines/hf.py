@@ -18,10 +18,11 @@ prefill, not G.
 Under a 16-bit model the engine samples from the logits the trainer scores: the backbone's
 hidden state through the LM head in float32 (``grpo.logprobs``'s head), not the model's own
 16-bit logits, whose rounding made every rollout slightly more off-policy (the main job's
-engine-vs-trainer log-prob difference fell from 0.034 to 0.025 nats per token; the rest is the
-bf16 backbone rounding differently along the incremental decode and the full forward). A head that is more than a linear map (scaled or capped logits,
-a LoRA on the head: ``grpo.logprobs.fast_head_agrees`` says no) keeps the model's own logits,
-as the trainer then does.
+engine-vs-trainer log-prob difference fell from 0.034 to 0.025 nats per token; the rest is
+the bf16 backbone rounding differently along the incremental decode and the full forward).
+A head that is more than a linear map (scaled or capped logits, a LoRA on the head:
+``grpo.logprobs.fast_head_agrees`` says no) keeps the model's own logits, as the trainer
+then does.
 """
 
 from __future__ import annotations
@@ -184,15 +185,16 @@ class HFEngine:
                         streams = PromptStreams(prompt_seeds[start:start + per_chunk], self.device)
                     out.extend(self._generate(list(prompts[start:start + per_chunk]), params, generator, streams))
         finally:
-            self._logits = None  # drops the float32 head copy
+            self._logits = None  # on a GPU this drops the call's float32 head copy
             self.model.train(was_training)
         return out
 
     @torch.no_grad()
     def _logit_function(self, prompt: list[int]):
         """``forward(**model inputs) -> (KV cache, last position's float32 logits)`` for this
-        generate call: the backbone and a float32 copy of the LM head (cast once per call) where
-        the head is a plain 16-bit linear map, else the model's own forward."""
+        generate call: the backbone and a float32 copy of the LM head where the head is a plain
+        16-bit linear map (on CPU prepared once per weight and kept, ``float32_linear``; on a
+        GPU cast once per call), else the model's own forward."""
         if not self._head_checked:  # once: the model's architecture does not change
             self._head_checked = True
             parts = split_head(self.model) if self.float32_head else None
