@@ -63,10 +63,16 @@ def fused_lora_forward(self, x, *args, **kwargs):
 _CAST_CACHE = "_grpo_lora_cast_cache"  # instance attribute of a fused layer, set only by cached_lora_casts
 
 
+def weights_stamp(*tensors) -> tuple:
+    """What a cache of values derived from ``tensors`` must compare: each tensor's identity,
+    storage and version, which change when it is replaced or written in place (None stays None)."""
+    return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
+
+
 def _cached_casts(cache: dict, name: str, weight_a, weight_b, scaling: float, a_dtype, b_dtype):
     """(A in ``a_dtype``, s B in ``b_dtype``) from ``cache``, computed again whenever either
-    weight was written in place (``_version``) or replaced (``data_ptr``) since it was stored."""
-    stamp = (weight_a._version, weight_a.data_ptr(), weight_b._version, weight_b.data_ptr(), scaling)
+    weight was written in place or replaced since it was stored (``weights_stamp``)."""
+    stamp = (weights_stamp(weight_a, weight_b), scaling)
     key = (name, a_dtype, b_dtype)
     hit = cache.get(key)
     if hit is None or hit[0] != stamp:

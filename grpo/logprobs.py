@@ -31,6 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from grpo.errors import UserError
+from grpo.fused_lora import weights_stamp
 
 
 @dataclass
@@ -149,8 +150,7 @@ def float32_linear(head) -> Callable[[torch.Tensor], torch.Tensor]:
     numbers to float rounding (docs/benchmarks.md). SmolLM2's copy is 113 MB.
     """
     weight, bias = head.weight, getattr(head, "bias", None)
-    key = (id(weight), weight.data_ptr(), weight._version,
-           None if bias is None else (id(bias), bias.data_ptr(), bias._version))
+    key = weights_stamp(weight, bias)
     cached = head.__dict__.get("_grpo_float32_linear")
     if cached is None or cached[0] != key:
         cached = (key, _prepared_linear(weight.detach().float(), None if bias is None else bias.detach().float()))
