@@ -254,26 +254,16 @@ def load_engine_file(path: str):
 
 
 def run_ab(args, model, tok, dtype: str) -> None:
-    from grpo.engines.base import SamplingParams, stream_seed
+    from generation_ab import alternate_generations, sum_prompts  # a sibling script
+
+    from grpo.engines.base import SamplingParams
     from grpo.engines.hf import HFEngine
 
     old_engine = load_engine_file(args.ab)
-    prompts = []
-    for a, b in [(3, 4), (7, 8), (2, 9), (6, 5), (1, 8), (9, 9), (4, 4), (5, 7)][:args.prompts]:
-        p = tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}? Explain step by step."}],
-                                    add_generation_prompt=True)
-        prompts.append(list(p["input_ids"] if hasattr(p, "keys") else p))
+    prompts = sum_prompts(tok, [(3, 4), (7, 8), (2, 9), (6, 5), (1, 8), (9, 9), (4, 4), (5, 7)][:args.prompts])
     params = SamplingParams(n=args.group, max_new_tokens=args.tokens, ignore_eos=True)
-    seeds = [stream_seed(0, 0, i) for i in range(len(prompts))]
-    times: dict[str, list[float]] = {"old": [], "new": []}
-    outputs = {}
-    for rep in range(args.reps + 1):  # the first round is a warm-up
-        for name, cls in (("old", old_engine), ("new", HFEngine)) if rep % 2 == 0 else (("new", HFEngine), ("old", old_engine)):
-            t0 = time.perf_counter()
-            out = cls(model, tok, seed=0).generate(prompts, params, prompt_seeds=seeds)
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-            outputs[name] = [(c.token_ids, c.logprobs) for g in out for c in g]
+    sides = {"old": (old_engine, model), "new": (HFEngine, model)}
+    times, outputs = alternate_generations(sides, tok, prompts, params, args.reps)
     old, new = statistics.median(times["old"]), statistics.median(times["new"])
     rows = len(prompts) * args.group
     print(f"{dtype}, {rows} rows x {args.tokens} tokens, {args.reps} reps, old/new alternating: "

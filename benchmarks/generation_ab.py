@@ -117,6 +117,36 @@ def sampling_ab(args, old_hf) -> None:
           f"same tokens: {same}; max |log-prob old - new| {diff:.2e}")
 
 
+def sum_prompts(tok, pairs) -> list[list[int]]:
+    """Chat-formatted "What is a + b? Explain step by step." prompts, as token ids."""
+    prompts = []
+    for a, b in pairs:
+        p = tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}? Explain step by step."}],
+                                    add_generation_prompt=True)
+        prompts.append(list(p["input_ids"] if hasattr(p, "keys") else p))
+    return prompts
+
+
+def alternate_generations(sides: dict, tok, prompts, params, reps: int):
+    """``generate()`` with each side's (engine class, model), old and new alternating (the order
+    flips every round; the first round is a warm-up), per-prompt streams as in training.
+    Returns (seconds per side, the last round's (token ids, log-probs) per completion per side)."""
+    from grpo.engines.base import stream_seed
+
+    seeds = [stream_seed(0, 0, i) for i in range(len(prompts))]
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    outputs = {}
+    for rep in range(reps + 1):
+        for name in ("old", "new") if rep % 2 == 0 else ("new", "old"):
+            cls, model = sides[name]
+            t0 = time.perf_counter()
+            out = cls(model, tok, seed=0).generate(prompts, params, prompt_seeds=seeds)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+            outputs[name] = [(c.token_ids, c.logprobs) for g in out for c in g]
+    return times, outputs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, help="git revision of the old engine / fused LoRA / attention")
@@ -136,7 +166,7 @@ def main() -> None:
     import torch
 
     from grpo.allocator import keep_freed_memory
-    from grpo.engines.base import SamplingParams, stream_seed
+    from grpo.engines.base import SamplingParams
     from grpo.engines.hf import HFEngine
 
     torch.set_num_threads(args.threads)
@@ -149,24 +179,10 @@ def main() -> None:
         sampling_ab(args, old_hf)
         return
     old_model, new_model, tok, attention = build_pair(args, old_fused, old_attention)
-    prompts = []
-    for a, b in PROMPT_SETS[args.prompt_set][:args.prompts]:
-        p = tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}? Explain step by step."}],
-                                    add_generation_prompt=True)
-        prompts.append(list(p["input_ids"] if hasattr(p, "keys") else p))
+    prompts = sum_prompts(tok, PROMPT_SETS[args.prompt_set][:args.prompts])
     params = SamplingParams(n=args.group, max_new_tokens=args.tokens, temperature=args.temperature, ignore_eos=True)
-    seeds = [stream_seed(0, 0, i) for i in range(len(prompts))]
     sides = {"old": (old_hf.HFEngine, old_model), "new": (HFEngine, new_model)}
-    times: dict[str, list[float]] = {"old": [], "new": []}
-    outputs = {}
-    for rep in range(args.reps + 1):  # the first round is a warm-up
-        for name in ("old", "new") if rep % 2 == 0 else ("new", "old"):
-            cls, model = sides[name]
-            t0 = time.perf_counter()
-            out = cls(model, tok, seed=0).generate(prompts, params, prompt_seeds=seeds)
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-            outputs[name] = [(c.token_ids, c.logprobs) for g in out for c in g]
+    times, outputs = alternate_generations(sides, tok, prompts, params, args.reps)
     old, new = statistics.median(times["old"]), statistics.median(times["new"])
     same_tokens = [t for t, _ in outputs["old"]] == [t for t, _ in outputs["new"]]
     diff = max(abs(a - b) for (_, la), (_, lb) in zip(outputs["old"], outputs["new"]) for a, b in zip(la, lb))
