@@ -176,15 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
     except UserError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    dist = sys.modules.get("grpo.dist")  # loaded (with torch) only by commands that can join a group
+    return dist.finish(code) if dist else code  # a torchrun rank exits in finish; one process returns
 
 
 if __name__ == "__main__":

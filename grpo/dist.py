@@ -12,6 +12,7 @@ collective: all ranks must call it, in the same order.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -85,16 +86,21 @@ def init(timeout_s: float, device: str = "cpu") -> DistInfo:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     tdist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timedelta(seconds=timeout_s))
+    global _joined
+    _joined = True
     return info()
+
+
+_joined = False  # this process created a process group (``init``): it ends through ``finish``
 
 
 def teardown() -> None:
     """Leave the process group at the end of a successful run, all ranks together.
 
     The barrier keeps a rank that finished first (rank 1 while rank 0 still writes the adapter)
-    from tearing down its transport while a peer is still connected: a 2-rank gloo test once
-    aborted a rank at exit ("terminate called without an active exception") after a correct
-    run. On the failure path ``fail`` has already left the group, so this is a no-op there.
+    from tearing down its transport while a peer is still connected. The process then ends
+    through ``finish``. On the failure path ``fail`` has already left the group, so this is a
+    no-op there.
     """
     if tdist.is_available() and tdist.is_initialized():
         try:
@@ -118,6 +124,29 @@ def fail(exc: BaseException) -> None:
         tdist.destroy_process_group()
     except Exception:  # the group may already be broken; exiting is what matters
         pass
+
+
+def finish(code: int) -> int:
+    """Return ``code``; a process that joined a group (``init``) exits with it here instead.
+
+    A rank leaves without Python's interpreter finalization (streams and logging flushed,
+    then ``os._exit``). ``destroy_process_group`` cannot stop gloo's worker threads while
+    DistributedDataParallel holds the group (torch 2.13: a DDP wrapper, even deleted, keeps
+    it alive, and gloo's ``shutdown`` is a no-op), and a worker thread that releases a
+    finished collective's tensors during finalization takes the GIL there and is ended
+    mid-C++ frame: "terminate called without an active exception", SIGABRT, a successful
+    run reported failed by torchrun (seen about once in a few hundred 2-rank test launches).
+    Everything a run writes is closed before this point (``Trainer.cleanup``).
+    """
+    if not _joined:
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be written
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def check_divisible(count: int, key: str, me: DistInfo) -> None:

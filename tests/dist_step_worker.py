@@ -77,3 +77,4 @@ def one_step(model_dir: str, plugin: str, out: str, strategy: str, extra: list[s
 
 if __name__ == "__main__":
     one_step(*sys.argv[1:5], extra=sys.argv[5:])
+    dist.finish(0)  # as grpo.cli.main ends a rank

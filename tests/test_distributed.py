@@ -83,6 +83,22 @@ def test_collectives_are_identities_in_one_process():
     assert dist.all_gather_concat([1, 2]) == [1, 2]
 
 
+def test_a_rank_ends_through_finish_with_its_output_flushed():
+    """One process returns the exit code; a process that joined a group exits in ``finish``
+    with its buffered output written and without interpreter finalization (no atexit)."""
+    assert dist.finish(3) == 3
+    script = ("import atexit, sys\n"
+              "from grpo import dist\n"
+              "atexit.register(lambda: print('finalized', file=sys.stderr))\n"
+              "dist._joined = True\n"
+              "sys.stdout.write('written before exit')\n"
+              "dist.finish(5)\n"
+              "print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (5, "written before exit", "")
+
+
 def test_distributed_config_is_validated():
     with pytest.raises(UserError, match="distributed.strategy"):
         load_config(None, ["distributed.strategy=zero3"])
