@@ -13,7 +13,7 @@ PY=${PYTHON:-python}
 OUT=${OUT:-$(mktemp -d)}
 if [[ "${1:-}" == "--smoke" ]]; then
     shift
-    SHAPE=tiny DEVICE=cpu ARGS=(--prompts 2 --group 2 --tokens 4 --steps 1 --warmup 0 --threads 1 --rate-seconds 0.05)
+    SHAPE=tiny DEVICE=cpu ARGS=(--prompts 2 --group 2 --tokens 4 --steps 1 --warmup 0 --threads 1 --rate-seconds 0.05 --rate-shapes 1)
 else
     SHAPE=qwen2.5-0.5b DEVICE=cuda ARGS=(--prompts 16 --group 8 --tokens 256 --steps 2 --warmup 1)
 fi
