@@ -85,6 +85,11 @@ def init(timeout_s: float, device: str = "cpu") -> DistInfo:
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # torch 2.13: importing torch._dynamo once a group exists keeps that group alive after
+    # destroy_process_group, its gloo threads running into interpreter exit (DDP's constructor
+    # imports it). Imported before the group, teardown frees the group and joins its threads.
+    import torch._dynamo  # noqa: F401
+
     tdist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timedelta(seconds=timeout_s))
     global _joined
     _joined = True
@@ -130,12 +135,12 @@ def finish(code: int) -> int:
     """Return ``code``; a process that joined a group (``init``) exits with it here instead.
 
     A rank leaves without Python's interpreter finalization (streams and logging flushed,
-    then ``os._exit``). ``destroy_process_group`` cannot stop gloo's worker threads while
-    DistributedDataParallel holds the group (torch 2.13: a DDP wrapper, even deleted, keeps
-    it alive, and gloo's ``shutdown`` is a no-op), and a worker thread that releases a
-    finished collective's tensors during finalization takes the GIL there and is ended
-    mid-C++ frame: "terminate called without an active exception", SIGABRT, a successful
-    run reported failed by torchrun (seen about once in a few hundred 2-rank test launches).
+    then ``os._exit``). Gloo's ``shutdown`` is a no-op: its worker threads stop only when the
+    last reference to the group goes, and anything in torch that keeps one (torch 2.13:
+    importing torch._dynamo after the group was created, which ``init`` prevents; FSDP2's
+    ``fully_shard``, even after its module is freed) leaves them running into finalization, where a thread that releases a finished collective's
+    tensors takes the GIL and is ended mid-C++ frame: "terminate called without an active
+    exception", SIGABRT, a successful run reported failed by torchrun (CI saw it once).
     Everything a run writes is closed before this point (``Trainer.cleanup``).
     """
     if not _joined:

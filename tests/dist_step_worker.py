@@ -11,6 +11,7 @@ the one-process reference: same rollouts, same maths, one rank.
 
 from __future__ import annotations
 
+import gc
 import random
 import sys
 from pathlib import Path
@@ -75,6 +76,19 @@ def one_step(model_dir: str, plugin: str, out: str, strategy: str, extra: list[s
         dist.teardown()
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux; empty elsewhere)."""
+    tasks = Path("/proc/self/task")
+    names = [(t / "comm").read_text().strip() for t in tasks.iterdir()] if tasks.is_dir() else []
+    return [n for n in names if "gloo" in n]
+
+
 if __name__ == "__main__":
     one_step(*sys.argv[1:5], extra=sys.argv[5:])
+    gc.collect()  # the trainer (and its DDP wrapper) is gone: so must the group and its threads be
+    # (not under FSDP2: torch 2.13's fully_shard keeps the group after its module is freed;
+    # dist.finish is what keeps those threads out of interpreter finalization)
+    if sys.argv[4] == "ddp" and gloo_threads():
+        print(f"gloo threads still running after teardown: {gloo_threads()}", file=sys.stderr)
+        dist.finish(3)
     dist.finish(0)  # as grpo.cli.main ends a rank
