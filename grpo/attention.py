@@ -1,5 +1,8 @@
 """``model.attention_dtype``: attention computed in float32 under a bf16/fp16 base.
 
+(Under a float32 base on CPU the same function is installed for its grouped-query path:
+``wants_float32``.)
+
 torch's CPU SDPA kernel is slow in bf16 on CPUs without AMX (docs/benchmarks.md, "Generation:
 where one decode step goes": 70.7 ms of a 190 ms decode step in bf16, 15.7 ms in float32), and
 float32 softmax is also the more exact one. ``sdpa_float32_forward`` upcasts q, k, v (and a
@@ -82,15 +85,20 @@ def wants_float32(setting: str, device: str, weight_dtype) -> bool:
     """Whether ``model.attention_dtype: setting`` computes attention in float32.
 
     ``auto``: on CPU when the base weights are bf16/fp16 (torch's CPU SDPA is slow there); on
-    CUDA never (bf16 flash/SDPA kernels are fast there). ``model``: never. ``float32``: when the
-    weights are not float32 already (otherwise it would change nothing)."""
+    CUDA never (bf16 flash/SDPA kernels are fast there). ``model``: never. ``float32``: always
+    under 16-bit weights. Float32 weights on CPU (``auto`` or ``float32``): attention is float32
+    already, and the function is installed for its grouped-query path alone: transformers'
+    own copies the keys and values per head whenever a mask is passed, and one float32 decode
+    step of SmolLM2 (32 rows) took 339 ms with those copies against 313 without
+    (``benchmarks/decode_profile.py --dtype float32``, AVX2-only EPYC). Outputs bit-identical."""
     import torch
 
     if setting not in ATTENTION_DTYPES:
         raise UserError(f"model.attention_dtype: {setting!r} is not one of {', '.join(ATTENTION_DTYPES)}")
-    if setting == "model" or weight_dtype == torch.float32:
+    cuda = str(device).startswith("cuda")
+    if setting == "model" or (weight_dtype == torch.float32 and cuda):
         return False
-    return setting == "float32" or not str(device).startswith("cuda")
+    return weight_dtype == torch.float32 or setting == "float32" or not cuda
 
 
 def apply_attention_dtype(model, setting: str, device: str) -> str:

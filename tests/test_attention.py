@@ -52,8 +52,10 @@ def test_the_choice():
     assert wants_float32("auto", "cuda:1", bf16) is False
     assert wants_float32("float32", "cuda", bf16) is True
     assert wants_float32("model", "cpu", bf16) is False
-    for setting in ("auto", "float32", "model"):
-        assert wants_float32(setting, "cpu", fp32) is False  # already float32: nothing to change
+    # float32 weights: on CPU installed for its grouped-query path (no repeat_kv copies); on CUDA left alone
+    assert wants_float32("auto", "cpu", fp32) is True and wants_float32("float32", "cpu", fp32) is True
+    assert wants_float32("model", "cpu", fp32) is False
+    assert wants_float32("auto", "cuda", fp32) is False and wants_float32("float32", "cuda", fp32) is False
     with pytest.raises(UserError, match="attention_dtype"):
         wants_float32("fp32", "cpu", bf16)
 
@@ -136,25 +138,30 @@ def reference_attention():
     return "sdpa_float32_reference"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("path", ["grouped", "packed", "flat"])
-def test_grouped_query_sdpa_equals_repeated_keys(tiny_model_dir, reference_attention, path):
+def test_grouped_query_sdpa_equals_repeated_keys(tiny_model_dir, reference_attention, path, dtype):
     """The tiny model has 4 query heads over 2 key/value heads: log-probs bit-identical to
     transformers' repeat_kv path on every update path (causal prefill, shared-prompt cache,
-    packed 4-D float bias), gradients equal to float rounding."""
-    model = _policy(tiny_model_dir, torch.bfloat16, "float32")
+    packed 4-D float bias), gradients equal to float rounding. Under float32 weights the
+    reference is transformers' stock SDPA, what ``model.attention_dtype: model`` runs."""
+    model = _policy(tiny_model_dir, dtype, "auto")
+    assert model.config._attn_implementation == FLOAT32_ATTENTION
     assert model.base_model.model.model.layers[0].self_attn.num_key_value_groups == 2
     lp, g = _run(model, path)
-    model.config._attn_implementation = reference_attention
+    model.config._attn_implementation = reference_attention if dtype == torch.bfloat16 else "sdpa"
     lp_ref, g_ref = _run(model, path)
     assert torch.equal(lp, lp_ref)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-3, atol=1e-6)
 
 
-def test_engine_with_grouped_query_sdpa_samples_as_with_repeated_keys(tiny_model_dir, reference_attention):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_engine_with_grouped_query_sdpa_samples_as_with_repeated_keys(tiny_model_dir, reference_attention, dtype):
     from grpo.engines.base import stream_seed
 
-    model = _policy(tiny_model_dir, torch.bfloat16, "float32")
+    model = _policy(tiny_model_dir, dtype, "auto")
+    assert model.config._attn_implementation == FLOAT32_ATTENTION
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     params = SamplingParams(n=4, max_new_tokens=10)
     seeds = [stream_seed(3, 0, i) for i in range(len(PROMPTS))]
@@ -163,6 +170,6 @@ def test_engine_with_grouped_query_sdpa_samples_as_with_repeated_keys(tiny_model
         out = HFEngine(model, tok).generate(PROMPTS, params, prompt_seeds=seeds)
         return [(c.token_ids, c.logprobs) for g in out for c in g]
     new = sample()
-    model.config._attn_implementation = reference_attention
+    model.config._attn_implementation = reference_attention if dtype == torch.bfloat16 else "sdpa"
     assert sample() == new  # same tokens, bit-identical log-probs (rows stop at different steps)
     assert len({len(t) for t, _ in new}) > 1
