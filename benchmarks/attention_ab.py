@@ -5,8 +5,8 @@
 Under a float32 base on CPU, ``model.attention_dtype: auto`` installs ``grpo.attention``'s
 function for its grouped-query path (``enable_gqa``): transformers' own SDPA function copies
 every key and value ``heads / kv_heads`` times per layer whenever a mask is passed (prompts of
-different lengths in a batch). This builds the policy as ``generation_ab.py`` does (float32,
-LoRA r16 on the 7 linears, non-zero B, fused LoRA), copies it, switches the copy to the stock
+different lengths in a batch). This builds the policy with ``generation_ab.build_policy`` (float32,
+LoRA r16 on the 7 linears, non-zero B, then fused LoRA), copies it, switches the copy to the stock
 ``sdpa``, then alternates (order flipping each round, first round a warm-up):
 
 - whole ``HFEngine.generate`` calls, ``--prompts`` x ``--group`` rows, ``--tokens`` tokens, EOS
@@ -36,28 +36,17 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
-    from generation_ab import LORA_TARGETS, PROMPT_SETS, alternate_generations, sum_prompts
+    from generation_ab import PROMPT_SETS, alternate_generations, build_policy, sum_prompts
 
     from grpo.allocator import keep_freed_memory
-    from grpo.attention import apply_attention_dtype
     from grpo.engines.base import SamplingParams
     from grpo.engines.hf import HFEngine
     from grpo.fused_lora import use_fused_lora
     from grpo.logprobs import grouped_logprobs, pack_grouped, set_update_mode
-    from grpo.models import add_lora, load_causal_lm, load_tokenizer, resolve_model_path
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()
-    path = resolve_model_path(args.model)
-    tok = load_tokenizer(path)
-    base = load_causal_lm(path, "float32")
-    base.config.use_cache = False  # as grpo.build leaves it; the engine passes use_cache=True
-    attention = apply_attention_dtype(base, "auto", "cpu")
-    new = add_lora(base, 16, 32, 0.0, LORA_TARGETS)
-    torch.manual_seed(0)
-    for name, p in new.named_parameters():
-        if "lora_B" in name:  # a trained adapter is non-zero
-            torch.nn.init.normal_(p, std=0.01)
+    tok, new, attention = build_policy(args.model, "float32", 16)
     stock = copy.deepcopy(new)
     use_fused_lora(new, "fused")
     use_fused_lora(stock, "fused")

@@ -56,25 +56,35 @@ def load_old(rev: str, path: str, name: str, folder: str):
     return module
 
 
-def build_pair(args, old_fused, old_attention):
+def build_policy(model: str, dtype: str, rank: int):
+    """(tokenizer, policy, attention implementation): the model loaded in ``dtype`` as the
+    trainer builds it (attention by ``model.attention_dtype: auto``), LoRA r``rank`` on the 7
+    linears of each block with non-zero B (a trained adapter), fused LoRA not yet applied."""
     import torch
+
+    from grpo.attention import apply_attention_dtype
+    from grpo.models import add_lora, load_causal_lm, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(model)
+    tok = load_tokenizer(path)
+    base = load_causal_lm(path, dtype)
+    base.config.use_cache = False  # as grpo.build.build_policy leaves it; the engine passes use_cache=True
+    attention = apply_attention_dtype(base, "auto", "cpu")
+    policy = add_lora(base, rank, 2 * rank, 0.0, LORA_TARGETS)
+    torch.manual_seed(0)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    return tok, policy, attention
+
+
+def build_pair(args, old_fused, old_attention):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from grpo.attention import apply_attention_dtype
     from grpo.fused_lora import use_fused_lora
-    from grpo.models import add_lora, load_causal_lm, load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(args.model)
-    tok = load_tokenizer(path)
-    base = load_causal_lm(path, args.dtype)
-    base.config.use_cache = False  # as grpo.build.build_policy leaves it; the engine passes use_cache=True
-    attention = apply_attention_dtype(base, "auto", "cpu")
-    new = add_lora(base, args.rank, 2 * args.rank, 0.0, LORA_TARGETS)
-    torch.manual_seed(0)
-    for name, p in new.named_parameters():
-        if "lora_B" in name:  # a trained adapter is non-zero
-            torch.nn.init.normal_(p, std=0.01)
+    tok, new, attention = build_policy(args.model, args.dtype, args.rank)
     old = copy.deepcopy(new)
     use_fused_lora(new, "fused")
     old_fused.use_fused_lora(old, "fused")
