@@ -80,6 +80,8 @@ class ModelConfig:
         "auto", "precision of attention (q, k, v, softmax) under a bf16/fp16 base, the same in rollout, reference "
                 "and update: float32 (upcast for SDPA, output cast back), model (the weights' dtype), auto (float32 on "
                 "CPU, where torch's bf16 SDPA is slow; model on CUDA, where bf16 flash/SDPA kernels are fast); "
+                "under float32 weights on CPU auto and float32 still install grpo's SDPA function, for its "
+                "grouped-query path (no per-head key/value copies); "
                 "flash/flex attention implementations are left as they are (grpo/attention.py)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N", pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)
     lora_kernel: Literal["fused", "peft"] = opt(
