@@ -66,17 +66,17 @@ def main() -> None:
         micro = [order[s:s + args.micro_batch] for s in range(0, len(order), args.micro_batch)]
         row = {}
         for layout in ("grouped", "packed"):
-            batches = []
+            packed = []
             for idx in micro:
                 groups = sorted({i // args.group for i in idx})
                 row_of = {g: r for r, g in enumerate(groups)}
                 fn = pack_tree if layout == "packed" else pack_grouped
-                batches.append(fn([prompts[g] for g in groups], [row_of[i // args.group] for i in idx],
+                packed.append(fn([prompts[g] for g in groups], [row_of[i // args.group] for i in idx],
                                   [completions[i] for i in idx], 0))
 
             def one_pass() -> float:
                 total = 0.0
-                for b in batches:
+                for b in packed:
                     lp = tree_logprobs(model, b) if layout == "packed" else grouped_logprobs(model, b)
                     loss = -lp.sum() / len(completions)
                     loss.backward()
@@ -92,7 +92,7 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             # positions the network computes, padding included
             run = [b.input_ids.numel() if layout == "packed" else b.prompt_ids.numel() + b.completion_ids.numel()
-                   for b in batches]
+                   for b in packed]
             row[layout] = {"median_s": statistics.median(times), "times_s": times, "loss": loss,
                            "tokens_run": sum(run)}
         row["speedup"] = row["grouped"]["median_s"] / row["packed"]["median_s"]
