@@ -158,3 +158,21 @@ def test_engine_with_cached_casts_samples_as_without(tiny_model_dir, monkeypatch
     monkeypatch.setattr(hf, "cached_lora_casts", lambda model: contextlib.nullcontext())
     ref_tokens, ref_logprobs = _generate(model, tok, params)
     assert tokens == ref_tokens and logprobs == ref_logprobs  # bit-identical: the same casts, made once
+
+
+def test_float32_cpu_engine_takes_its_logits_from_the_prepared_head(tiny_model_dir):
+    """A float32 head on CPU goes through ``float32_linear`` (oneDNN's packed weight, kept for the
+    trainer's log-prob head too) instead of the model's own ``F.linear``: same tokens, log-probs
+    equal to float rounding."""
+    model, tok = _policy(tiny_model_dir)
+    params = SamplingParams(n=4, max_new_tokens=12, temperature=1.0)
+    seeds = [stream_seed(7, 0, i) for i in range(len(PROMPTS))]
+    runs = {}
+    for prepared in (True, False):
+        engine = HFEngine(model, tok, seed=0, float32_head=prepared)
+        out = engine.generate(PROMPTS, params, prompt_seeds=seeds)
+        assert (engine._head is not None) == prepared
+        runs[prepared] = ([c.token_ids for g in out for c in g], [c.logprobs for g in out for c in g])
+    assert runs[True][0] == runs[False][0]
+    for lp, ref in zip(runs[True][1], runs[False][1]):
+        assert torch.allclose(torch.tensor(lp), torch.tensor(ref), atol=1e-5, rtol=0)

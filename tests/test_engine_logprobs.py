@@ -154,13 +154,19 @@ SHARED_PROMPTS = [SHARED + [10, 11, 12], SHARED + [20], SHARED + [30, 31, 32, 33
 
 
 def _record_inputs(model):
+    """Shapes of the engine's cached forwards (prefill and decode), through the backbone it calls
+    (a float32 CPU model: the backbone and the prepared head), not the fast-head check's."""
+    from grpo.logprobs import split_head
+
     seen = []
-    forward = model.forward
+    module = split_head(model)[0]
+    forward = module.forward
 
     def spy(*args, **kwargs):
-        seen.append(tuple(kwargs["input_ids"].shape))
+        if kwargs.get("use_cache"):
+            seen.append(tuple(kwargs["input_ids"].shape))
         return forward(*args, **kwargs)
-    model.forward = spy
+    module.forward = spy
     return seen
 
 

@@ -194,11 +194,14 @@ class HFEngine:
         """``forward(**model inputs) -> (KV cache, last position's float32 logits)`` for this
         generate call: the backbone and a float32 copy of the LM head where the head is a plain
         16-bit linear map (on CPU prepared once per weight and kept, ``float32_linear``; on a
-        GPU cast once per call), else the model's own forward."""
+        GPU cast once per call), the backbone and ``float32_linear`` for a float32 head on CPU
+        (oneDNN's packed weight instead of MKL's per-call packing), else the model's own forward."""
         if not self._head_checked:  # once: the model's architecture does not change
             self._head_checked = True
             parts = split_head(self.model) if self.float32_head else None
-            if parts is not None and parts[1].weight.dtype != torch.float32:
+            # a 16-bit head: float32 logits; a float32 head on CPU: the same logits through oneDNN's
+            # packed weight, which the trainer's log-prob head already keeps (``float32_linear``)
+            if parts is not None and (parts[1].weight.dtype != torch.float32 or parts[1].weight.device.type == "cpu"):
                 self._head = parts if fast_head_agrees(self.model, prompt[:16])[0] else None
         if self._head is None:
             def forward(**inputs):
