@@ -215,8 +215,13 @@ class OptimConfig:
               "this machine's ranks); null = fixed optim.micro_batch_size", gt=0)
     logprob_chunk_tokens: int = opt(512, "tokens per LM-head chunk when computing log-probs (memory bound)",
                                     gt=0)
-    packing: bool = opt(False, "padding-free update passes: each group's prompt and completions packed into one "
-                               "row with a block attention mask (faster when completion lengths vary; docs/algorithms.md)")
+    packing: bool | Literal["auto"] = opt(
+        "auto", "padding-free update passes: each group's prompt and completions packed into one row with a block "
+                "attention mask (same log-probs; faster when completion lengths vary): true, false, or auto: on CPU "
+                "when a group's completions fill at most 1024 positions (rollout.num_generations x "
+                "rollout.max_new_tokens), without tools and without sliding-window attention (SmolLM2, 1-2 threads: "
+                "update passes 1.58-1.70x faster with mixed lengths, 1.09x with equal ones); off on CUDA, where the "
+                "block mask rules out flash attention (docs/algorithms.md)")
     activation_checkpointing: bool | Literal["auto"] = opt(
         "auto", "recompute each decoder layer in backward instead of keeping its activations (less peak memory, "
                 "more update time; works with the shared-prompt cache and packing): true, false, or auto: "
@@ -501,7 +506,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config: {conflict}")
     vllm_options(cfg.rollout)
     validate_tools(cfg.tools)
-    if cfg.tools.enabled and cfg.optim.packing:
+    if cfg.tools.enabled and cfg.optim.packing is True:
         raise UserError("config: optim.packing does not support tool episodes (their observation tokens need the "
                         "loss mask of the unpacked path); set optim.packing=false with tools.enabled")
 

@@ -24,6 +24,26 @@ import torch
 from grpo.logprobs import SampledLogProb, TokenLogProbs, checkpointed_layers, head_logprobs, split_head
 
 PAD_SEGMENT = -1
+AUTO_MAX_POSITIONS = 1024  # optim.packing=auto: a group's completions (G x max_new_tokens) at most this long
+
+
+def use_packing(setting: bool | str, device: str, tools: bool, group: int, max_new_tokens: int, config) -> bool:
+    """Whether the update passes pack (``optim.packing``). ``auto``: on CPU, where packing measured
+    faster at every length mix tried (docs/algorithms.md), as long as a packed row stays short (its
+    (L, L) block mask and attention grow with the square of G x max_new_tokens), the run has no
+    tool episodes (their loss masks need the unpacked path) and the model has no sliding-window
+    attention (a block mask given to the model replaces its window); never on CUDA, where the
+    mask rules out flash attention."""
+    if setting != "auto":
+        return bool(setting)
+    return (not str(device).startswith("cuda") and not tools and group * max_new_tokens <= AUTO_MAX_POSITIONS
+            and not _sliding_window(config))
+
+
+def _sliding_window(config) -> bool:
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return True
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
 
 @dataclass

@@ -33,7 +33,7 @@ from grpo.evaluate import EVAL_SEED_OFFSET, evaluate, metrics_from_samples
 from grpo.logprobs import (fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode,
                            use_activation_checkpointing)
 from grpo.metrics import MetricsLogger
-from grpo.packing import pack_tree, tree_logprobs
+from grpo.packing import pack_tree, tree_logprobs, use_packing
 from grpo.parallel import (Policy, full_adapter_state, generation_mode, load_optimizer_state, optimizer_state,
                            reduce_update_stats, set_gradient_sync, wrap_policy)
 from grpo.trackers import check_available as check_trackers
@@ -130,6 +130,9 @@ class Trainer:
         self.engine = build_engine(self.model, self.tokenizer, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss,
                                    tools=cfg.tools)
         self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
+        r = cfg.rollout
+        self.packing = use_packing(cfg.optim.packing, str(self.device), cfg.tools.enabled, r.num_generations,
+                                   r.max_new_tokens, self.model.config)
         self.checkpoint_layers = use_activation_checkpointing(cfg.optim.activation_checkpointing, self.model)
         self.memory_plan = self._memory_plan()  # None: fixed optim.micro_batch_size
         self.checkpoint_rule = self._checkpoint_rule()  # None: every micro-batch as checkpoint_layers says
@@ -300,7 +303,7 @@ class Trainer:
         cfg = self.cfg
         plan = memory.make_plan(
             cfg.optim.memory_budget_gb, self.model.config, self.model.get_input_embeddings().weight.element_size(),
-            cfg.model.lora_rank, cfg.model.lora_target_modules, cfg.model.lora_dropout > 0, cfg.optim.packing,
+            cfg.model.lora_rank, cfg.model.lora_target_modules, cfg.model.lora_dropout > 0, self.packing,
             self.fast_head, self.checkpoint_layers, str(self.device), cfg.optim.logprob_chunk_tokens,
             lora_fused=cfg.model.lora_kernel == "fused")
         if plan is not None:
@@ -316,7 +319,7 @@ class Trainer:
             return None  # true / false as configured; with a budget, checkpointing sizes the micro-batches
         return memory.make_checkpoint_rule(
             self.model.config, self.model.get_input_embeddings().weight.element_size(), cfg.model.lora_rank,
-            cfg.model.lora_target_modules, cfg.model.lora_dropout > 0, cfg.optim.packing, self.fast_head,
+            cfg.model.lora_target_modules, cfg.model.lora_dropout > 0, self.packing, self.fast_head,
             str(self.device), cfg.optim.logprob_chunk_tokens, lora_fused=cfg.model.lora_kernel == "fused")
 
     def _micro_batches(self, rollout: Rollout) -> tuple[list[list[int]], list[bool], dict[str, float]]:
@@ -349,7 +352,7 @@ class Trainer:
         G = self.cfg.rollout.num_generations
         groups = sorted({i // G for i in idx})
         row_of = {g: r for r, g in enumerate(groups)}
-        if self.cfg.optim.packing:
+        if self.packing:
             return pack_tree([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
                              [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device)
         return pack_grouped([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
@@ -362,7 +365,7 @@ class Trainer:
         adapters_off = nullcontext() if adapters else self.model.disable_adapter()
 
         def compute(model):  # runs inside the policy's forward, where DDP / FSDP2 hook in
-            if self.cfg.optim.packing:
+            if self.packing:
                 return tree_logprobs(model, batch, T, chunk, self.fast_head, entropy, checkpointed)
             return grouped_logprobs(model, batch, T, chunk, pad, self.fast_head, entropy, checkpointed)
 

@@ -71,3 +71,38 @@ def test_training_step_with_packing_matches_without(tiny_model_dir, toy_plugin, 
     for key in ("loss", "kl", "ratio", "grad_norm", "entropy"):
         assert packed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
     assert packed["tokens/trained"] <= plain["tokens/trained"]
+
+
+def test_packing_auto_packs_short_cpu_groups_only():
+    from types import SimpleNamespace
+
+    from grpo.packing import AUTO_MAX_POSITIONS, use_packing
+
+    plain = SimpleNamespace()  # a config without sliding windows (SmolLM2, Llama)
+    assert use_packing("auto", "cpu", False, 8, 32, plain)
+    assert use_packing("auto", "cpu", False, 8, AUTO_MAX_POSITIONS // 8, plain)
+    assert not use_packing("auto", "cpu", False, 8, AUTO_MAX_POSITIONS // 8 + 1, plain)  # quadratic block mask
+    assert not use_packing("auto", "cuda:0", False, 8, 32, plain)  # the mask rules out flash attention
+    assert not use_packing("auto", "cpu", True, 8, 32, plain)  # tool episodes need the unpacked loss mask
+    assert not use_packing("auto", "cpu", False, 8, 32, SimpleNamespace(sliding_window=4096))  # Mistral
+    assert use_packing("auto", "cpu", False, 8, 32, SimpleNamespace(sliding_window=4096, use_sliding_window=False))
+    assert not use_packing("auto", "cpu", False, 8, 32,
+                           SimpleNamespace(layer_types=["full_attention", "sliding_attention"]))
+    assert use_packing(True, "cuda:0", False, 64, 4096, plain) and not use_packing(False, "cpu", False, 8, 32, plain)
+
+
+def test_packing_auto_with_tools_trains_on_the_unpacked_path(tiny_model_dir, toy_plugin, tmp_path):
+    from conftest import tiny_run_config
+
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+
+    cfg = load_config(None, tiny_run_config(tiny_model_dir, tmp_path / "run", toy_plugin,
+                                            **{"tools.enabled": "[calculator]"}))
+    assert cfg.optim.packing == "auto"
+    trainer = Trainer(cfg, progress=False)
+    trainer.setup()
+    try:
+        assert trainer.packing is False
+    finally:
+        trainer.cleanup()
