@@ -295,9 +295,10 @@ class Plan:
     settings: UpdateSettings
     budget: int
     setting: float | str  # optim.memory_budget_gb as configured, for messages
+    alternatives: tuple[UpdateSettings, ...] = ()  # other paths a micro-batch may take (optim.packing=auto)
 
     def cost(self, b: Batch) -> int:
-        return estimate(self.shape, self.settings, b).total
+        return max(estimate(self.shape, s, b).total for s in (self.settings, *self.alternatives))
 
     def split(self, seqs: Sequence[Seq]) -> tuple[list[list[int]], int]:
         """(micro-batches as positions into ``seqs``, the largest micro-batch's estimate in bytes);
@@ -331,43 +332,48 @@ class CheckpointRule:
     shape: ModelShape
     settings: UpdateSettings  # with checkpointing=False
     limit: int
+    alternatives: tuple[UpdateSettings, ...] = ()  # other paths a micro-batch may take (optim.packing=auto)
 
     def needed(self, seqs: Sequence[Seq]) -> bool:
-        return estimate(self.shape, self.settings, batch_of(seqs)).total > self.limit
+        batch = batch_of(seqs)
+        return max(estimate(self.shape, s, batch).total for s in (self.settings, *self.alternatives)) > self.limit
 
 
 def _update_model(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str], lora_dropout: bool,
-                  packing: bool, fast_head: bool, checkpointing: bool, device: str, chunk_tokens: int,
-                  lora_fused: bool) -> tuple[ModelShape, UpdateSettings]:
-    path = "packed" if packing else ("grouped" if fast_head else "flat")
+                  packing: bool | str, fast_head: bool, checkpointing: bool, device: str, chunk_tokens: int,
+                  lora_fused: bool) -> tuple[ModelShape, UpdateSettings, tuple[UpdateSettings, ...]]:
+    """The model's shape, the update's settings and, with ``packing="auto"`` (each micro-batch
+    packed or not by its lengths), the packed path's settings as the alternative."""
+    path = "packed" if packing is True else ("grouped" if fast_head else "flat")
     settings = UpdateSettings(path, not fast_head, checkpointing, device.startswith("cuda"), chunk_tokens)
-    return model_shape(config, base_bytes, lora_rank, lora_targets, lora_dropout, lora_fused), settings
+    alternatives = (replace(settings, path="packed"),) if packing == "auto" else ()
+    return model_shape(config, base_bytes, lora_rank, lora_targets, lora_dropout, lora_fused), settings, alternatives
 
 
 def make_plan(setting: float | str | None, config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str],
-              lora_dropout: bool, packing: bool, fast_head: bool, checkpointing: bool, device: str,
+              lora_dropout: bool, packing: bool | str, fast_head: bool, checkpointing: bool, device: str,
               chunk_tokens: int, local_ranks: int | None = None, lora_fused: bool = False) -> Plan | None:
     """The run's ``Plan`` (None without a budget: ``optim.micro_batch_size`` applies)."""
     if setting is None:
         return None
-    shape, settings = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout, packing, fast_head,
-                                    checkpointing, device, chunk_tokens, lora_fused)
-    return Plan(shape, settings, budget_bytes(setting, device, _local_ranks(local_ranks)), setting)
+    shape, settings, alternatives = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout, packing,
+                                                  fast_head, checkpointing, device, chunk_tokens, lora_fused)
+    return Plan(shape, settings, budget_bytes(setting, device, _local_ranks(local_ranks)), setting, alternatives)
 
 
 def make_checkpoint_rule(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str], lora_dropout: bool,
-                         packing: bool, fast_head: bool, device: str, chunk_tokens: int,
+                         packing: bool | str, fast_head: bool, device: str, chunk_tokens: int,
                          local_ranks: int | None = None, lora_fused: bool = False,
                          meminfo: str = "/proc/meminfo") -> CheckpointRule | None:
     """The ``CheckpointRule`` of ``activation_checkpointing: auto``; None where free memory cannot
     be read (not Linux, not CUDA): every micro-batch is then checkpointed."""
-    shape, settings = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout, packing, fast_head,
-                                    False, device, chunk_tokens, lora_fused)
+    shape, settings, alternatives = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout, packing,
+                                                  fast_head, False, device, chunk_tokens, lora_fused)
     try:
         free = free_bytes(device, _local_ranks(local_ranks), meminfo)
     except UserError:
         return None
-    return CheckpointRule(shape, settings, int(free * CHECKPOINT_FRACTION))
+    return CheckpointRule(shape, settings, int(free * CHECKPOINT_FRACTION), alternatives)
 
 
 def _local_ranks(local_ranks: int | None) -> int:

@@ -33,7 +33,7 @@ from grpo.evaluate import EVAL_SEED_OFFSET, evaluate, metrics_from_samples
 from grpo.logprobs import (fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode,
                            use_activation_checkpointing)
 from grpo.metrics import MetricsLogger
-from grpo.packing import pack_tree, tree_logprobs, use_packing
+from grpo.packing import TreeBatch, pack_tree, packs, tree_logprobs, use_packing
 from grpo.parallel import (Policy, full_adapter_state, generation_mode, load_optimizer_state, optimizer_state,
                            reduce_update_stats, set_gradient_sync, wrap_policy)
 from grpo.trackers import check_available as check_trackers
@@ -132,7 +132,8 @@ class Trainer:
         self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
         r = cfg.rollout
         self.packing = use_packing(cfg.optim.packing, str(self.device), cfg.tools.enabled, r.num_generations,
-                                   r.max_new_tokens, self.model.config)
+                                   r.max_new_tokens, self.model.config,
+                                   sharded=self.dist.enabled and cfg.distributed.strategy == "fsdp2")
         self.checkpoint_layers = use_activation_checkpointing(cfg.optim.activation_checkpointing, self.model)
         self.memory_plan = self._memory_plan()  # None: fixed optim.micro_batch_size
         self.checkpoint_rule = self._checkpoint_rule()  # None: every micro-batch as checkpoint_layers says
@@ -352,7 +353,7 @@ class Trainer:
         G = self.cfg.rollout.num_generations
         groups = sorted({i // G for i in idx})
         row_of = {g: r for r, g in enumerate(groups)}
-        if self.packing:
+        if packs(self.packing, [len(rollout.completions[i].token_ids) for i in idx]):
             return pack_tree([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
                              [rollout.completions[i].token_ids for i in idx], self.tokenizer.pad_token_id, self.device)
         return pack_grouped([rollout.prompt_ids[g * G] for g in groups], [row_of[i // G] for i in idx],
@@ -365,7 +366,7 @@ class Trainer:
         adapters_off = nullcontext() if adapters else self.model.disable_adapter()
 
         def compute(model):  # runs inside the policy's forward, where DDP / FSDP2 hook in
-            if self.packing:
+            if isinstance(batch, TreeBatch):
                 return tree_logprobs(model, batch, T, chunk, self.fast_head, entropy, checkpointed)
             return grouped_logprobs(model, batch, T, chunk, pad, self.fast_head, entropy, checkpointed)
 
@@ -452,11 +453,12 @@ class Trainer:
                  "loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
                  "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"], "entropy": sums["entropy"],
                  "sequences_in_loss": n_seq, "tokens_in_loss": n_tok, "update/micro_batches": len(micro),
+                 "update/packed_micro_batches": sum(isinstance(b, TreeBatch) for b in packed),
                  **split_metrics}
         return reduce_update_stats(stats, summed=("loss", "kl", "clip_fraction", "ratio", "engine_logprob_diff",
                                                   "entropy", "tokens/trained"),
-                                   maxed=(*TIME_KEYS, "update/micro_batches", "update/estimated_gb",
-                                          "update/checkpointed_micro_batches"))
+                                   maxed=(*TIME_KEYS, "update/micro_batches", "update/packed_micro_batches",
+                                          "update/estimated_gb", "update/checkpointed_micro_batches"))
 
     def _balance_micro_batches(self, rollout: Rollout, micro: list[list[int]], packed: list):
         """Give every rank the same number of micro-batches (at least one): a rank with fewer

@@ -73,22 +73,50 @@ def test_training_step_with_packing_matches_without(tiny_model_dir, toy_plugin, 
     assert packed["tokens/trained"] <= plain["tokens/trained"]
 
 
-def test_packing_auto_packs_short_cpu_groups_only():
+def test_packing_auto_applies_to_short_cpu_groups_only():
     from types import SimpleNamespace
 
     from grpo.packing import AUTO_MAX_POSITIONS, use_packing
 
     plain = SimpleNamespace()  # a config without sliding windows (SmolLM2, Llama)
-    assert use_packing("auto", "cpu", False, 8, 32, plain)
-    assert use_packing("auto", "cpu", False, 8, AUTO_MAX_POSITIONS // 8, plain)
-    assert not use_packing("auto", "cpu", False, 8, AUTO_MAX_POSITIONS // 8 + 1, plain)  # quadratic block mask
-    assert not use_packing("auto", "cuda:0", False, 8, 32, plain)  # the mask rules out flash attention
-    assert not use_packing("auto", "cpu", True, 8, 32, plain)  # tool episodes need the unpacked loss mask
-    assert not use_packing("auto", "cpu", False, 8, 32, SimpleNamespace(sliding_window=4096))  # Mistral
+    assert use_packing("auto", "cpu", False, 8, 32, plain) == "auto"
+    assert use_packing("auto", "cpu", False, 8, AUTO_MAX_POSITIONS // 8, plain) == "auto"
+    assert use_packing("auto", "cpu", False, 8, AUTO_MAX_POSITIONS // 8 + 1, plain) is False  # quadratic mask
+    assert use_packing("auto", "cuda:0", False, 8, 32, plain) is False  # the mask rules out flash attention
+    assert use_packing("auto", "cpu", True, 8, 32, plain) is False  # tool episodes need the unpacked loss mask
+    assert use_packing("auto", "cpu", False, 8, 32, plain, sharded=True) is False  # FSDP2: collectives line up
+    assert use_packing("auto", "cpu", False, 8, 32, SimpleNamespace(sliding_window=4096)) is False  # Mistral
     assert use_packing("auto", "cpu", False, 8, 32, SimpleNamespace(sliding_window=4096, use_sliding_window=False))
-    assert not use_packing("auto", "cpu", False, 8, 32,
-                           SimpleNamespace(layer_types=["full_attention", "sliding_attention"]))
-    assert use_packing(True, "cuda:0", False, 64, 4096, plain) and not use_packing(False, "cpu", False, 8, 32, plain)
+    assert use_packing("auto", "cpu", False, 8, 32,
+                       SimpleNamespace(layer_types=["full_attention", "sliding_attention"])) is False
+    assert use_packing(True, "cuda:0", False, 64, 4096, plain) is True
+    assert use_packing(False, "cpu", False, 8, 32, plain) is False
+
+
+def test_packing_auto_packs_a_micro_batch_by_its_padding():
+    from grpo.packing import AUTO_MIN_PADDING, packs
+
+    assert not packs("auto", [64] * 32)  # equal lengths: nothing to save, packing measured slower
+    assert packs("auto", [4, 31, 12, 20, 9, 27])  # padded to 31: 186 positions for 103 real ones
+    assert packs("auto", [4, 5]) == (2 * 5 >= AUTO_MIN_PADDING * 9)  # 10 vs 9 x 1.25: no
+    assert not packs("auto", [0, 0])  # nothing to run
+    assert packs(True, [64] * 32) and not packs(False, [4, 31])
+
+
+def test_memory_estimates_under_auto_take_the_larger_of_both_paths():
+    from grpo import memory
+
+    plan = memory.Plan(memory.model_shape(_TinyConfig(), 4, 8, memory.PROJECTIONS, False), memory.UpdateSettings("grouped"),
+                       10 ** 12, 1.0, (memory.UpdateSettings("packed"),))
+    batch = memory.batch_of([memory.Seq(0, 30, n, n) for n in (4, 60, 60, 60)])
+    each = [memory.estimate(plan.shape, s, batch).total for s in (memory.UpdateSettings("grouped"),
+                                                                   memory.UpdateSettings("packed"))]
+    assert each[0] != each[1] and plan.cost(batch) == max(each)
+
+
+class _TinyConfig:
+    hidden_size, intermediate_size, num_hidden_layers, num_attention_heads = 64, 128, 2, 4
+    num_key_value_heads, vocab_size, head_dim = 2, 1000, 16
 
 
 def test_packing_auto_with_tools_trains_on_the_unpacked_path(tiny_model_dir, toy_plugin, tmp_path):
