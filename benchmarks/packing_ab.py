@@ -41,6 +41,7 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch
     from generation_ab import build_policy
+    from packing_speed import micro_batches
 
     from grpo.allocator import keep_freed_memory
     from grpo.fused_lora import use_fused_lora
@@ -57,18 +58,8 @@ def main() -> None:
     prompts = [[rng.randrange(100, vocab) for _ in range(args.prompt_tokens)] for _ in range(P)]
     lengths = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(P * G)]
     completions = [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
-    order = sorted(range(P * G), key=lambda i: (i // G, lengths[i], i))
-    micro = [order[s:s + args.micro_batch] for s in range(0, P * G, args.micro_batch)]
-
-    def batches(pack):
-        out = []
-        for idx in micro:
-            groups = sorted({i // G for i in idx})
-            row = {g: r for r, g in enumerate(groups)}
-            out.append(pack([prompts[g] for g in groups], [row[i // G] for i in idx], [completions[i] for i in idx], 0))
-        return out
-
-    sides = {"grouped": batches(pack_grouped), "packed": batches(pack_tree)}
+    micro, grouped = micro_batches(prompts, completions, G, args.micro_batch, pack_grouped)
+    sides = {"grouped": grouped, "packed": micro_batches(prompts, completions, G, args.micro_batch, pack_tree)[1]}
 
     def one_pass(name: str, reference: bool) -> None:
         for b in sides[name]:

@@ -26,6 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def micro_batches(prompts, completions, group: int, size: int, pack):
+    """The trainer's micro-batches: sequence i continues prompt i // ``group``; sequences sorted by
+    group and completion length, cut every ``size``; each built by ``pack`` (``pack_grouped`` or
+    ``pack_tree``). Returns (the sequence indices of each micro-batch, the batches)."""
+    order = sorted(range(len(completions)), key=lambda i: (i // group, len(completions[i]), i))
+    micro = [order[s:s + size] for s in range(0, len(order), size)]
+    batches = []
+    for idx in micro:
+        groups = sorted({i // group for i in idx})
+        row_of = {g: r for r, g in enumerate(groups)}
+        batches.append(pack([prompts[g] for g in groups], [row_of[i // group] for i in idx],
+                            [completions[i] for i in idx], 0))
+    return micro, batches
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=4)
@@ -62,17 +77,10 @@ def main() -> None:
     for label in args.batches.split(","):
         lengths = batches[label]
         completions = [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
-        order = sorted(range(len(completions)), key=lambda i: (i // args.group, lengths[i], i))
-        micro = [order[s:s + args.micro_batch] for s in range(0, len(order), args.micro_batch)]
         row = {}
         for layout in ("grouped", "packed"):
-            packed = []
-            for idx in micro:
-                groups = sorted({i // args.group for i in idx})
-                row_of = {g: r for r, g in enumerate(groups)}
-                fn = pack_tree if layout == "packed" else pack_grouped
-                packed.append(fn([prompts[g] for g in groups], [row_of[i // args.group] for i in idx],
-                                  [completions[i] for i in idx], 0))
+            _, packed = micro_batches(prompts, completions, args.group, args.micro_batch,
+                                      pack_tree if layout == "packed" else pack_grouped)
 
             def one_pass() -> float:
                 total = 0.0
