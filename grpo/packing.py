@@ -35,12 +35,13 @@ def use_packing(setting: bool | str, device: str, tools: bool, group: int, max_n
     as a packed row stays short (its (L, L) block mask and attention grow with the square of
     G x max_new_tokens), the run has no tool episodes (their loss masks need the unpacked path)
     and the model has no sliding-window attention (a block mask given to the model replaces its
-    window); elsewhere it is False (on CUDA the mask rules out flash attention). ``sharded``
+    window); elsewhere it is False (on CUDA the mask rules out flash attention; other devices were
+    not measured). ``sharded``
     (FSDP2 across ranks): False too, since the two paths run the decoder layers a different number
     of times and every rank's per-layer collectives must line up."""
     if setting != "auto":
         return bool(setting)
-    if (str(device).startswith("cuda") or tools or sharded or group * max_new_tokens > AUTO_MAX_POSITIONS
+    if (not str(device).startswith("cpu") or tools or sharded or group * max_new_tokens > AUTO_MAX_POSITIONS
             or _sliding_window(config)):
         return False
     return "auto"

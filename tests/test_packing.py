@@ -83,6 +83,7 @@ def test_packing_auto_applies_to_short_cpu_groups_only():
     assert use_packing("auto", "cpu", False, 8, AUTO_MAX_POSITIONS // 8, plain) == "auto"
     assert use_packing("auto", "cpu", False, 8, AUTO_MAX_POSITIONS // 8 + 1, plain) is False  # quadratic mask
     assert use_packing("auto", "cuda:0", False, 8, 32, plain) is False  # the mask rules out flash attention
+    assert use_packing("auto", "mps", False, 8, 32, plain) is False  # not measured there
     assert use_packing("auto", "cpu", True, 8, 32, plain) is False  # tool episodes need the unpacked loss mask
     assert use_packing("auto", "cpu", False, 8, 32, plain, sharded=True) is False  # FSDP2: collectives line up
     assert use_packing("auto", "cpu", False, 8, 32, SimpleNamespace(sliding_window=4096)) is False  # Mistral
