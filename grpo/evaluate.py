@@ -71,9 +71,13 @@ def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str
         raise UserError("evaluation needs at least one problem (the split is empty)")
     prompts = [encode(r["prompt"]) for r in rows]
     samples: list[dict[str, Any]] = []
-    groups = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens,
-                                                     temperature=temperature, top_p=top_p, top_k=top_k),
+    # the greedy row decoded in the sampled rows' batch where the engine can (one prefill, one decode)
+    alongside = greedy and temperature > 0 and getattr(engine, "samples_greedy_alongside", False)
+    groups = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                     top_p=top_p, top_k=top_k, plus_greedy=alongside),
                              prompt_seeds=[stream_seed(seed, first_index + i) for i in range(len(rows))])
+    if alongside:
+        groups, greedy_groups = [g[:n] for g in groups], [g[n:] for g in groups]
     correct, batch = _score(groups, rows, rewards, samples, "sampled", first_index)
     metrics = {f"{prefix}{k}": v for k, v in sampled_metrics(correct, ks).items()}
     metrics[f"{prefix}reward"] = _mean(batch.total)
@@ -82,8 +86,9 @@ def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str
     metrics.update({f"{prefix}{k}": v for k, v in length_stats([c for g in groups for c in g]).items()})
     metrics.update(episode_metrics([c for g in groups for c in g], prefix))  # tool episodes only
     if greedy:
-        greedy_groups = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0),
-                                        seed=seed)
+        if not alongside:
+            greedy_groups = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=max_new_tokens,
+                                                                    temperature=0.0), seed=seed)
         g_correct, _ = _score(greedy_groups, rows, rewards, samples, "greedy", first_index)
         mean, stderr = mean_and_stderr([float(c[0]) for c in g_correct])
         metrics[f"{prefix}greedy_accuracy"], metrics[f"{prefix}greedy_accuracy_stderr"] = mean, stderr

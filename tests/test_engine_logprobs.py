@@ -1,6 +1,7 @@
 """HF engine and trainer log-probs agree; grouped (shared-prompt) log-probs equal the flat ones."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -245,3 +246,57 @@ def test_bf16_engine_samples_from_the_trainers_float32_logits(tiny_model_dir):
                                    for i, c in enumerate(comps))
     assert errors[True] < 1e-4, errors
     assert errors[False] > 1e-3, errors  # what the float32 head removes
+
+
+def test_plus_greedy_rows_equal_separate_sampled_and_greedy_calls(policy):
+    """``plus_greedy``: one greedy row per prompt decoded in the sampled rows' batch. The sampled
+    rows draw what they draw without it (the greedy rows take no random numbers), the greedy row
+    is what a greedy call returns, and every log-prob is the trainer's."""
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    params = SamplingParams(n=3, max_new_tokens=8, temperature=0.8)
+    seeds = [21, 22, 23, 24]
+    merged = engine.generate(SHARED_PROMPTS, replace(params, plus_greedy=True), prompt_seeds=seeds)
+    sampled = engine.generate(SHARED_PROMPTS, params, prompt_seeds=seeds)
+    greedy = engine.generate(SHARED_PROMPTS, SamplingParams(n=1, max_new_tokens=8, temperature=0.0))
+    assert all(len(g) == 4 for g in merged)
+    assert [[c.token_ids for c in g[:3]] for g in merged] == [[c.token_ids for c in g] for g in sampled]
+    assert [g[3].token_ids for g in merged] == [g[0].token_ids for g in greedy]
+    assert len({tuple(c.token_ids) for g in merged for c in g}) > 4  # the rows really differ
+    assert_engine_logprobs_match_trainer(model, tok, SHARED_PROMPTS, [g[:3] for g in merged], 0.8)
+    assert_engine_logprobs_match_trainer(model, tok, SHARED_PROMPTS, [g[3:] for g in merged], 1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        engine.generate(SHARED_PROMPTS, SamplingParams(n=2, temperature=0.0, plus_greedy=True))
+
+
+def test_evaluate_decodes_greedy_rows_with_the_samples_and_reports_the_same(policy):
+    """evaluate() asks the HF engine once (sampled + greedy rows in one decode) and reports what
+    the two separate calls an engine without ``samples_greedy_alongside`` gets report."""
+    from grpo.evaluate import evaluate
+    from grpo.rewards import RewardRunner
+
+    model, tok = policy
+
+    class Separate:  # the same engine, without the capability
+        def __init__(self, engine):
+            self.engine, self.calls = engine, []
+
+        def generate(self, prompts, params, **kw):
+            self.calls.append(params)
+            return self.engine.generate(prompts, params, **kw)
+
+    class Merged(Separate):
+        samples_greedy_alongside = True
+
+    rows = [{"prompt": p, "answer": "7", "verifiers": {"math": 1.0}} for p in SHARED_PROMPTS]
+    results = {}
+    with RewardRunner(workers=1) as rewards:
+        for cls in (Merged, Separate):
+            engine = cls(HFEngine(model, tok))
+            results[cls] = evaluate(engine, list, rows, rewards, n=3, temperature=1.0, max_new_tokens=6, ks=(1, 3))
+            assert [p.plus_greedy for p in engine.calls] == ([True] if cls is Merged else [False, False])
+    merged, separate = results[Merged], results[Separate]
+    assert merged.metrics == separate.metrics and "heldout/greedy_accuracy" in merged.metrics
+    assert [(s["mode"], s["problem"], s["sample"], s["completion"]) for s in merged.samples] == \
+           [(s["mode"], s["problem"], s["sample"], s["completion"]) for s in separate.samples]
+    assert sum(s["mode"] == "greedy" for s in merged.samples) == len(rows)

@@ -37,6 +37,10 @@ class SamplingParams:
     # Stop strings (tool-call end markers): a completion ends with the token that completes
     # one; the string stays in the output and Completion.extra["stop"] names it.
     stop: tuple[str, ...] = ()
+    # Also one greedy completion per prompt, decoded in the same batch as the sampled ones and
+    # returned after them (n + 1 per prompt). Only for engines with ``samples_greedy_alongside``;
+    # evaluation uses it to get pass@k and greedy accuracy from one decode.
+    plus_greedy: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -9,7 +9,9 @@ trainer defines them (temperature-scaled, before top-k/top-p) without keeping a
 the caller passes ``prompt_seeds`` (training: a prompt samples the same tokens whatever
 batch or rank it lands in), else the engine's own, checkpointed one; and rows that
 finish are dropped from the batch and its cache, so a group of mostly short answers
-does not pay for its longest one.
+does not pay for its longest one. ``SamplingParams.plus_greedy`` adds one greedy row per
+prompt to the same batch (evaluation's greedy accuracy alongside its samples: one prefill
+and one decode instead of two).
 
 Prompts are left-padded and prefilled once per prompt; the KV cache is then repeated
 ``n`` times (``batch_repeat_interleave``), so a group of G completions costs one
@@ -126,6 +128,7 @@ def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None,
     return torch.searchsorted(cdf, u, side="right").squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+GREEDY = SamplingParams(temperature=0.0)
 SHARED_PREFIX_MIN = 16  # tokens; a shorter common prefix is not worth a separate forward
 
 
@@ -140,6 +143,7 @@ class HFEngine:
     """Rollout engine over a (peft) causal LM shared with the trainer."""
 
     samples_from_trainer_module = True  # FSDP2: the trainer gathers the sharded weights around generate()
+    samples_greedy_alongside = True  # SamplingParams.plus_greedy: a greedy row per prompt in the same batch
 
     def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_size: int = 256, float32_head: bool = True):
         self.model = model
@@ -168,11 +172,13 @@ class HFEngine:
             return []
         if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
             raise ValueError(f"{len(prompt_seeds)} prompt seeds for {len(prompts)} prompts")
+        if params.plus_greedy and params.greedy:
+            raise ValueError("plus_greedy adds a greedy row to sampled ones: the temperature must be > 0")
         generator = self.generator
         if seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed)
-        per_chunk = max(1, self.max_batch_size // max(1, params.n))
+        per_chunk = max(1, self.max_batch_size // max(1, params.n + params.plus_greedy))
         out: list[list[Completion]] = []
         was_training = self.model.training
         self.model.eval()
@@ -236,7 +242,8 @@ class HFEngine:
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
                   streams: PromptStreams | None = None) -> list[list[Completion]]:
-        P, G, dev = len(prompts), params.n, self.device
+        # G rows per prompt; with plus_greedy one more, the last of each prompt's rows, decoded greedily
+        P, G, dev = len(prompts), params.n + params.plus_greedy, self.device
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
         cache, logits, mask = self._prefill(prompts)  # logits: (P, V); mask: (P, cached length)
@@ -251,7 +258,7 @@ class HFEngine:
         finish = ["length"] * B
         stops: dict[int, str] = {}  # row -> the stop string that ended it
         for step in range(params.max_new_tokens):
-            tok, lp = sample_tokens(logits, params, generator, streams, torch.div(rows, G, rounding_mode="floor"))
+            tok, lp = self._sample(logits, params, generator, streams, rows, G)
             for r, t, l in zip(rows.tolist(), tok.tolist(), lp.tolist()):
                 tokens[r].append(t)
                 logps[r].append(l)
@@ -274,6 +281,24 @@ class HFEngine:
         completions = [Completion(tokens[r], texts[r], logps[r], finish[r],  # type: ignore[arg-type]
                                   {"stop": stops[r]} if r in stops else {}) for r in range(B)]
         return [completions[i * G:(i + 1) * G] for i in range(P)]
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                streams: PromptStreams | None, rows: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sample_tokens`` for the live ``rows`` (G per prompt). With ``params.plus_greedy`` each
+        prompt's last row takes the argmax; only the sampled rows draw random numbers, so they
+        draw what they would in a batch without the greedy rows."""
+        owner = torch.div(rows, G, rounding_mode="floor")
+        greedy = rows % G == G - 1 if params.plus_greedy else None
+        if greedy is None or not bool(greedy.any()):
+            return sample_tokens(logits, params, generator, streams, owner)
+        tok = torch.empty(rows.shape, dtype=torch.long, device=logits.device)
+        lp = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
+        sampled, argmax = (~greedy).nonzero().squeeze(-1), greedy.nonzero().squeeze(-1)
+        if sampled.numel():
+            tok[sampled], lp[sampled] = sample_tokens(logits[sampled], params, generator, streams, owner[sampled])
+        tok[argmax], lp[argmax] = sample_tokens(logits[argmax], GREEDY, None)
+        return tok, lp
 
     def _prefill(self, prompts: list[list[int]]):
         """Encode the prompts into a KV cache; return (cache, last-position logits (P, V), mask).

@@ -160,6 +160,8 @@ class VLLMEngine:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
+        if params.plus_greedy:
+            raise ValueError("the vLLM engine takes greedy rows as their own call (plus_greedy is HF-engine only)")
         if prompt_seeds is not None:
             rng = None
         elif seed is None:

@@ -108,6 +108,8 @@ class EpisodeEngine:
         prompt i draws its later turns from ``stream_seed(prompt_seeds[i], turn, j)``."""
         if not prompts:
             return []
+        if params.plus_greedy:
+            raise ValueError("episodes take greedy rows as their own call (plus_greedy is HF-engine only)")
         G = params.n
         turn = replace(params, stop=tuple(params.stop) + tuple(self.environment.stop),
                        max_new_tokens=min(params.max_new_tokens, self.max_episode_tokens))
