@@ -179,6 +179,26 @@ def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: lis
         raise UserError(f"LoRA: {_first_line(exc)} (check model.lora_target_modules)") from exc
 
 
+def adapter_is_identity(model) -> bool:
+    """True when this process's trainable weights are plain LoRA factors whose every B is exactly
+    zero (a fresh adapter): the policy then computes the base model's function, so its log-probs
+    are the reference's. Anything else trainable (DoRA magnitudes, modules_to_save, a score head)
+    answers False. Under FSDP2 this looks at the local shards only: combine ranks' answers."""
+    found = False
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 3)
+        if not any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") for part in leaf):
+            return False
+        if "lora_B" in leaf or "lora_embedding_B" in leaf:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if bool(local.detach().any()):
+                return False
+            found = True
+    return found
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -33,6 +33,7 @@ from grpo.evaluate import EVAL_SEED_OFFSET, evaluate, metrics_from_samples
 from grpo.logprobs import (fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode,
                            use_activation_checkpointing)
 from grpo.metrics import MetricsLogger
+from grpo.models import adapter_is_identity
 from grpo.packing import TreeBatch, pack_tree, packs, tree_logprobs, use_packing
 from grpo.parallel import (Policy, full_adapter_state, generation_mode, load_optimizer_state, optimizer_state,
                            reduce_update_stats, set_gradient_sync, wrap_policy)
@@ -396,7 +397,12 @@ class Trainer:
         t0 = time.perf_counter()
         set_update_mode(self.model)  # every pass alike: no base-model dropout, LoRA dropout with replayed masks
         seeds = self._dropout_seeds(len(packed))
-        ref = [self._logprobs(b, grad=False, adapters=False) for b in packed] if cfg.loss.beta else [None] * len(packed)
+        # a fresh adapter (every LoRA B zero) computes the base model: the first policy pass's
+        # log-probs are the reference's, so the reference pass is skipped (a run's first step)
+        ref_from_policy = bool(cfg.loss.beta) and self._adapter_is_identity()
+        ref = [None] * len(packed)
+        if cfg.loss.beta and not ref_from_policy:
+            ref = [self._logprobs(b, grad=False, adapters=False) for b in packed]
         if old_mode == "recompute":
             old = [self._logprobs(b, grad=False, dropout_seed=s) for b, s in zip(packed, seeds)]
         elif old_mode == "rollout":
@@ -418,6 +424,8 @@ class Trainer:
                 # model-written tokens only (tool observations are context); a rank's padding micro-batch: none
                 mask = batch.loss_mask * live[n]
                 old_lp = logp.detach() if old_lp is None else old_lp
+                if ref_from_policy and ref_lp is None:  # first pass: the adapter has not moved yet
+                    ref_lp = ref[n] = logp.detach()
                 engine_lp = self._rollout_logprobs(rollout, idx, batch)
                 tis = None
                 if cfg.loss.tis_cap:  # samples came from the engine's numerics, not the trainer's
@@ -459,6 +467,10 @@ class Trainer:
                                                   "entropy", "tokens/trained"),
                                    maxed=(*TIME_KEYS, "update/micro_batches", "update/packed_micro_batches",
                                           "update/estimated_gb", "update/checkpointed_micro_batches"))
+
+    def _adapter_is_identity(self) -> bool:
+        """Every rank's adapter shards are a fresh LoRA's (``grpo.models.adapter_is_identity``)."""
+        return dist.all_reduce_max([0.0 if adapter_is_identity(self.model) else 1.0])[0] == 0.0
 
     def _balance_micro_batches(self, rollout: Rollout, micro: list[list[int]], packed: list):
         """Give every rank the same number of micro-batches (at least one): a rank with fewer

@@ -88,3 +88,71 @@ def test_claim_run_dir_writes_config_checks_resume_and_releases_the_lock_on_erro
         with pytest.raises(UserError, match="not written by grpo train"):
             claim_run_dir(run, {"seed": 5}, resume=True)
     assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 3  # untouched by the refusals
+
+
+def test_adapter_is_identity_only_for_a_fresh_plain_lora(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from grpo.models import add_lora, adapter_is_identity
+
+    def fresh():
+        return add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, ["q_proj", "v_proj"])
+
+    model = fresh()
+    assert adapter_is_identity(model)
+    b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        b[0, 0] = 1e-30  # one non-zero entry anywhere is a moved adapter
+    assert not adapter_is_identity(model)
+    model = fresh()
+    model.base_model.model.lm_head.weight.requires_grad_(True)  # something else trains
+    assert not adapter_is_identity(model)
+    model = fresh()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert not adapter_is_identity(model)  # no adapter at all
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_first_step_takes_the_reference_from_the_fresh_policy(tiny_model_dir, toy_plugin, tmp_path, passes, monkeypatch):
+    """A fresh adapter is the identity: the first step skips the reference pass and uses the first
+    policy pass's log-probs (also in later update passes, after the adapter moved). Two steps give
+    what they give with the reference pass run."""
+    from conftest import tiny_run_config
+
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+
+    runs = {}
+    for shortcut in (True, False):
+        cfg = load_config(None, tiny_run_config(tiny_model_dir, tmp_path / str(shortcut), toy_plugin, **{
+            "loss.beta": 0.1, "loss.update_passes": passes, "optim.micro_batch_size": 3}))
+        trainer = Trainer(cfg, progress=False)
+        trainer.setup()
+        if not shortcut:
+            monkeypatch.setattr(trainer, "_adapter_is_identity", lambda: False)
+        reference_passes = []
+        logprobs = trainer._logprobs
+
+        def spy(batch, grad, adapters=True, **kw):
+            reference_passes.append(not adapters)
+            return logprobs(batch, grad, adapters, **kw)
+
+        monkeypatch.setattr(trainer, "_logprobs", spy)
+        try:
+            steps = []
+            for _ in range(2):
+                reference_passes.clear()
+                steps.append((trainer.train_step(trainer.sampling_params()), sum(reference_passes)))
+        finally:
+            trainer.cleanup()
+        runs[shortcut] = steps
+    (first, ref_first), (second, ref_second) = runs[True]
+    assert ref_first == 0 and ref_second > 0  # skipped at step 1 only
+    assert all(n > 0 for _, n in runs[False])
+    if passes == 2:
+        assert runs[False][0][0]["kl"] > 0  # the second pass moved away from the reference
+    for (a, _), (b, _) in zip(runs[True], runs[False]):
+        assert a["sequences_in_loss"] == b["sequences_in_loss"] > 0
+        for key in ("loss", "kl", "ratio", "grad_norm", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
