@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from grpo.logprobs import Float32Head, SampledLogProb, float32_linear  # noqa: E402
+from grpo.logprobs import Float32Head, SampledLogProb  # noqa: E402
+from grpo.prepared_linear import float32_linear  # noqa: E402
 
 
 def composed(z, y, temperature, with_entropy):

@@ -81,11 +81,11 @@ def engine_kind(engine: str) -> str:
 
 
 def build_engine(model, tokenizer, model_cfg: ModelConfig, rollout: RolloutConfig, *, seed: int,
-                 loss: LossConfig | None = None, tools: ToolsConfig | None = None):
+                 loss: LossConfig | None = None, tools: ToolsConfig | None = None, sharded: bool = False):
     """The rollout engine for ``model`` from the model and rollout settings; ``loss`` when training
     (the vLLM engine checks how its log-probs enter it); wrapped in an ``EpisodeEngine`` when
-    ``tools`` are enabled."""
-    engine = _build_base_engine(model, tokenizer, model_cfg, rollout, seed, loss)
+    ``tools`` are enabled. ``sharded``: the weights will be FSDP2-sharded (no packed copies)."""
+    engine = _build_base_engine(model, tokenizer, model_cfg, rollout, seed, loss, sharded)
     if tools is None or not tools.enabled:
         return engine
     from grpo.tools.episodes import build_episode_engine
@@ -98,14 +98,49 @@ def build_engine(model, tokenizer, model_cfg: ModelConfig, rollout: RolloutConfi
 
 
 def _build_base_engine(model, tokenizer, model_cfg: ModelConfig, rollout: RolloutConfig, seed: int,
-                       loss: LossConfig | None):
+                       loss: LossConfig | None, sharded: bool):
     engine = engine_kind(rollout.engine)
     if engine == "hf":
         from grpo.engines.hf import HFEngine
 
-        return HFEngine(model, tokenizer, seed=seed, max_batch_size=rollout.max_batch_size)
+        return HFEngine(model, tokenizer, seed=seed, max_batch_size=rollout.max_batch_size,
+                        packed_weights=use_packed_weights(rollout.packed_weights, model, sharded))
     if engine == "vllm":
         from grpo.engines.vllm import VLLMEngine  # raises a UserError naming the extra when vllm is missing
 
         return VLLMEngine.from_settings(model_cfg, rollout, seed, model, tokenizer, loss)
     raise UserError(f"unknown rollout.engine {engine!r}")
+
+
+PACKED_WEIGHTS_MAX_SHARE = 0.1  # of MemAvailable, for rollout.packed_weights=auto
+
+
+def use_packed_weights(setting: bool | str, model, sharded: bool = False) -> bool:
+    """``rollout.packed_weights``: whether the HF engine decodes through packed float32 copies of
+    the LoRA layers' base weights (``grpo.fused_lora.cached_lora_casts``)."""
+    from grpo.fused_lora import fused_layers, packable_base
+    from grpo.memory import mem_available
+
+    if setting is False:
+        return False
+    if sharded:
+        if setting is True:
+            raise UserError("rollout.packed_weights=true keeps whole copies of the base weights, which FSDP2 shards; "
+                            "set rollout.packed_weights=auto or false with distributed.strategy=fsdp2")
+        return False
+    packable = [layer for layer in fused_layers(model) if packable_base(layer)]
+    if setting is True:
+        if not packable:
+            raise UserError("rollout.packed_weights=true needs LoRA layers with float32 base weights on CPU and "
+                            "model.lora_kernel=fused; set rollout.packed_weights=auto or false")
+        return True
+    import torch
+
+    if torch.get_num_threads() < 2:  # one thread: MKL's sgemm is as fast (docs/benchmarks.md, "Session 7")
+        return False
+    copy = sum(layer.base_layer.weight.numel() * 4 for layer in packable)
+    try:
+        return bool(packable) and copy <= PACKED_WEIGHTS_MAX_SHARE * mem_available()
+    except UserError:  # MemAvailable unknown (not Linux): no extra copy
+        return False
+

@@ -155,6 +155,13 @@ class RolloutConfig:
     top_k: int = opt(0, "top-k sampling (0 = off)", ge=0)
     ignore_eos: bool = opt(False, "always generate max_new_tokens tokens (fixed-length benchmarks)")
     max_batch_size: int = opt(256, "most sequences decoded at once by the hf engine", ge=1)
+    packed_weights: bool | Literal["auto"] = opt(
+        "auto", "hf engine on CPU: decode through a copy of the LoRA layers' float32 base weights kept in oneDNN's "
+                "packed layout (faster small-batch products, same tokens to float rounding; one more copy of those "
+                "weights in memory): true, false, or auto: on with 2 or more threads when the copy takes at most a "
+                "tenth of MemAvailable (SmolLM2, AVX2 CPU, 2 threads: generation 1.13-1.16x faster for a 405 MB copy; "
+                "1 thread: 0.94x, MKL is as fast there; docs/benchmarks.md); float32 CPU weights and "
+                "model.lora_kernel=fused only, never under FSDP2")
     dynamic_sampling: bool = opt(
         False, "DAPO dynamic sampling with backfill: roll out further rounds of prompts_per_step prompts until "
                "the batch holds prompts_per_step groups whose rewards differ (up to max_sampling_rounds)")

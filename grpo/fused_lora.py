@@ -32,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import types
 
+from grpo.prepared_linear import float32_linear, weights_stamp
+
 LORA_KERNELS = ("fused", "peft")
 
 
@@ -48,8 +50,9 @@ def fused_lora_forward(self, x, *args, **kwargs):
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     if name in getattr(self, "lora_variant", {}) or lora_a.bias is not None or lora_b.bias is not None:
         return own(self, x, *args, **kwargs)
-    out = self.base_layer(x)
     cache = self.__dict__.get(_CAST_CACHE)
+    packed = None if cache is None or torch.is_grad_enabled() else cache.get(_PACKED_BASE)
+    out = packed(x) if packed is not None and x.dtype == torch.float32 else self.base_layer(x)
     if cache is not None and not torch.is_grad_enabled():
         a, b = _cached_casts(cache, name, lora_a.weight, lora_b.weight, self.scaling[name], x.dtype, out.dtype)
     else:
@@ -61,12 +64,7 @@ def fused_lora_forward(self, x, *args, **kwargs):
 
 
 _CAST_CACHE = "_grpo_lora_cast_cache"  # instance attribute of a fused layer, set only by cached_lora_casts
-
-
-def weights_stamp(*tensors) -> tuple:
-    """What a cache of values derived from ``tensors`` must compare: each tensor's identity,
-    storage and version, which change when it is replaced or written in place (None stays None)."""
-    return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
+_PACKED_BASE = "packed base"  # the cache's entry for the base layer's prepared float32 linear
 
 
 def _cached_casts(cache: dict, name: str, weight_a, weight_b, scaling: float, a_dtype, b_dtype):
@@ -80,15 +78,50 @@ def _cached_casts(cache: dict, name: str, weight_a, weight_b, scaling: float, a_
     return hit[1], hit[2]
 
 
+def fused_layers(model) -> list:
+    """The layers of ``model`` running ``fused_lora_forward``."""
+    return [m for m in model.modules() if getattr(m.__dict__.get("forward"), "__func__", None) is fused_lora_forward]
+
+
+def packable_base(layer) -> bool:
+    """A fused layer's base is a plain float32 CPU weight (not a sharded DTensor, not quantized)
+    that ``float32_linear`` can keep a packed copy of."""
+    import torch
+
+    weight = getattr(layer.base_layer, "weight", None)
+    return (type(layer.base_layer) is torch.nn.Linear and isinstance(weight, torch.nn.Parameter)
+            and type(weight.data) is torch.Tensor and weight.dtype == torch.float32 and weight.device.type == "cpu")
+
+
+def pack_base_weights(model) -> int:
+    """Prepare (and keep) oneDNN's packed copy of every fused layer's float32 CPU base weight,
+    which ``cached_lora_casts(model, packed_base=True)`` then decodes with. Returns the bytes the
+    copies take. Done up front so the first generation does not pay for it and a memory plan
+    made afterwards sees it."""
+    total = 0
+    for layer in fused_layers(model):
+        if packable_base(layer):
+            float32_linear(layer.base_layer)
+            total += layer.base_layer.weight.numel() * 4
+    return total
+
+
 @contextlib.contextmanager
-def cached_lora_casts(model):
+def cached_lora_casts(model, packed_base: bool = False):
     """Inside: the fused LoRA layers of ``model`` cast their weights once, not per call, in
     calls that record no gradient (generation). Dropped on exit, so nothing is kept between
     generations and a training step never sees a cached cast. A no-op for a model without
-    fused layers."""
-    layers = [m for m in model.modules() if getattr(m.__dict__.get("forward"), "__func__", None) is fused_lora_forward]
+    fused layers.
+
+    ``packed_base``: those calls also take the frozen base layer's product through its packed
+    float32 copy (``float32_linear``, kept on the base layer across generations) where the base
+    is a plain float32 CPU weight. A decode step's small-batch products run faster in oneDNN's
+    packed layout than through ``F.linear``'s MKL sgemm (docs/benchmarks.md, "Session 7")."""
+    layers = fused_layers(model)
     for layer in layers:
         layer.__dict__[_CAST_CACHE] = {}
+        if packed_base and packable_base(layer):
+            layer.__dict__[_CAST_CACHE][_PACKED_BASE] = float32_linear(layer.base_layer)
     try:
         yield
     finally:

@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from grpo.errors import UserError
-from grpo.fused_lora import weights_stamp
+from grpo.prepared_linear import float32_linear
 
 
 @dataclass
@@ -137,43 +137,6 @@ class Float32Head(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         return (grad.to(weight.dtype) @ weight).to(ctx.hidden_dtype), None, None
-
-
-def float32_linear(head) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> x W^T + b`` in float32 for a frozen CPU head (``x`` float32), prepared once per weight.
-
-    The float32 copy of the weight is kept on the module until the weight changes (its
-    identity, storage and version): in oneDNN's packed layout where torch has it
-    (``torch.ops.mkldnn``, what torch.compile's CPU backend runs linears with), else plain.
-    On this project's CPU (1 thread) a (512, 576) x (576, 49152) product took 358 ms packed vs
-    525 ms through ``F.linear``, a 32-row one (a decode step) 24 vs 49-58 ms, with the same
-    numbers to float rounding (docs/benchmarks.md). SmolLM2's copy is 113 MB.
-    """
-    weight, bias = head.weight, getattr(head, "bias", None)
-    key = weights_stamp(weight, bias)
-    cached = head.__dict__.get("_grpo_float32_linear")
-    if cached is None or cached[0] != key:
-        cached = (key, _prepared_linear(weight.detach().float(), None if bias is None else bias.detach().float()))
-        head.__dict__["_grpo_float32_linear"] = cached  # a plain attribute: not a parameter, buffer or state
-    return cached[1]
-
-
-def _prepared_linear(w32: torch.Tensor, b32: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    plain = partial(torch.nn.functional.linear, weight=w32, bias=b32)
-    if w32.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return plain
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w32, 512)
-
-        def onednn(x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b32, "none", [], "")
-
-        probe = torch.linspace(-1, 1, 2 * w32.shape[1]).view(2, -1)
-        if not torch.allclose(onednn(probe), plain(probe), rtol=1e-4, atol=1e-4):
-            return plain
-        return onednn
-    except (AttributeError, RuntimeError, NotImplementedError):  # a torch without these ops
-        return plain
 
 
 class SampledLogProb(torch.autograd.Function):

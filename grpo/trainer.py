@@ -128,13 +128,13 @@ class Trainer:
         self._prompt_cache: dict[str, list[int]] = {}
         self.model, self.tokenizer = build_policy(cfg)
         self.device = next(self.model.parameters()).device
+        sharded = self.dist.enabled and cfg.distributed.strategy == "fsdp2"
         self.engine = build_engine(self.model, self.tokenizer, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss,
-                                   tools=cfg.tools)
+                                   tools=cfg.tools, sharded=sharded)
         self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
         r = cfg.rollout
         self.packing = use_packing(cfg.optim.packing, str(self.device), cfg.tools.enabled, r.num_generations,
-                                   r.max_new_tokens, self.model.config,
-                                   sharded=self.dist.enabled and cfg.distributed.strategy == "fsdp2")
+                                   r.max_new_tokens, self.model.config, sharded=sharded)
         self.checkpoint_layers = use_activation_checkpointing(cfg.optim.activation_checkpointing, self.model)
         self.memory_plan = self._memory_plan()  # None: fixed optim.micro_batch_size
         self.checkpoint_rule = self._checkpoint_rule()  # None: every micro-batch as checkpoint_layers says

@@ -125,3 +125,72 @@ def test_lora_dropout_applies_and_replays(tiny_model_dir):
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+def _base_calls(model):
+    """Count the calls of every LoRA layer's base ``nn.Linear`` (its own forward, i.e. F.linear)."""
+    calls = []
+    for m in model.modules():
+        if hasattr(m, "base_layer") and isinstance(m.base_layer, torch.nn.Linear):
+            m.base_layer.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_packed_base_weights_decode_the_same_and_only_without_gradients(tiny_model_dir):
+    """rollout.packed_weights: the HF engine decodes through the base weights' packed float32
+    copies (no F.linear call of a base layer), with the tokens and log-probs of the plain path;
+    anything recording gradients inside the same context still runs the base layers."""
+    from grpo.engines.base import SamplingParams
+    from grpo.engines.hf import HFEngine
+    from grpo.fused_lora import cached_lora_casts
+    from transformers import AutoTokenizer
+
+    model = _policy(tiny_model_dir)
+    use_fused_lora(model, "fused")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calls = _base_calls(model)
+    params = SamplingParams(n=3, max_new_tokens=6, temperature=1.0)
+    out = {}
+    for packed in (False, True):
+        calls.clear()
+        out[packed] = HFEngine(model, tok, packed_weights=packed).generate(PROMPTS, params, prompt_seeds=[1, 2])
+        assert (len(calls) == 0) == packed
+    for g_plain, g_packed in zip(out[False], out[True]):
+        for a, b in zip(g_plain, g_packed):
+            assert a.token_ids == b.token_ids
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-4)
+    calls.clear()
+    with cached_lora_casts(model, packed_base=True):
+        _logprobs_and_grads(model)  # a training pass: gradients on
+    assert len(calls) > 0
+
+
+@pytest.fixture()
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_packed_weights_setting_rules(tiny_model_dir, monkeypatch, two_threads):
+    from grpo import build
+
+    model = _policy(tiny_model_dir)
+    assert not build.use_packed_weights("auto", model)  # peft's own forward: nothing to decode through
+    use_fused_lora(model, "fused")
+    assert build.use_packed_weights("auto", model) and build.use_packed_weights(True, model)
+    assert not build.use_packed_weights(False, model)
+    assert not build.use_packed_weights("auto", model, sharded=True)
+    with pytest.raises(UserError, match="FSDP2"):
+        build.use_packed_weights(True, model, sharded=True)
+    torch.set_num_threads(1)  # one thread: MKL is as fast, no copy
+    assert not build.use_packed_weights("auto", model) and build.use_packed_weights(True, model)
+    torch.set_num_threads(2)
+    monkeypatch.setattr("grpo.memory.mem_available", lambda: 1000)  # a copy larger than a tenth of that
+    assert not build.use_packed_weights("auto", model) and build.use_packed_weights(True, model)
+    bf16 = _policy(tiny_model_dir, dtype=torch.bfloat16)
+    use_fused_lora(bf16, "fused")
+    assert not build.use_packed_weights("auto", bf16)
+    with pytest.raises(UserError, match="float32 base weights"):
+        build.use_packed_weights(True, bf16)

@@ -293,7 +293,7 @@ def test_float32_linear_is_float32_linear_prepared_once_and_refreshed_when_the_w
     """grpo.logprobs.float32_linear: F.linear of the float32 copy (oneDNN's packed layout on CPU)
     to float rounding, with and without bias, at decode and chunk row counts; the same prepared
     map while the weight is unchanged, a new one after an in-place update or a replaced weight."""
-    from grpo.logprobs import float32_linear
+    from grpo.prepared_linear import float32_linear
 
     torch.manual_seed(0)
     head = torch.nn.Linear(24, 97, bias=True).bfloat16().requires_grad_(False)

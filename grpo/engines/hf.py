@@ -35,8 +35,9 @@ from typing import Any, Sequence
 import torch
 
 from grpo.engines.base import Completion, SamplingParams
-from grpo.fused_lora import cached_lora_casts
-from grpo.logprobs import fast_head_agrees, float32_linear, split_head
+from grpo.fused_lora import cached_lora_casts, pack_base_weights
+from grpo.logprobs import fast_head_agrees, split_head
+from grpo.prepared_linear import float32_linear
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -145,8 +146,13 @@ class HFEngine:
     samples_from_trainer_module = True  # FSDP2: the trainer gathers the sharded weights around generate()
     samples_greedy_alongside = True  # SamplingParams.plus_greedy: a greedy row per prompt in the same batch
 
-    def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_size: int = 256, float32_head: bool = True):
+    def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_size: int = 256, float32_head: bool = True,
+                 packed_weights: bool = False):
         self.model = model
+        # decode through packed float32 copies of the LoRA layers' base weights, made here, once
+        self.packed_weights = packed_weights
+        if packed_weights:
+            pack_base_weights(model)
         self.float32_head = float32_head  # False: the model's own logits, whatever its dtype
         self._head: tuple | None = None  # (backbone, head) once checked, when the float32 head applies
         self._head_checked = False
@@ -183,7 +189,7 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with cached_lora_casts(self.model):  # the weights cannot change while generating
+            with cached_lora_casts(self.model, self.packed_weights):  # the weights cannot change while generating
                 self._logits = self._logit_function(prompts[0])
                 for start in range(0, len(prompts), per_chunk):
                     streams = None
