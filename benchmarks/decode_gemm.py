@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_profile import timed  # noqa: E402
 from roofline import Shape  # noqa: E402
 
 
@@ -40,16 +39,6 @@ def model_shape(spec: str) -> Shape:
 
     config = json.loads((Path(resolve_model_path(spec)) / "config.json").read_text())
     return Shape.from_config(argparse.Namespace(**config))
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def kernels(shape: Shape, rows: int, seed: int = 0) -> dict[str, object]:
