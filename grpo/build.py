@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import sys
 from typing import Any
 
@@ -119,7 +120,7 @@ def use_packed_weights(setting: bool | str, model, sharded: bool = False) -> boo
     """``rollout.packed_weights``: whether the HF engine decodes through packed float32 copies of
     the LoRA layers' base weights (``grpo.fused_lora.cached_lora_casts``)."""
     from grpo.fused_lora import fused_layers, packable_base
-    from grpo.memory import mem_available
+    from grpo.memory import free_bytes
 
     if setting is False:
         return False
@@ -140,7 +141,8 @@ def use_packed_weights(setting: bool | str, model, sharded: bool = False) -> boo
         return False
     copy = sum(layer.base_layer.weight.numel() * 4 for layer in packable)
     try:
-        return bool(packable) and copy <= PACKED_WEIGHTS_MAX_SHARE * mem_available()
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's ranks sharing this machine's RAM
+        return bool(packable) and copy <= PACKED_WEIGHTS_MAX_SHARE * free_bytes("cpu", ranks_here)
     except UserError:  # MemAvailable unknown (not Linux): no extra copy
         return False
 

@@ -159,7 +159,7 @@ class RolloutConfig:
         "auto", "hf engine on CPU: decode through a copy of the LoRA layers' float32 base weights kept in oneDNN's "
                 "packed layout (faster small-batch products, same tokens to float rounding; one more copy of those "
                 "weights in memory): true, false, or auto: on with 2 or more threads when the copy takes at most a "
-                "tenth of MemAvailable (SmolLM2, AVX2 CPU, 2 threads: generation 1.13-1.16x faster for a 405 MB copy; "
+                "tenth of MemAvailable (shared by this machine's ranks; SmolLM2, AVX2 CPU, 2 threads: generation 1.13-1.16x faster for a 405 MB copy; "
                 "1 thread: 0.94x, MKL is as fast there; docs/benchmarks.md); float32 CPU weights and "
                 "model.lora_kernel=fused only, never under FSDP2")
     dynamic_sampling: bool = opt(

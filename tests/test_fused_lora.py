@@ -187,7 +187,13 @@ def test_packed_weights_setting_rules(tiny_model_dir, monkeypatch, two_threads):
     torch.set_num_threads(1)  # one thread: MKL is as fast, no copy
     assert not build.use_packed_weights("auto", model) and build.use_packed_weights(True, model)
     torch.set_num_threads(2)
-    monkeypatch.setattr("grpo.memory.mem_available", lambda: 1000)  # a copy larger than a tenth of that
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # ranks on this machine share MemAvailable
+    total = 4 * 10 * sum(p.numel() * 4 for n, p in model.named_parameters() if "base_layer" in n)
+    monkeypatch.setattr("grpo.memory.mem_available", lambda meminfo="/proc/meminfo": total + 4096)
+    assert build.use_packed_weights("auto", model)  # the copy just fits a tenth of a quarter
+    monkeypatch.setattr("grpo.memory.mem_available", lambda meminfo="/proc/meminfo": total - 4096)
+    assert not build.use_packed_weights("auto", model)
+    monkeypatch.setattr("grpo.memory.mem_available", lambda meminfo="/proc/meminfo": 1000)
     assert not build.use_packed_weights("auto", model) and build.use_packed_weights(True, model)
     bf16 = _policy(tiny_model_dir, dtype=torch.bfloat16)
     use_fused_lora(bf16, "fused")
