@@ -119,7 +119,7 @@ PACKED_WEIGHTS_MAX_SHARE = 0.1  # of MemAvailable, for rollout.packed_weights=au
 def use_packed_weights(setting: bool | str, model, sharded: bool = False) -> bool:
     """``rollout.packed_weights``: whether the HF engine decodes through packed float32 copies of
     the LoRA layers' base weights (``grpo.fused_lora.cached_lora_casts``)."""
-    from grpo.fused_lora import fused_layers, packable_base
+    from grpo.fused_lora import packable_layers, packed_copy_bytes
     from grpo.memory import free_bytes
 
     if setting is False:
@@ -129,7 +129,7 @@ def use_packed_weights(setting: bool | str, model, sharded: bool = False) -> boo
             raise UserError("rollout.packed_weights=true keeps whole copies of the base weights, which FSDP2 shards; "
                             "set rollout.packed_weights=auto or false with distributed.strategy=fsdp2")
         return False
-    packable = [layer for layer in fused_layers(model) if packable_base(layer)]
+    packable = packable_layers(model)
     if setting is True:
         if not packable:
             raise UserError("rollout.packed_weights=true needs LoRA layers with float32 base weights on CPU and "
@@ -139,10 +139,10 @@ def use_packed_weights(setting: bool | str, model, sharded: bool = False) -> boo
 
     if torch.get_num_threads() < 2:  # one thread: MKL's sgemm is as fast (docs/benchmarks.md, "Session 7")
         return False
-    copy = sum(layer.base_layer.weight.numel() * 4 for layer in packable)
     try:
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's ranks sharing this machine's RAM
-        return bool(packable) and copy <= PACKED_WEIGHTS_MAX_SHARE * free_bytes("cpu", ranks_here)
+        share = PACKED_WEIGHTS_MAX_SHARE * free_bytes("cpu", ranks_here)
+        return bool(packable) and packed_copy_bytes(packable) <= share
     except UserError:  # MemAvailable unknown (not Linux): no extra copy
         return False
 

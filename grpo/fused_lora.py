@@ -93,17 +93,25 @@ def packable_base(layer) -> bool:
             and type(weight.data) is torch.Tensor and weight.dtype == torch.float32 and weight.device.type == "cpu")
 
 
+def packable_layers(model) -> list:
+    """The fused layers of ``model`` whose base ``packable_base`` accepts."""
+    return [layer for layer in fused_layers(model) if packable_base(layer)]
+
+
+def packed_copy_bytes(layers) -> int:
+    """Memory the packed float32 copies of these layers' base weights take."""
+    return sum(layer.base_layer.weight.numel() * 4 for layer in layers)
+
+
 def pack_base_weights(model) -> int:
     """Prepare (and keep) oneDNN's packed copy of every fused layer's float32 CPU base weight,
     which ``cached_lora_casts(model, packed_base=True)`` then decodes with. Returns the bytes the
     copies take. Done up front so the first generation does not pay for it and a memory plan
     made afterwards sees it."""
-    total = 0
-    for layer in fused_layers(model):
-        if packable_base(layer):
-            float32_linear(layer.base_layer)
-            total += layer.base_layer.weight.numel() * 4
-    return total
+    layers = packable_layers(model)
+    for layer in layers:
+        float32_linear(layer.base_layer)
+    return packed_copy_bytes(layers)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ def weights_stamp(*tensors) -> tuple:
     return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
 
 
-def float32_linear(head) -> Callable[[torch.Tensor], torch.Tensor]:
+def float32_linear(linear) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> x W^T + b`` in float32 for a frozen CPU linear (``x`` float32), prepared once per weight.
 
     The float32 copy of the weight is kept on the module until the weight changes (its
@@ -30,14 +30,14 @@ def float32_linear(head) -> Callable[[torch.Tensor], torch.Tensor]:
     (``torch.ops.mkldnn``, what torch.compile's CPU backend runs linears with), else plain.
     On this project's CPU (1 thread) a (512, 576) x (576, 49152) product took 358 ms packed vs
     525 ms through ``F.linear``, a 32-row one (a decode step) 24 vs 49-58 ms, with the same
-    numbers to float rounding (docs/benchmarks.md). SmolLM2's copy is 113 MB.
+    numbers to float rounding (docs/benchmarks.md). SmolLM2's head copy is 113 MB.
     """
-    weight, bias = head.weight, getattr(head, "bias", None)
+    weight, bias = linear.weight, getattr(linear, "bias", None)
     key = weights_stamp(weight, bias)
-    cached = head.__dict__.get("_grpo_float32_linear")
+    cached = linear.__dict__.get("_grpo_float32_linear")
     if cached is None or cached[0] != key:
         cached = (key, _prepared_linear(weight.detach().float(), None if bias is None else bias.detach().float()))
-        head.__dict__["_grpo_float32_linear"] = cached  # a plain attribute: not a parameter, buffer or state
+        linear.__dict__["_grpo_float32_linear"] = cached  # a plain attribute: not a parameter, buffer or state
     return cached[1]
 
 

@@ -126,6 +126,7 @@ class Trainer:
         self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers)
         self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
         self._prompt_cache: dict[str, list[int]] = {}
+        self._adapter_moved = False  # the LoRA B weights left zero (then the reference pass always runs)
         self.model, self.tokenizer = build_policy(cfg)
         self.device = next(self.model.parameters()).device
         sharded = self.dist.enabled and cfg.distributed.strategy == "fsdp2"
@@ -469,8 +470,12 @@ class Trainer:
                                           "update/estimated_gb", "update/checkpointed_micro_batches"))
 
     def _adapter_is_identity(self) -> bool:
-        """Every rank's adapter shards are a fresh LoRA's (``grpo.models.adapter_is_identity``)."""
-        return dist.all_reduce_max([0.0 if adapter_is_identity(self.model) else 1.0])[0] == 0.0
+        """Every rank's adapter shards are a fresh LoRA's (``grpo.models.adapter_is_identity``).
+        Once the adapter has moved it is not checked again (no scan, no collective per step)."""
+        if self._adapter_moved:
+            return False
+        self._adapter_moved = dist.all_reduce_max([0.0 if adapter_is_identity(self.model) else 1.0])[0] > 0.0
+        return not self._adapter_moved
 
     def _balance_micro_batches(self, rollout: Rollout, micro: list[list[int]], packed: list):
         """Give every rank the same number of micro-batches (at least one): a rank with fewer
