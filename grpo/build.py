@@ -105,7 +105,8 @@ def _build_base_engine(model, tokenizer, model_cfg: ModelConfig, rollout: Rollou
         from grpo.engines.hf import HFEngine
 
         return HFEngine(model, tokenizer, seed=seed, max_batch_size=rollout.max_batch_size,
-                        packed_weights=use_packed_weights(rollout.packed_weights, model, sharded))
+                        packed_weights=use_packed_weights(rollout.packed_weights, model, sharded),
+                        merged_weights=use_merged_weights(rollout.merged_weights, model, sharded))
     if engine == "vllm":
         from grpo.engines.vllm import VLLMEngine  # raises a UserError naming the extra when vllm is missing
 
@@ -113,36 +114,59 @@ def _build_base_engine(model, tokenizer, model_cfg: ModelConfig, rollout: Rollou
     raise UserError(f"unknown rollout.engine {engine!r}")
 
 
-PACKED_WEIGHTS_MAX_SHARE = 0.1  # of MemAvailable, for rollout.packed_weights=auto
+DECODE_COPY_MAX_SHARE = 0.1  # of MemAvailable, for rollout.packed_weights / merged_weights = auto
 
 
 def use_packed_weights(setting: bool | str, model, sharded: bool = False) -> bool:
-    """``rollout.packed_weights``: whether the HF engine decodes through packed float32 copies of
-    the LoRA layers' base weights (``grpo.fused_lora.cached_lora_casts``)."""
-    from grpo.fused_lora import packable_layers, packed_copy_bytes
-    from grpo.memory import free_bytes
-
-    if setting is False:
-        return False
-    if sharded:
-        if setting is True:
-            raise UserError("rollout.packed_weights=true keeps whole copies of the base weights, which FSDP2 shards; "
-                            "set rollout.packed_weights=auto or false with distributed.strategy=fsdp2")
-        return False
-    packable = packable_layers(model)
-    if setting is True:
-        if not packable:
-            raise UserError("rollout.packed_weights=true needs LoRA layers with float32 base weights on CPU and "
-                            "model.lora_kernel=fused; set rollout.packed_weights=auto or false")
-        return True
+    """``rollout.packed_weights``: whether the HF engine decodes through float32 copies of the LoRA
+    layers' weights in oneDNN's packed layout (``grpo.fused_lora.cached_lora_casts``)."""
     import torch
 
+    from grpo.fused_lora import packable_layers
+
+    layers = _decode_copy_layers("packed_weights", setting, model, sharded, packable_layers)
+    if setting is True or not layers:
+        return bool(layers)
     if torch.get_num_threads() < 2:  # one thread: MKL's sgemm is as fast (docs/benchmarks.md, "Session 7")
         return False
+    return _decode_copy_fits(layers)
+
+
+def use_merged_weights(setting: bool | str, model, sharded: bool = False) -> bool:
+    """``rollout.merged_weights``: whether the HF engine decodes through float32 copies of the LoRA
+    layers' weights with the adapter merged in (``grpo.fused_lora.merged_linear``)."""
+    from grpo.fused_lora import mergeable_layers
+
+    layers = _decode_copy_layers("merged_weights", setting, model, sharded, mergeable_layers)
+    return bool(layers) and (setting is True or _decode_copy_fits(layers))
+
+
+def _decode_copy_layers(key: str, setting: bool | str, model, sharded: bool, eligible) -> list:
+    """The layers ``rollout.<key>`` would keep a decode copy of (``eligible(model)``); [] where it
+    is off or cannot apply under ``auto``; a UserError where ``true`` cannot apply."""
+    if setting is False:
+        return []
+    if sharded:
+        if setting is True:
+            raise UserError(f"rollout.{key}=true keeps whole copies of the base weights, which FSDP2 shards; "
+                            f"set rollout.{key}=auto or false with distributed.strategy=fsdp2")
+        return []
+    layers = eligible(model)
+    if setting is True and not layers:
+        raise UserError(f"rollout.{key}=true needs LoRA layers with float32 base weights on CPU and "
+                        f"model.lora_kernel=fused; set rollout.{key}=auto or false")
+    return layers
+
+
+def _decode_copy_fits(layers) -> bool:
+    """The float32 copy of these layers' weights takes at most DECODE_COPY_MAX_SHARE of the
+    MemAvailable this rank may count on (torchrun's ranks on this machine share it)."""
+    from grpo.fused_lora import packed_copy_bytes
+    from grpo.memory import free_bytes
+
     try:
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's ranks sharing this machine's RAM
-        share = PACKED_WEIGHTS_MAX_SHARE * free_bytes("cpu", ranks_here)
-        return bool(packable) and packed_copy_bytes(packable) <= share
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        return packed_copy_bytes(layers) <= DECODE_COPY_MAX_SHARE * free_bytes("cpu", ranks_here)
     except UserError:  # MemAvailable unknown (not Linux): no extra copy
         return False
 

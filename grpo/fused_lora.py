@@ -25,6 +25,11 @@ per decode step: 210 layers x 2 casts per token on SmolLM2 otherwise. The cache 
 inside the context and only serves calls that record no gradient; each entry is also keyed by
 the weights' ``_version`` and storage, so an in-place update inside the context (an optimizer
 step, ``load_state_dict``) is never served a stale cast.
+
+Two float32 CPU decode paths go further (``rollout.packed_weights``, ``rollout.merged_weights``):
+the base product through a oneDNN-packed copy of the base weight, or the whole layer through one
+copy of W + s B A (``merged_linear``), made again only when the adapter changes, so once per
+optimizer step. Both serve only calls that record no gradient; training never sees them.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import types
 
-from grpo.prepared_linear import float32_linear, weights_stamp
+from grpo.prepared_linear import float32_linear, prepared_linear, weights_stamp
 
 LORA_KERNELS = ("fused", "peft")
 
@@ -41,16 +46,15 @@ def fused_lora_forward(self, x, *args, **kwargs):
     """``forward`` of a peft ``lora.Linear`` (bound to the instance by ``use_fused_lora``)."""
     import torch
 
-    own = type(self).forward
-    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
-        return own(self, x, *args, **kwargs)
-    name = self.active_adapters[0]
-    if name not in self.lora_A:
-        return own(self, x, *args, **kwargs)
+    name = None if args or kwargs else plain_adapter(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    if name in getattr(self, "lora_variant", {}) or lora_a.bias is not None or lora_b.bias is not None:
-        return own(self, x, *args, **kwargs)
     cache = self.__dict__.get(_CAST_CACHE)
+    if cache is not None and not torch.is_grad_enabled():
+        dropout_off = not self.training or isinstance(self.lora_dropout[name], torch.nn.Identity)
+        if _MERGED in cache and x.dtype == torch.float32 and dropout_off:
+            return merged_linear(self, packed=cache[_MERGED])(x)
     packed = None if cache is None or torch.is_grad_enabled() else cache.get(_PACKED_BASE)
     out = packed(x) if packed is not None and x.dtype == torch.float32 else self.base_layer(x)
     if cache is not None and not torch.is_grad_enabled():
@@ -63,8 +67,23 @@ def fused_lora_forward(self, x, *args, **kwargs):
     return flat.view(out.shape)
 
 
+def plain_adapter(layer) -> str | None:
+    """The name of ``layer``'s one active adapter when it is plain LoRA (enabled, not merged, no
+    variant such as DoRA, no LoRA bias): what the fused forward computes. None: peft's forward."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
+        return None
+    if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
+        return None
+    return name
+
+
 _CAST_CACHE = "_grpo_lora_cast_cache"  # instance attribute of a fused layer, set only by cached_lora_casts
 _PACKED_BASE = "packed base"  # the cache's entry for the base layer's prepared float32 linear
+_MERGED = "merged"  # the cache's entry when decoding through the merged weight: whether that copy is packed
+_MERGED_COPY = "_grpo_merged_linear"  # instance attribute of a fused layer: (stamp, merged linear), kept
 
 
 def _cached_casts(cache: dict, name: str, weight_a, weight_b, scaling: float, a_dtype, b_dtype):
@@ -103,19 +122,68 @@ def packed_copy_bytes(layers) -> int:
     return sum(layer.base_layer.weight.numel() * 4 for layer in layers)
 
 
-def pack_base_weights(model) -> int:
-    """Prepare (and keep) oneDNN's packed copy of every fused layer's float32 CPU base weight,
-    which ``cached_lora_casts(model, packed_base=True)`` then decodes with. Returns the bytes the
-    copies take. Done up front so the first generation does not pay for it and a memory plan
-    made afterwards sees it."""
-    layers = packable_layers(model)
+def mergeable_layers(model) -> list:
+    """The fused layers of ``model`` whose adapter ``merged_linear`` can merge into a float32 copy:
+    a ``packable_base`` and a plain single adapter."""
+    return [layer for layer in packable_layers(model) if plain_adapter(layer) is not None]
+
+
+def merged_linear(layer, packed: bool):
+    """``x -> x (W + s B A)^T + b`` for a layer of ``mergeable_layers``: a float32 copy of the base
+    weight with the active adapter merged in (one product per decode step instead of the base's,
+    A's, B's and the add), in oneDNN's packed layout where ``packed`` (``prepared_linear``).
+    Kept on the layer and made again only when the base, A, B or the scale changed
+    (``weights_stamp``; ``cached_lora_casts`` also compares A and B with the values the copy was
+    made from, which catches a write through ``.data``): once per optimizer step, not per
+    generation or decode step. Float32 only: rounded to bf16, W + s B A would lose most of a
+    small adapter's update."""
+    import torch
+
+    name = plain_adapter(layer)
+    base, a, b = layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight
+    key = (name, weights_stamp(base.weight, base.bias, a, b), layer.scaling[name], packed)
+    kept = layer.__dict__.get(_MERGED_COPY)
+    if kept is None or kept[0] != key:
+        layer.__dict__.pop(_MERGED_COPY, None)  # the stale copy is freed before the new one is made
+        kept = None
+        with torch.no_grad():
+            weight = torch.addmm(base.weight, b * layer.scaling[name], a)
+            bias = None if base.bias is None else base.bias.detach()
+            made_from = (a.detach().clone(), b.detach().clone())  # r x (in + out) floats
+        kept = layer.__dict__[_MERGED_COPY] = (key, prepared_linear(weight, bias, packed), made_from)
+    return kept[1]
+
+
+def _drop_changed_merged_copy(layer) -> None:
+    """Forget ``layer``'s merged copy when its adapter's values differ from those it was made from
+    (a write through ``.data`` keeps the version counter): a few ms per generation for SmolLM2."""
+    import torch
+
+    kept = layer.__dict__.get(_MERGED_COPY)
+    name = plain_adapter(layer)
+    if kept is None or name is None:
+        return
+    a, b = kept[2]
+    if not (torch.equal(a, layer.lora_A[name].weight) and torch.equal(b, layer.lora_B[name].weight)):
+        del layer.__dict__[_MERGED_COPY]
+
+
+def prepare_decode_weights(model, packed: bool, merged: bool) -> int:
+    """Make (and keep) the float32 copies ``cached_lora_casts(model, packed, merged)`` decodes
+    with: each mergeable layer's merged weight where ``merged``, else each packable layer's base
+    weight in oneDNN's packed layout where ``packed``. Returns the bytes the copies take. Done up
+    front so the first generation does not pay for it and a memory plan made afterwards sees it."""
+    layers = mergeable_layers(model) if merged else packable_layers(model) if packed else []
     for layer in layers:
-        float32_linear(layer.base_layer)
+        if merged:
+            merged_linear(layer, packed)
+        else:
+            float32_linear(layer.base_layer)
     return packed_copy_bytes(layers)
 
 
 @contextlib.contextmanager
-def cached_lora_casts(model, packed_base: bool = False):
+def cached_lora_casts(model, packed_base: bool = False, merged: bool = False):
     """Inside: the fused LoRA layers of ``model`` cast their weights once, not per call, in
     calls that record no gradient (generation). Dropped on exit, so nothing is kept between
     generations and a training step never sees a cached cast. A no-op for a model without
@@ -124,12 +192,21 @@ def cached_lora_casts(model, packed_base: bool = False):
     ``packed_base``: those calls also take the frozen base layer's product through its packed
     float32 copy (``float32_linear``, kept on the base layer across generations) where the base
     is a plain float32 CPU weight. A decode step's small-batch products run faster in oneDNN's
-    packed layout than through ``F.linear``'s MKL sgemm (docs/benchmarks.md, "Session 7")."""
+    packed layout than through ``F.linear``'s MKL sgemm (docs/benchmarks.md, "Session 7").
+
+    ``merged``: those calls instead take the whole layer's product through ``merged_linear`` (packed
+    where ``packed_base``) where the base is a plain float32 CPU weight: one product per layer
+    instead of four ops (docs/benchmarks.md, "Session 8")."""
     layers = fused_layers(model)
     for layer in layers:
-        layer.__dict__[_CAST_CACHE] = {}
-        if packed_base and packable_base(layer):
-            layer.__dict__[_CAST_CACHE][_PACKED_BASE] = float32_linear(layer.base_layer)
+        cache = layer.__dict__[_CAST_CACHE] = {}
+        if not packable_base(layer):
+            continue
+        if merged:
+            cache[_MERGED] = packed_base
+            _drop_changed_merged_copy(layer)
+        elif packed_base:
+            cache[_PACKED_BASE] = float32_linear(layer.base_layer)
     try:
         yield
     finally:

@@ -5,7 +5,8 @@ oneDNN can pack it once (``torch.ops.mkldnn``, what ``torch.compile``'s CPU back
 with). For a frozen weight the packed copy is made once and kept on the module, keyed by the
 weight's identity, storage and version (``weights_stamp``), so a replaced or in-place-updated
 weight is never served stale. Used for the LM head's float32 logits (``grpo.logprobs``, the HF
-engine) and, while decoding on CPU, for the base linears under LoRA (``grpo.fused_lora``).
+engine) and, while decoding on CPU, for the base linears under LoRA or the merged LoRA weights
+(``grpo.fused_lora``).
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ def float32_linear(linear) -> Callable[[torch.Tensor], torch.Tensor]:
     key = weights_stamp(weight, bias)
     cached = linear.__dict__.get("_grpo_float32_linear")
     if cached is None or cached[0] != key:
-        cached = (key, _prepared_linear(weight.detach().float(), None if bias is None else bias.detach().float()))
+        cached = (key, prepared_linear(weight.detach().float(), None if bias is None else bias.detach().float()))
         linear.__dict__["_grpo_float32_linear"] = cached  # a plain attribute: not a parameter, buffer or state
     return cached[1]
 
 
-def _prepared_linear(w32: torch.Tensor, b32: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def prepared_linear(w32: torch.Tensor, b32: torch.Tensor | None,
+                    packed: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x w32^T + b32``: through oneDNN's packed copy of ``w32`` where ``packed`` and torch
+    has the ops (and they agree with ``F.linear`` on a probe), else ``F.linear`` on ``w32``."""
     plain = partial(torch.nn.functional.linear, weight=w32, bias=b32)
-    if w32.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if not packed or w32.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return plain
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w32, 512)

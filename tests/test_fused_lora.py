@@ -165,6 +165,140 @@ def test_packed_base_weights_decode_the_same_and_only_without_gradients(tiny_mod
     assert len(calls) > 0
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_merged_weights_decode_the_same_and_only_without_gradients(tiny_model_dir, packed, monkeypatch):
+    """rollout.merged_weights: the HF engine decodes through one float32 copy of W + s B A per
+    layer (neither the base layer nor the adapter runs), with the plain path's tokens and
+    log-probs to float rounding; a pass recording gradients inside the context runs both."""
+    from grpo.engines.base import SamplingParams
+    from grpo.engines.hf import HFEngine
+    from grpo.fused_lora import cached_lora_casts
+    from transformers import AutoTokenizer
+
+    model = _policy(tiny_model_dir)
+    use_fused_lora(model, "fused")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    from grpo import fused_lora
+
+    base_calls, lora_calls = _base_calls(model), []
+    cached_casts = fused_lora._cached_casts  # every no-grad adapter product fetches its casts here
+
+    def counted(*args):
+        lora_calls.append(1)
+        return cached_casts(*args)
+
+    monkeypatch.setattr(fused_lora, "_cached_casts", counted)
+    params = SamplingParams(n=3, max_new_tokens=6, temperature=1.0)
+    out = {}
+    for merged in (False, True):
+        base_calls.clear(), lora_calls.clear()
+        engine = HFEngine(model, tok, packed_weights=packed, merged_weights=merged)
+        out[merged] = engine.generate(PROMPTS, params, prompt_seeds=[1, 2])
+        assert (len(lora_calls) == 0) == merged and (len(base_calls) == 0) == (merged or packed)
+    for g_plain, g_merged in zip(out[False], out[True]):
+        for a, b in zip(g_plain, g_merged):
+            assert a.token_ids == b.token_ids
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-4)
+    base_calls.clear()
+    with cached_lora_casts(model, packed_base=packed, merged=True):
+        _logprobs_and_grads(model)  # a training pass: gradients on
+    assert len(base_calls) > 0
+
+
+def test_merged_copy_is_kept_until_the_adapter_changes(tiny_model_dir):
+    """The merged copy is made once and served until the base, A, B or the scale changes (an
+    optimizer step, ``load_state_dict``, a replaced ``.data``); then the next call sees exactly
+    the new adapter. The copy outlives the context (made once per step, not per generation)."""
+    from grpo.fused_lora import _MERGED_COPY, cached_lora_casts, fused_layers
+
+    model = _policy(tiny_model_dir)
+    use_fused_lora(model, "fused")
+    model.eval()
+    layer = fused_layers(model)[0]
+    name = layer.active_adapters[0]
+    x = torch.randn(3, layer.in_features)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    opt = torch.optim.SGD(lora, lr=0.5)
+
+    def plain():  # the unmerged product, outside the context
+        with torch.no_grad():
+            return layer(x)
+
+    def merged():
+        with torch.no_grad(), cached_lora_casts(model, merged=True):
+            return layer(x)
+
+    first = merged()
+    copy = layer.__dict__[_MERGED_COPY]
+    torch.testing.assert_close(first, plain(), rtol=1e-5, atol=1e-5)
+    merged()
+    assert layer.__dict__[_MERGED_COPY] is copy  # served, not made again
+    model(input_ids=torch.tensor([[1, 10, 11]])).logits.pow(2).mean().backward()
+    opt.step()
+    stepped = merged()
+    assert layer.__dict__[_MERGED_COPY] is not copy
+    assert not torch.allclose(stepped, first)
+    torch.testing.assert_close(stepped, plain(), rtol=1e-5, atol=1e-5)
+    layer.lora_B[name].weight.data = torch.zeros_like(layer.lora_B[name].weight)  # new storage, no version bump
+    torch.testing.assert_close(merged(), torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias),
+                               rtol=1e-6, atol=1e-6)
+    layer.lora_B[name].weight.data.fill_(0.1)
+    filled = merged()
+    torch.testing.assert_close(filled, plain(), rtol=1e-5, atol=1e-5)
+    layer.scaling[name] *= 2  # a new scale alone: made again too
+    assert not torch.allclose(merged(), filled)
+    torch.testing.assert_close(merged(), plain(), rtol=1e-5, atol=1e-5)
+
+
+def test_merged_weights_leave_dropout_in_training_mode_to_the_adapter(tiny_model_dir):
+    """A model left in training mode with LoRA dropout keeps the stochastic adapter path (a merged
+    weight cannot drop the adapter's inputs); in eval mode dropout is off and the copy applies."""
+    from grpo.fused_lora import _MERGED_COPY, cached_lora_casts, fused_layers
+
+    model = _policy(tiny_model_dir, dropout=0.5)
+    use_fused_lora(model, "fused")
+    layer = fused_layers(model)[0]
+    x = torch.randn(4, layer.in_features)
+    model.train()
+    with torch.no_grad(), cached_lora_casts(model, merged=True):
+        torch.manual_seed(1)
+        a = layer(x)
+        torch.manual_seed(2)
+        b = layer(x)
+    assert not torch.equal(a, b) and _MERGED_COPY not in layer.__dict__
+    model.eval()
+    with torch.no_grad(), cached_lora_casts(model, merged=True):
+        layer(x)
+    assert _MERGED_COPY in layer.__dict__
+
+
+def test_merged_weights_setting_rules(tiny_model_dir, monkeypatch):
+    from grpo import build
+
+    model = _policy(tiny_model_dir)
+    assert not build.use_merged_weights("auto", model)  # peft's own forward: nothing to merge into
+    use_fused_lora(model, "fused")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # unlike packed_weights, it pays at one thread too
+        assert build.use_merged_weights("auto", model) and build.use_merged_weights(True, model)
+    finally:
+        torch.set_num_threads(threads)
+    assert not build.use_merged_weights(False, model)
+    assert not build.use_merged_weights("auto", model, sharded=True)
+    with pytest.raises(UserError, match="rollout.merged_weights=true .*FSDP2"):
+        build.use_merged_weights(True, model, sharded=True)
+    monkeypatch.setattr("grpo.memory.mem_available", lambda meminfo="/proc/meminfo": 1000)
+    assert not build.use_merged_weights("auto", model) and build.use_merged_weights(True, model)
+    bf16 = _policy(tiny_model_dir, dtype=torch.bfloat16)  # rounded to bf16, W + s B A loses the update
+    use_fused_lora(bf16, "fused")
+    assert not build.use_merged_weights("auto", bf16)
+    with pytest.raises(UserError, match="rollout.merged_weights=true needs .*float32 base weights"):
+        build.use_merged_weights(True, bf16)
+    with model.disable_adapter():  # no plain active adapter: nothing to merge
+        assert not build.use_merged_weights("auto", model)
+
+
 @pytest.fixture()
 def two_threads():
     threads = torch.get_num_threads()

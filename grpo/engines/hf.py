@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from grpo.engines.base import Completion, SamplingParams
-from grpo.fused_lora import cached_lora_casts, pack_base_weights
+from grpo.fused_lora import cached_lora_casts, prepare_decode_weights
 from grpo.logprobs import fast_head_agrees, split_head
 from grpo.prepared_linear import float32_linear
 
@@ -147,12 +147,13 @@ class HFEngine:
     samples_greedy_alongside = True  # SamplingParams.plus_greedy: a greedy row per prompt in the same batch
 
     def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_size: int = 256, float32_head: bool = True,
-                 packed_weights: bool = False):
+                 packed_weights: bool = False, merged_weights: bool = False):
         self.model = model
-        # decode through packed float32 copies of the LoRA layers' base weights, made here, once
-        self.packed_weights = packed_weights
-        if packed_weights:
-            pack_base_weights(model)
+        # decode through float32 copies of the LoRA layers' weights (adapter merged in and/or in
+        # oneDNN's packed layout: grpo.fused_lora), made here first, so a memory plan sees them
+        self.packed_weights, self.merged_weights = packed_weights, merged_weights
+        if packed_weights or merged_weights:
+            prepare_decode_weights(model, packed_weights, merged_weights)
         self.float32_head = float32_head  # False: the model's own logits, whatever its dtype
         self._head: tuple | None = None  # (backbone, head) once checked, when the float32 head applies
         self._head_checked = False
@@ -189,7 +190,8 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with cached_lora_casts(self.model, self.packed_weights):  # the weights cannot change while generating
+            # the weights cannot change while generating
+            with cached_lora_casts(self.model, self.packed_weights, self.merged_weights):
                 self._logits = self._logit_function(prompts[0])
                 for start in range(0, len(prompts), per_chunk):
                     streams = None
