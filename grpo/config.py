@@ -165,11 +165,11 @@ class RolloutConfig:
     merged_weights: bool | Literal["auto"] = opt(
         "auto", "hf engine on CPU: decode through a float32 copy of each LoRA layer's weight with its adapter merged "
                 "in (W + s B A: one product per layer and token instead of four ops), made again when the adapter "
-                "changes (once per step; 0.3 s for SmolLM2), in oneDNN's packed layout when packed_weights is on "
+                "changes (once per step; 0.3-0.5 s for SmolLM2), in oneDNN's packed layout when packed_weights is on "
                 "(then it replaces that copy); same tokens to float rounding: true, false, or auto: on when the copy "
                 "takes at most a tenth of MemAvailable (shared by this machine's ranks; SmolLM2, AVX2 CPU: "
-                "generation 1.18x faster at 1 thread, 1.26x at 2, docs/benchmarks.md); float32 CPU weights, plain "
-                "LoRA and model.lora_kernel=fused only, never under FSDP2")
+                "generation 1.06x faster than plain at 1 thread, 1.1-1.3x at 2, docs/benchmarks.md); float32 CPU "
+                "weights, plain LoRA and model.lora_kernel=fused only, never under FSDP2")
     dynamic_sampling: bool = opt(
         False, "DAPO dynamic sampling with backfill: roll out further rounds of prompts_per_step prompts until "
                "the batch holds prompts_per_step groups whose rewards differ (up to max_sampling_rounds)")
