@@ -83,7 +83,7 @@ def plain_adapter(layer) -> str | None:
 _CAST_CACHE = "_grpo_lora_cast_cache"  # instance attribute of a fused layer, set only by cached_lora_casts
 _PACKED_BASE = "packed base"  # the cache's entry for the base layer's prepared float32 linear
 _MERGED = "merged"  # the cache's entry when decoding through the merged weight: whether that copy is packed
-_MERGED_COPY = "_grpo_merged_linear"  # instance attribute of a fused layer: (stamp, merged linear), kept
+_MERGED_COPY = "_grpo_merged_linear"  # instance attribute of a fused layer, kept: (key, linear, (A, B) made from)
 
 
 def _cached_casts(cache: dict, name: str, weight_a, weight_b, scaling: float, a_dtype, b_dtype):
