@@ -161,12 +161,12 @@ def _decode_copy_layers(key: str, setting: bool | str, model, sharded: bool, eli
 def _decode_copy_fits(layers) -> bool:
     """The float32 copy of these layers' weights takes at most DECODE_COPY_MAX_SHARE of the
     MemAvailable this rank may count on (torchrun's ranks on this machine share it)."""
-    from grpo.fused_lora import packed_copy_bytes
+    from grpo.fused_lora import decode_copy_bytes
     from grpo.memory import free_bytes
 
     try:
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        return packed_copy_bytes(layers) <= DECODE_COPY_MAX_SHARE * free_bytes("cpu", ranks_here)
+        return decode_copy_bytes(layers) <= DECODE_COPY_MAX_SHARE * free_bytes("cpu", ranks_here)
     except UserError:  # MemAvailable unknown (not Linux): no extra copy
         return False
 

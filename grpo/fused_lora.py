@@ -54,7 +54,7 @@ def fused_lora_forward(self, x, *args, **kwargs):
     if cache is not None and not torch.is_grad_enabled():
         dropout_off = not self.training or isinstance(self.lora_dropout[name], torch.nn.Identity)
         if _MERGED in cache and x.dtype == torch.float32 and dropout_off:
-            return merged_linear(self, packed=cache[_MERGED])(x)
+            return merged_linear(self, packed=cache[_MERGED], name=name)(x)
     packed = None if cache is None or torch.is_grad_enabled() else cache.get(_PACKED_BASE)
     out = packed(x) if packed is not None and x.dtype == torch.float32 else self.base_layer(x)
     if cache is not None and not torch.is_grad_enabled():
@@ -117,8 +117,8 @@ def packable_layers(model) -> list:
     return [layer for layer in fused_layers(model) if packable_base(layer)]
 
 
-def packed_copy_bytes(layers) -> int:
-    """Memory the packed float32 copies of these layers' base weights take."""
+def decode_copy_bytes(layers) -> int:
+    """Memory one float32 decode copy (packed or merged) of these layers' base weights takes."""
     return sum(layer.base_layer.weight.numel() * 4 for layer in layers)
 
 
@@ -128,7 +128,7 @@ def mergeable_layers(model) -> list:
     return [layer for layer in packable_layers(model) if plain_adapter(layer) is not None]
 
 
-def merged_linear(layer, packed: bool):
+def merged_linear(layer, packed: bool, name: str | None = None):
     """``x -> x (W + s B A)^T + b`` for a layer of ``mergeable_layers``: a float32 copy of the base
     weight with the active adapter merged in (one product per decode step instead of the base's,
     A's, B's and the add), in oneDNN's packed layout where ``packed`` (``prepared_linear``).
@@ -136,10 +136,11 @@ def merged_linear(layer, packed: bool):
     (``weights_stamp``; ``cached_lora_casts`` also compares A and B with the values the copy was
     made from, which catches a write through ``.data``): once per optimizer step, not per
     generation or decode step. Float32 only: rounded to bf16, W + s B A would lose most of a
-    small adapter's update."""
+    small adapter's update. ``name``: the layer's ``plain_adapter``, when the caller has it (the
+    decode path, once per layer and token)."""
     import torch
 
-    name = plain_adapter(layer)
+    name = name or plain_adapter(layer)
     base, a, b = layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight
     key = (name, weights_stamp(base.weight, base.bias, a, b), layer.scaling[name], packed)
     kept = layer.__dict__.get(_MERGED_COPY)
@@ -179,7 +180,7 @@ def prepare_decode_weights(model, packed: bool, merged: bool) -> int:
             merged_linear(layer, packed)
         else:
             float32_linear(layer.base_layer)
-    return packed_copy_bytes(layers)
+    return decode_copy_bytes(layers)
 
 
 @contextlib.contextmanager

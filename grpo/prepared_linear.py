@@ -50,10 +50,10 @@ def prepared_linear(w32: torch.Tensor, b32: torch.Tensor | None,
     if not packed or w32.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return plain
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w32, 512)
+        w_packed = torch.ops.mkldnn._reorder_linear_weight(w32, 512)
 
         def onednn(x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b32, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w_packed, b32, "none", [], "")
 
         probe = torch.linspace(-1, 1, 2 * w32.shape[1]).view(2, -1)
         if not torch.allclose(onednn(probe), plain(probe), rtol=1e-4, atol=1e-4):
