@@ -11,6 +11,22 @@ vocabulary, one thread of a busy 2-core machine): 18.5 -> 5.7 ms per token in bf
 22.0 -> 5.0 ms in fp32 with these thresholds; at the level of a whole GRPO step the gain was
 within that machine's noise and peak RSS rose by 70-420 MB (docs/benchmarks.md, "Generation").
 
+The update faults for the same two reasons at a larger scale. Each LM-head chunk's logits
+(512 tokens x 49k x 4 bytes = 100 MB for SmolLM2) and its exponentials are above a 64 MiB
+threshold, so they were fresh ``mmap``s on every chunk; and the gigabytes a policy
+forward keeps for backward are freed at the heap's top when backward ends, where a 256 MiB
+trim threshold handed them back to the kernel, so the next pass faulted them in again
+(150-390 thousand faults, 0.5-1.5 s of kernel time per one-thread policy pass of 4 prompts x
+G=8 x 64 tokens). Hence a 256 MiB mmap threshold (a chunk's logits for vocabularies up to
+131k stay on the heap) and no trimming (mallopt(3): -1; it takes a C int, so no threshold
+above 2 GiB could be given instead): the heap keeps the size the step reached, which a
+training loop reaches again every step anyway. The step benchmark with the two settings in
+alternating worker processes (``--prompts 4 --group 8 --tokens 64 --threads 1``; docs/benchmarks.md,
+"Session 10"): 15.33 -> 14.61 s per step on a CPU with AMX (bf16 base), 38.51 -> 36.77 s on one
+without bf16 (float32 base, Session 9, with the trim threshold at 8 GiB); peak RSS rose by
+5-12 % (3950 -> 4411 MB, 6194 -> 6485 MB): blocks up to 256 MiB reused from the heap fragment it
+more.
+
 The allocation policy changes no arithmetic: the same numbers come out, sooner.
 """
 
@@ -22,8 +38,8 @@ import platform
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 64 << 20  # blocks below 64 MiB come from the heap and are reused
-TRIM_THRESHOLD = 256 << 20  # up to 256 MiB free at the heap's top stays with the process
+MMAP_THRESHOLD = 256 << 20  # blocks below 256 MiB come from the heap and are reused
+TRIM_THRESHOLD = -1  # never give the heap's free top back (mallopt(3): -1 disables trimming)
 ENV_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
