@@ -99,8 +99,8 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.T
                     linear32: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """(log pi(target), entropy or None) for n positions; float32 logits from float32 inputs.
 
-    ``linear32``: the head as a float32 map prepared once for all chunks (CPU,
-    ``float32_linear``); else the weight is cast here, per chunk, so no float32 copy of it
+    ``linear32``: the head as a float32 map of the hidden states as they are (float32 or bf16),
+    prepared once for all chunks (CPU, ``float32_linear``); else the weight is cast here, per chunk, so no float32 copy of it
     outlives the chunk (CUDA, where memory is the limit)."""
     # float32 head (a no-op for float32 models): a bf16 model's logits would otherwise be rounded before
     # the log-softmax
@@ -110,9 +110,13 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.T
         logits = torch.nn.functional.linear(hidden.float(), weight.float(), bias32)
     else:
         if linear32 is None:
-            linear32 = partial(torch.nn.functional.linear, weight=weight.float(), bias=bias32)
-        logits = Float32Head.apply(hidden, linear32, weight) if torch.is_grad_enabled() else linear32(hidden.float())
+            linear32 = partial(_upcast_linear, weight=weight.float(), bias=bias32)
+        logits = Float32Head.apply(hidden, linear32, weight) if torch.is_grad_enabled() else linear32(hidden)
     return SampledLogProb.apply(logits, targets, temperature, with_entropy)
+
+
+def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x.float(), weight, bias)
 
 
 class Float32Head(torch.autograd.Function):
@@ -131,7 +135,7 @@ class Float32Head(torch.autograd.Function):
     def forward(ctx, hidden, linear32, weight):
         ctx.save_for_backward(weight)
         ctx.hidden_dtype = hidden.dtype
-        return linear32(hidden.float())
+        return linear32(hidden)  # float32 logits from the hidden states as they are
 
     @staticmethod
     def backward(ctx, grad):

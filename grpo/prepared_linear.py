@@ -11,6 +11,8 @@ engine) and, while decoding on CPU, for the base linears under LoRA or the merge
 
 from __future__ import annotations
 
+import contextlib
+import time
 from functools import partial
 from typing import Callable
 
@@ -24,7 +26,8 @@ def weights_stamp(*tensors) -> tuple:
 
 
 def float32_linear(linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> x W^T + b`` in float32 for a frozen CPU linear (``x`` float32), prepared once per weight.
+    """``x -> x W^T + b`` in float32 for a frozen CPU linear, prepared once per weight; ``x`` float32
+    or bfloat16 (upcast here), the result float32.
 
     The float32 copy of the weight is kept on the module until the weight changes (its
     identity, storage and version): in oneDNN's packed layout where torch has it
@@ -32,14 +35,87 @@ def float32_linear(linear) -> Callable[[torch.Tensor], torch.Tensor]:
     On this project's CPU (1 thread) a (512, 576) x (576, 49152) product took 358 ms packed vs
     525 ms through ``F.linear``, a 32-row one (a decode step) 24 vs 49-58 ms, with the same
     numbers to float rounding (docs/benchmarks.md). SmolLM2's head copy is 113 MB.
+
+    A bf16 weight times a bf16 ``x`` (a bf16 backbone's hidden states) runs as oneDNN's bf16
+    products with float32 accumulation and a float32 result (``bf16_products``) where that
+    measured faster for this weight: the same float32 function, since the product of two bf16
+    numbers is exact in float32, only the summation order differs. On a CPU with AMX (1 thread)
+    SmolLM2's head took 7.0 instead of 12.5 ms at 32 rows and 83 instead of 180 ms at 512, and
+    came closer to the float64 product (1.3e-6 vs 2.8e-6 off); docs/benchmarks.md, "Session 10".
     """
     weight, bias = linear.weight, getattr(linear, "bias", None)
     key = weights_stamp(weight, bias)
     cached = linear.__dict__.get("_grpo_float32_linear")
     if cached is None or cached[0] != key:
-        cached = (key, prepared_linear(weight.detach().float(), None if bias is None else bias.detach().float()))
+        w32, b32 = weight.detach().float(), None if bias is None else bias.detach().float()
+        fn32 = prepared_linear(w32, b32)
+        exact_bf16 = weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)
+        cached = (key, _with_bf16_products(fn32) if exact_bf16 and bf16_products_pay(fn32, w32) else _upcast(fn32))
         linear.__dict__["_grpo_float32_linear"] = cached  # a plain attribute: not a parameter, buffer or state
     return cached[1]
+
+
+def _upcast(fn32):
+    return lambda x: fn32(x.float())
+
+
+def _with_bf16_products(fn32):
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:  # a float32 x need not be bf16-valued: plain float32 products
+            return fn32(x.float())
+        with bf16_products():
+            return fn32(x.float())
+    return fn
+
+
+BF16_PRODUCTS_MIN_SPEEDUP = 1.2  # what ``bf16_products`` must gain to be used (grpo.precision's margin)
+BF16_PRODUCTS_MIN_WEIGHT = 1 << 20  # elements; below this the timing is noise and the gain nothing
+
+
+@contextlib.contextmanager
+def bf16_products():
+    """Inside: oneDNN may run float32 CPU matmuls as bf16 products accumulated in float32
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``), which is exact only when both
+    operands are bf16 numbers, so callers enter it only for those. Process-wide while inside."""
+    matmul = torch.backends.mkldnn.matmul
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
+
+
+def bf16_products_pay(fn32: Callable[[torch.Tensor], torch.Tensor], w32: torch.Tensor) -> bool:
+    """Whether ``fn32`` (a prepared float32 linear of the bf16-valued ``w32``) runs at least
+    ``BF16_PRODUCTS_MIN_SPEEDUP`` times faster on bf16-valued rows under ``bf16_products``, with
+    the same numbers to float32 rounding: measured once per weight on a decode step's 32 rows
+    (a few ms for SmolLM2's head), never assumed from CPU flags."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if (w32.device.type != "cpu" or w32.numel() < BF16_PRODUCTS_MIN_WEIGHT or matmul is None
+            or not hasattr(matmul, "fp32_precision") or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    x = torch.linspace(-2, 2, 32 * w32.shape[1]).view(32, -1).bfloat16().float()
+
+    def best(run) -> float:
+        run()  # warm-up: first call picks and caches the kernel
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def fast():
+        with bf16_products():
+            return fn32(x)
+    try:
+        ref, got = fn32(x), fast()
+        if not torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())):
+            return False
+        return best(lambda: fn32(x)) >= BF16_PRODUCTS_MIN_SPEEDUP * best(fast)
+    except (RuntimeError, NotImplementedError):  # a torch or oneDNN without the mode
+        return False
 
 
 def prepared_linear(w32: torch.Tensor, b32: torch.Tensor | None,

@@ -252,7 +252,7 @@ def test_float32_head_forward_is_float32_linear_and_backward_is_bf16_matmul():
 
     w, h, _ = _bf16_head_inputs()
     hx = h.detach().requires_grad_(True)
-    logits = Float32Head.apply(hx, partial(torch.nn.functional.linear, weight=w.float()), w)
+    logits = Float32Head.apply(hx, lambda x: torch.nn.functional.linear(x.float(), w.float()), w)
     assert logits.dtype == torch.float32
     assert torch.equal(logits, torch.nn.functional.linear(h.float(), w.float()))
     up = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
@@ -314,3 +314,36 @@ def test_float32_linear_is_float32_linear_prepared_once_and_refreshed_when_the_w
     torch.testing.assert_close(float32_linear(head)(x), torch.nn.functional.linear(x, head.weight.float(),
                                                                                    head.bias.float()), rtol=1e-5, atol=1e-5)
     assert "_grpo_float32_linear" not in head.state_dict()
+
+
+def test_bf16_products_give_the_float32_head_for_bf16_inputs_only(monkeypatch):
+    """float32_linear of a bf16 head, where bf16 products are measured to pay: bf16 hidden states
+    give the float32 product (float64's within float32 rounding); float32 hidden states that are
+    not bf16 numbers still get plain float32 products, never rounded to bf16; the process-wide
+    mode is restored after each call."""
+    from grpo import prepared_linear as pl
+
+    monkeypatch.setattr(pl, "bf16_products_pay", lambda fn32, w32: True)
+    g = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(64, 301, bias=False).bfloat16().requires_grad_(False)
+    head.weight.data.copy_(torch.randn(301, 64, generator=g))
+    fn = pl.float32_linear(head)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    h = torch.randn(32, 64, generator=g).bfloat16()
+    ref = h.double() @ head.weight.double().T
+    got = fn(h)
+    assert got.dtype == torch.float32 and torch.backends.mkldnn.matmul.fp32_precision == before
+    assert (got.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    x = torch.randn(32, 64, generator=g)  # not bf16-valued: bf16 products would be off by ~1e-3
+    ref = x.double() @ head.weight.double().T
+    assert (fn(x).double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def test_bf16_products_are_not_tried_on_small_weights():
+    """bf16_products_pay says no below BF16_PRODUCTS_MIN_WEIGHT, where a timing would be noise:
+    a tiny model's head keeps plain float32 products on every machine, so tests agree everywhere."""
+    from grpo.prepared_linear import BF16_PRODUCTS_MIN_WEIGHT, bf16_products_pay, prepared_linear
+
+    w32 = torch.randn(97, 24).bfloat16().float()
+    assert w32.numel() < BF16_PRODUCTS_MIN_WEIGHT
+    assert not bf16_products_pay(prepared_linear(w32, None), w32)

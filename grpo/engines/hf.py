@@ -29,7 +29,6 @@ then does.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -226,12 +225,14 @@ class HFEngine:
         if head.weight.device.type == "cpu":  # prepared once per weight, kept (grpo.logprobs.float32_linear)
             linear = float32_linear(head)
         else:  # cast once per call: no float32 copy outlives the generation on a GPU
-            linear = partial(torch.nn.functional.linear, weight=head.weight.float(),
-                             bias=None if head.bias is None else head.bias.float())
+            w32, b32 = head.weight.float(), None if head.bias is None else head.bias.float()
+
+            def linear(x):
+                return torch.nn.functional.linear(x.float(), w32, b32)
 
         def forward(**inputs):
             out = backbone(**inputs, use_cache=True)
-            return out.past_key_values, linear(out.last_hidden_state[:, -1, :].float())
+            return out.past_key_values, linear(out.last_hidden_state[:, -1, :])  # float32 logits
         return forward
 
     def sync_weights(self) -> None:
