@@ -118,16 +118,25 @@ DECODE_COPY_MAX_SHARE = 0.1  # of MemAvailable, for rollout.packed_weights / mer
 
 
 def use_packed_weights(setting: bool | str, model, sharded: bool = False) -> bool:
-    """``rollout.packed_weights``: whether the HF engine decodes through float32 copies of the LoRA
-    layers' weights in oneDNN's packed layout (``grpo.fused_lora.cached_lora_casts``)."""
+    """``rollout.packed_weights``: whether the HF engine decodes through copies of the LoRA layers'
+    base weights in oneDNN's packed layout (``grpo.fused_lora.cached_lora_casts``). ``auto``: for
+    float32 weights at 2 or more threads (at one, MKL's sgemm is as fast: docs/benchmarks.md,
+    "Session 7"); for bf16 weights where a timing of the largest one at a decode step's rows
+    says the packed product is faster (``grpo.prepared_linear.packing_pays``; 1.27x for
+    SmolLM2's at one thread of a CPU with AMX, "Session 10"); either only when the copy fits."""
     import torch
 
     from grpo.fused_lora import packable_layers
+    from grpo.prepared_linear import packing_pays
 
     layers = _decode_copy_layers("packed_weights", setting, model, sharded, packable_layers)
     if setting is True or not layers:
         return bool(layers)
-    if torch.get_num_threads() < 2:  # one thread: MKL's sgemm is as fast (docs/benchmarks.md, "Session 7")
+    bf16 = [layer.base_layer.weight for layer in layers if layer.base_layer.weight.dtype == torch.bfloat16]
+    if bf16:
+        if not packing_pays(max(bf16, key=lambda w: w.numel())):
+            return False
+    elif torch.get_num_threads() < 2:
         return False
     return _decode_copy_fits(layers)
 
@@ -153,13 +162,14 @@ def _decode_copy_layers(key: str, setting: bool | str, model, sharded: bool, eli
         return []
     layers = eligible(model)
     if setting is True and not layers:
-        raise UserError(f"rollout.{key}=true needs LoRA layers with float32 base weights on CPU and "
+        kind = "float32 or bfloat16" if key == "packed_weights" else "float32"
+        raise UserError(f"rollout.{key}=true needs LoRA layers with {kind} base weights on CPU and "
                         f"model.lora_kernel=fused; set rollout.{key}=auto or false")
     return layers
 
 
 def _decode_copy_fits(layers) -> bool:
-    """The float32 copy of these layers' weights takes at most DECODE_COPY_MAX_SHARE of the
+    """The decode copy of these layers' weights takes at most DECODE_COPY_MAX_SHARE of the
     MemAvailable this rank may count on (torchrun's ranks on this machine share it)."""
     from grpo.fused_lora import decode_copy_bytes
     from grpo.memory import free_bytes

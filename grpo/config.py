@@ -156,12 +156,13 @@ class RolloutConfig:
     ignore_eos: bool = opt(False, "always generate max_new_tokens tokens (fixed-length benchmarks)")
     max_batch_size: int = opt(256, "most sequences decoded at once by the hf engine", ge=1)
     packed_weights: bool | Literal["auto"] = opt(
-        "auto", "hf engine on CPU: decode through a copy of the LoRA layers' float32 base weights kept in oneDNN's "
-                "packed layout (faster small-batch products, same tokens to float rounding; one more copy of those "
-                "weights in memory): true, false, or auto: on with 2 or more threads when the copy takes at most a "
-                "tenth of MemAvailable (shared by this machine's ranks; SmolLM2, AVX2 CPU, 2 threads: generation 1.13-1.16x faster for a 405 MB copy; "
-                "1 thread: 0.94x, MKL is as fast there; docs/benchmarks.md); float32 CPU weights and "
-                "model.lora_kernel=fused only, never under FSDP2")
+        "auto", "hf engine on CPU: decode through a copy of the LoRA layers' base weights (float32 or bf16) kept in "
+                "oneDNN's packed layout (faster small-batch products, same tokens to float rounding; one more copy of "
+                "those weights in memory): true, false, or auto: on when the copy takes at most a tenth of MemAvailable "
+                "(shared by this machine's ranks) and, for float32, with 2 or more threads (SmolLM2, AVX2 CPU, 2 threads: "
+                "generation 1.13-1.16x faster for a 405 MB copy; 1 thread: 0.94x, MKL is as fast there), for bf16 where "
+                "a timing of the largest weight says it pays (AMX CPU, 1 thread: 1.05x for a 212 MB copy; "
+                "docs/benchmarks.md); model.lora_kernel=fused only, never under FSDP2")
     merged_weights: bool | Literal["auto"] = opt(
         "auto", "hf engine on CPU: decode through a float32 copy of each LoRA layer's weight with its adapter merged "
                 "in (W + s B A: one product per layer and token instead of four ops), made again when the adapter "

@@ -26,10 +26,11 @@ inside the context and only serves calls that record no gradient; each entry is 
 the weights' ``_version`` and storage, so an in-place update inside the context (an optimizer
 step, ``load_state_dict``) is never served a stale cast.
 
-Two float32 CPU decode paths go further (``rollout.packed_weights``, ``rollout.merged_weights``):
-the base product through a oneDNN-packed copy of the base weight, or the whole layer through one
-copy of W + s B A (``merged_linear``), made again only when the adapter changes, so once per
-optimizer step. Both serve only calls that record no gradient; training never sees them.
+Two CPU decode paths go further (``rollout.packed_weights``, ``rollout.merged_weights``): the
+base product through a oneDNN-packed copy of the base weight (float32 or bf16), or, for a
+float32 base, the whole layer through one copy of W + s B A (``merged_linear``), made again only
+when the adapter changes, so once per optimizer step. Both serve only calls that record no
+gradient; training never sees them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import types
 
-from grpo.prepared_linear import float32_linear, prepared_linear, weights_stamp
+from grpo.prepared_linear import packed_linear, prepared_linear, weights_stamp
 
 LORA_KERNELS = ("fused", "peft")
 
@@ -56,7 +57,7 @@ def fused_lora_forward(self, x, *args, **kwargs):
         if _MERGED in cache and x.dtype == torch.float32 and dropout_off:
             return merged_linear(self, packed=cache[_MERGED], name=name)(x)
     packed = None if cache is None or torch.is_grad_enabled() else cache.get(_PACKED_BASE)
-    out = packed(x) if packed is not None and x.dtype == torch.float32 else self.base_layer(x)
+    out = packed(x) if packed is not None and x.dtype == self.base_layer.weight.dtype else self.base_layer(x)
     if cache is not None and not torch.is_grad_enabled():
         a, b = _cached_casts(cache, name, lora_a.weight, lora_b.weight, self.scaling[name], x.dtype, out.dtype)
     else:
@@ -103,13 +104,22 @@ def fused_layers(model) -> list:
 
 
 def packable_base(layer) -> bool:
-    """A fused layer's base is a plain float32 CPU weight (not a sharded DTensor, not quantized)
-    that ``float32_linear`` can keep a packed copy of."""
+    """A fused layer's base is a plain float32 or bfloat16 CPU weight (not a sharded DTensor, not
+    quantized) that ``packed_linear`` can keep a packed copy of."""
     import torch
 
     weight = getattr(layer.base_layer, "weight", None)
     return (type(layer.base_layer) is torch.nn.Linear and isinstance(weight, torch.nn.Parameter)
-            and type(weight.data) is torch.Tensor and weight.dtype == torch.float32 and weight.device.type == "cpu")
+            and type(weight.data) is torch.Tensor and weight.dtype in (torch.float32, torch.bfloat16)
+            and weight.device.type == "cpu")
+
+
+def mergeable_base(layer) -> bool:
+    """A ``packable_base`` in float32: rounded to bf16, W + s B A would lose most of a small
+    adapter's update, so only a float32 base takes ``merged_linear``."""
+    import torch
+
+    return packable_base(layer) and layer.base_layer.weight.dtype == torch.float32
 
 
 def packable_layers(model) -> list:
@@ -118,14 +128,15 @@ def packable_layers(model) -> list:
 
 
 def decode_copy_bytes(layers) -> int:
-    """Memory one float32 decode copy (packed or merged) of these layers' base weights takes."""
-    return sum(layer.base_layer.weight.numel() * 4 for layer in layers)
+    """Memory one decode copy (packed or merged) of these layers' base weights takes."""
+    weights = [layer.base_layer.weight for layer in layers]
+    return sum(w.numel() * w.element_size() for w in weights)
 
 
 def mergeable_layers(model) -> list:
     """The fused layers of ``model`` whose adapter ``merged_linear`` can merge into a float32 copy:
-    a ``packable_base`` and a plain single adapter."""
-    return [layer for layer in packable_layers(model) if plain_adapter(layer) is not None]
+    a ``mergeable_base`` and a plain single adapter."""
+    return [layer for layer in fused_layers(model) if mergeable_base(layer) and plain_adapter(layer) is not None]
 
 
 def merged_linear(layer, packed: bool, name: str | None = None):
@@ -170,16 +181,16 @@ def _drop_changed_merged_copy(layer) -> None:
 
 
 def prepare_decode_weights(model, packed: bool, merged: bool) -> int:
-    """Make (and keep) the float32 copies ``cached_lora_casts(model, packed, merged)`` decodes
-    with: each mergeable layer's merged weight where ``merged``, else each packable layer's base
-    weight in oneDNN's packed layout where ``packed``. Returns the bytes the copies take. Done up
+    """Make (and keep) the copies ``cached_lora_casts(model, packed, merged)`` decodes
+    with: each mergeable layer's float32 merged weight where ``merged``, else each packable
+    layer's base weight (float32 or bf16) in oneDNN's packed layout where ``packed``. Returns the bytes the copies take. Done up
     front so the first generation does not pay for it and a memory plan made afterwards sees it."""
     layers = mergeable_layers(model) if merged else packable_layers(model) if packed else []
     for layer in layers:
         if merged:
             merged_linear(layer, packed)
         else:
-            float32_linear(layer.base_layer)
+            packed_linear(layer.base_layer)
     return decode_copy_bytes(layers)
 
 
@@ -191,23 +202,22 @@ def cached_lora_casts(model, packed_base: bool = False, merged: bool = False):
     fused layers.
 
     ``packed_base``: those calls also take the frozen base layer's product through its packed
-    float32 copy (``float32_linear``, kept on the base layer across generations) where the base
-    is a plain float32 CPU weight. A decode step's small-batch products run faster in oneDNN's
-    packed layout than through ``F.linear``'s MKL sgemm (docs/benchmarks.md, "Session 7").
+    copy (``packed_linear``, kept on the base layer across generations) where the base is a
+    plain float32 or bf16 CPU weight. A decode step's small-batch products run faster in
+    oneDNN's packed layout than through ``F.linear``, which repacks the weight on every call
+    (docs/benchmarks.md, "Session 7"; bf16 on a CPU with AMX, "Session 10").
 
     ``merged``: those calls instead take the whole layer's product through ``merged_linear`` (packed
-    where ``packed_base``) where the base is a plain float32 CPU weight: one product per layer
+    where ``packed_base``) where the base is a plain float32 CPU weight (``mergeable_base``): one product per layer
     instead of four ops (docs/benchmarks.md, "Session 8")."""
     layers = fused_layers(model)
     for layer in layers:
         cache = layer.__dict__[_CAST_CACHE] = {}
-        if not packable_base(layer):
-            continue
-        if merged:
+        if merged and mergeable_base(layer):
             cache[_MERGED] = packed_base
             _drop_changed_merged_copy(layer)
-        elif packed_base:
-            cache[_PACKED_BASE] = float32_linear(layer.base_layer)
+        elif packed_base and packable_base(layer):
+            cache[_PACKED_BASE] = packed_linear(layer.base_layer)
     try:
         yield
     finally:

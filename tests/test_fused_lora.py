@@ -136,16 +136,20 @@ def _base_calls(model):
     return calls
 
 
-def test_packed_base_weights_decode_the_same_and_only_without_gradients(tiny_model_dir):
-    """rollout.packed_weights: the HF engine decodes through the base weights' packed float32
-    copies (no F.linear call of a base layer), with the tokens and log-probs of the plain path;
-    anything recording gradients inside the same context still runs the base layers."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_base_weights_decode_the_same_and_only_without_gradients(tiny_model_dir, dtype):
+    """rollout.packed_weights: the HF engine decodes through the base weights' packed copies in
+    their own dtype (no F.linear call of a base layer), with the tokens and log-probs of the plain
+    path; anything recording gradients inside the same context still runs the base layers."""
     from grpo.engines.base import SamplingParams
     from grpo.engines.hf import HFEngine
     from grpo.fused_lora import cached_lora_casts
     from transformers import AutoTokenizer
 
-    model = _policy(tiny_model_dir)
+    if dtype == torch.bfloat16 and not (torch.backends.mkldnn.is_available()
+                                        and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("oneDNN has no bf16 path on this CPU")
+    model = _policy(tiny_model_dir, dtype)
     use_fused_lora(model, "fused")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     calls = _base_calls(model)
@@ -329,8 +333,19 @@ def test_packed_weights_setting_rules(tiny_model_dir, monkeypatch, two_threads):
     assert not build.use_packed_weights("auto", model)
     monkeypatch.setattr("grpo.memory.mem_available", lambda meminfo="/proc/meminfo": 1000)
     assert not build.use_packed_weights("auto", model) and build.use_packed_weights(True, model)
-    bf16 = _policy(tiny_model_dir, dtype=torch.bfloat16)
+    monkeypatch.setattr("grpo.memory.mem_available", lambda meminfo="/proc/meminfo": 1 << 40)
+    bf16 = _policy(tiny_model_dir, dtype=torch.bfloat16)  # bf16: packed where a timing says it pays
     use_fused_lora(bf16, "fused")
-    assert not build.use_packed_weights("auto", bf16)
-    with pytest.raises(UserError, match="float32 base weights"):
-        build.use_packed_weights(True, bf16)
+    timed = []
+    monkeypatch.setattr("grpo.prepared_linear.packing_pays", lambda w, rows=32: timed.append(w) or True)
+    torch.set_num_threads(1)  # unlike float32, at one thread too
+    assert build.use_packed_weights("auto", bf16) and build.use_packed_weights(True, bf16)
+    largest = max((p for n, p in bf16.named_parameters() if "base_layer.weight" in n), key=lambda p: p.numel())
+    assert len(timed) == 1 and timed[0] is largest
+    monkeypatch.setattr("grpo.prepared_linear.packing_pays", lambda w, rows=32: False)
+    assert not build.use_packed_weights("auto", bf16) and build.use_packed_weights(True, bf16)
+    fp16 = _policy(tiny_model_dir, dtype=torch.float16)
+    use_fused_lora(fp16, "fused")
+    assert not build.use_packed_weights("auto", fp16)
+    with pytest.raises(UserError, match="float32 or bfloat16 base weights"):
+        build.use_packed_weights(True, fp16)
