@@ -40,9 +40,9 @@ def float32_linear(linear) -> Callable[[torch.Tensor], torch.Tensor]:
     products with float32 accumulation and a float32 result (``bf16_products``) where that
     measured faster for this weight: the same float32 function, since the product of two bf16
     numbers is exact in float32, only the summation order differs. On a CPU with AMX (1 thread)
-    SmolLM2's head took 7.0 instead of 12.5 ms at 32 rows and 83 instead of 180 ms at 512, and
-    came closer to the float64 product (1.3e-6 vs 2.8e-6 off); docs/benchmarks.md, "Session 10".
-    """
+    SmolLM2's head took 7.9 instead of 14.6 ms at 32 rows and 60 instead of 152 ms at 512, and
+    came closer to the float64 product (1.1e-6 vs 3e-6 off; ``benchmarks/decode_kernels.py``,
+    docs/benchmarks.md, "Session 10")."""
     weight, bias = linear.weight, getattr(linear, "bias", None)
     key = weights_stamp(weight, bias)
     cached = linear.__dict__.get("_grpo_float32_linear")
