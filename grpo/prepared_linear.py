@@ -87,16 +87,20 @@ def packing_pays(weight: torch.Tensor, rows: int = 32) -> bool:
     if isinstance(packed, partial):  # no packed path in this torch
         return False
     x = torch.linspace(-1, 1, rows * w.shape[1]).view(rows, -1).to(w.dtype)
+    return _best_seconds(lambda: torch.nn.functional.linear(x, w), 5) >= PACKING_MIN_SPEEDUP * _best_seconds(
+        lambda: packed(x), 5)
 
-    def best(run) -> float:
+
+def _best_seconds(run: Callable[[], object], reps: int) -> float:
+    """The fastest of ``reps`` timed calls of ``run``, after one untimed warm-up call (which
+    picks and caches the kernel)."""
+    run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
         run()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    return best(lambda: torch.nn.functional.linear(x, w)) >= PACKING_MIN_SPEEDUP * best(lambda: packed(x))
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def _upcast(fn32):
@@ -141,15 +145,6 @@ def bf16_products_pay(fn32: Callable[[torch.Tensor], torch.Tensor], w32: torch.T
         return False
     x = torch.linspace(-2, 2, 32 * w32.shape[1]).view(32, -1).bfloat16().float()
 
-    def best(run) -> float:
-        run()  # warm-up: first call picks and caches the kernel
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     def fast():
         with bf16_products():
             return fn32(x)
@@ -157,7 +152,7 @@ def bf16_products_pay(fn32: Callable[[torch.Tensor], torch.Tensor], w32: torch.T
         ref, got = fn32(x), fast()
         if not torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())):
             return False
-        return best(lambda: fn32(x)) >= BF16_PRODUCTS_MIN_SPEEDUP * best(fast)
+        return _best_seconds(lambda: fn32(x), 3) >= BF16_PRODUCTS_MIN_SPEEDUP * _best_seconds(fast, 3)
     except (RuntimeError, NotImplementedError):  # a torch or oneDNN without the mode
         return False
 
