@@ -59,6 +59,8 @@ def _prompts(n: int) -> list[list[dict]]:
 def worker_ours(args) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from grpo.config import load_config
+    from grpo.logprobs import split_head
+    from grpo.prepared_linear import uses_bf16_products
     from grpo.registry import TASKS, VERIFIERS
     from grpo.trainer import Trainer
     from tasks.base import Task
@@ -106,10 +108,12 @@ def worker_ours(args) -> None:
 
             torch.cuda.synchronize()
         m = trainer.train_step(sampling)
+        parts = split_head(trainer.model)
         print(json.dumps({"step_s": m["time/step"], "generate_s": m["time/generate"], "score_s": m["time/score"],
                           "reference_s": m["time/reference_and_old"], "policy_s": m["time/policy_forward_backward"],
                           "optimizer_s": m["time/optimizer"], "gen_tokens": m["tokens/generated"],
-                          "train_tokens": m["tokens/trained"], "peak_mb": _peak_memory_mb(args.device)}), flush=True)
+                          "train_tokens": m["tokens/trained"], "peak_mb": _peak_memory_mb(args.device),
+                          "head_bf16_products": parts is not None and uses_bf16_products(parts[1])}), flush=True)
     trainer.cleanup()
 
 
@@ -300,6 +304,7 @@ def report(args, records: dict[str, list[dict]], rates: dict[str, float] | None 
             gen = statistics.median(r["generate_s"] for r in measured)
             upd = statistics.median(r["reference_s"] + r["policy_s"] + r["optimizer_s"] for r in measured)
             row.update(gen_tok_s=measured[0]["gen_tokens"] / gen, train_tok_s=measured[0]["train_tokens"] / upd,
+                       head_bf16_products=any(r.get("head_bf16_products") for r in measured),
                        **{k: statistics.median(r[k] for r in measured)
                           for k in ("generate_s", "score_s", "reference_s", "policy_s", "optimizer_s")})
         rows[name] = row
@@ -362,7 +367,10 @@ def roofline_report(args, ours: dict, rates: dict[str, float], info: dict) -> st
         line += f"\nfloor at the step's matmul shapes: {shaped:.2f} s; ours/shape floor = {ours['step_s'] / shaped:.2f}"
         head32 = float32_head_flops(shape, info["prompt_lens"], args.group, args.tokens)
         fp32 = rates[f"float32@{t}"]
-        if fp32 < best:  # the update's LM-head forwards run in float32 by design (unrounded logits)
+        if ours.get("head_bf16_products"):
+            line += ("\n(the update's LM-head forwards ran as bf16 products with float32 accumulation, at the "
+                     "bf16 rate: the shape floor is also the floor at the step's precisions)")
+        elif fp32 < best:  # the update's LM-head forwards run in float32 by design (unrounded logits)
             precise = shaped + head32 / 1e9 * (1 / fp32 - 1 / best)
             line += (f"\nfloor at the step's shapes and precisions (the update's LM-head forwards, "
                      f"{head32 / 1e12:.3f} TFLOP, in float32): {precise:.2f} s; ours/that floor = "

@@ -113,7 +113,15 @@ def _with_bf16_products(fn32):
             return fn32(x.float())
         with bf16_products():
             return fn32(x.float())
+    fn.bf16_products = True  # what uses_bf16_products reads
     return fn
+
+
+def uses_bf16_products(linear) -> bool:
+    """Whether ``float32_linear(linear)``, as prepared now, runs bf16 inputs as bf16 products
+    (False before its first call): what a benchmark reports beside its floors."""
+    cached = linear.__dict__.get("_grpo_float32_linear")
+    return cached is not None and getattr(cached[1], "bf16_products", False)
 
 
 BF16_PRODUCTS_MIN_SPEEDUP = 1.2  # what ``bf16_products`` must gain to be used (grpo.precision's margin)

@@ -327,7 +327,9 @@ def test_bf16_products_give_the_float32_head_for_bf16_inputs_only(monkeypatch):
     g = torch.Generator().manual_seed(5)
     head = torch.nn.Linear(64, 301, bias=False).bfloat16().requires_grad_(False)
     head.weight.data.copy_(torch.randn(301, 64, generator=g))
+    assert not pl.uses_bf16_products(head)  # not prepared yet
     fn = pl.float32_linear(head)
+    assert pl.uses_bf16_products(head)
     before = torch.backends.mkldnn.matmul.fp32_precision
     h = torch.randn(32, 64, generator=g).bfloat16()
     ref = h.double() @ head.weight.double().T
@@ -342,8 +344,12 @@ def test_bf16_products_give_the_float32_head_for_bf16_inputs_only(monkeypatch):
 def test_bf16_products_are_not_tried_on_small_weights():
     """bf16_products_pay says no below BF16_PRODUCTS_MIN_WEIGHT, where a timing would be noise:
     a tiny model's head keeps plain float32 products on every machine, so tests agree everywhere."""
-    from grpo.prepared_linear import BF16_PRODUCTS_MIN_WEIGHT, bf16_products_pay, prepared_linear
+    from grpo.prepared_linear import (BF16_PRODUCTS_MIN_WEIGHT, bf16_products_pay, float32_linear, prepared_linear,
+                                      uses_bf16_products)
 
     w32 = torch.randn(97, 24).bfloat16().float()
     assert w32.numel() < BF16_PRODUCTS_MIN_WEIGHT
     assert not bf16_products_pay(prepared_linear(w32, None), w32)
+    head = torch.nn.Linear(24, 97, bias=False).bfloat16().requires_grad_(False)
+    float32_linear(head)
+    assert not uses_bf16_products(head)
