@@ -35,6 +35,7 @@ import torch
 
 from grpo.engines.base import Completion, SamplingParams
 from grpo.fused_lora import cached_lora_casts, prepare_decode_weights
+from grpo.kv_cache import reserved_cache
 from grpo.logprobs import fast_head_agrees, split_head
 from grpo.prepared_linear import float32_linear
 
@@ -146,8 +147,9 @@ class HFEngine:
     samples_greedy_alongside = True  # SamplingParams.plus_greedy: a greedy row per prompt in the same batch
 
     def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_size: int = 256, float32_head: bool = True,
-                 packed_weights: bool = False, merged_weights: bool = False):
+                 packed_weights: bool = False, merged_weights: bool = False, reserved_kv: bool = True):
         self.model = model
+        self.reserved_kv = reserved_kv  # the KV cache reserved per generation, in attention's dtype (grpo.kv_cache)
         # decode through float32 copies of the LoRA layers' weights (adapter merged in and/or in
         # oneDNN's packed layout: grpo.fused_lora), made here first, so a memory plan sees them
         self.packed_weights, self.merged_weights = packed_weights, merged_weights
@@ -255,7 +257,7 @@ class HFEngine:
         P, G, dev = len(prompts), params.n + params.plus_greedy, self.device
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
-        cache, logits, mask = self._prefill(prompts)  # logits: (P, V); mask: (P, cached length)
+        cache, logits, mask = self._prefill(prompts, params.max_new_tokens)  # logits: (P, V); mask: (P, cached length)
         if G > 1:
             cache.batch_repeat_interleave(G)
             logits, mask = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
@@ -309,8 +311,11 @@ class HFEngine:
         tok[argmax], lp[argmax] = sample_tokens(logits[argmax], GREEDY, None)
         return tok, lp
 
-    def _prefill(self, prompts: list[list[int]]):
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int):
         """Encode the prompts into a KV cache; return (cache, last-position logits (P, V), mask).
+
+        The cache is ``grpo.kv_cache.reserved_cache``'s, room for the longest prompt plus
+        ``max_new_tokens`` reserved once, where the model's layers allow it (and ``reserved_kv``).
 
         The prompts' longest common prefix, when it is at least ``SHARED_PREFIX_MIN`` tokens
         (a system message, few-shot examples, the earlier turns of an episode's group), is
@@ -324,12 +329,14 @@ class HFEngine:
         shared = min(shared, min(len(p) for p in prompts) - 1)
         if shared < SHARED_PREFIX_MIN:
             shared = 0
-        cache = None
+        longest = max(len(p) for p in prompts)
+        cache = reserved_cache(self.model, longest + max_new_tokens) if self.reserved_kv else None
         if shared:
             head = torch.tensor([prompts[0][:shared]], device=dev)
-            cache = self._logits(input_ids=head, position_ids=torch.arange(shared, device=dev)[None])[0]
+            cache = self._logits(input_ids=head, position_ids=torch.arange(shared, device=dev)[None],
+                                 past_key_values=cache)[0]
             cache.batch_repeat_interleave(P)
-        L = max(len(p) for p in prompts) - shared
+        L = longest - shared
         input_ids = torch.full((P, L), self.pad_id, dtype=torch.long, device=dev)
         own = torch.zeros((P, L), dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):  # left padding (of the suffix segment)
