@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import types
 
+from grpo.decode_groups import SHARED_INPUT, SharedInputGroup
 from grpo.prepared_linear import packed_linear, prepared_linear, weights_stamp
 
 LORA_KERNELS = ("fused", "peft")
@@ -56,6 +57,9 @@ def fused_lora_forward(self, x, *args, **kwargs):
         dropout_off = not self.training or isinstance(self.lora_dropout[name], torch.nn.Identity)
         if _MERGED in cache and x.dtype == torch.float32 and dropout_off:
             return merged_linear(self, packed=cache[_MERGED], name=name)(x)
+        group = cache.get(_GROUP)
+        if group is not None and group.name == name and dropout_off and x.dtype == self.base_layer.weight.dtype:
+            return group(self, x)
     packed = None if cache is None or torch.is_grad_enabled() else cache.get(_PACKED_BASE)
     out = packed(x) if packed is not None and x.dtype == self.base_layer.weight.dtype else self.base_layer(x)
     if cache is not None and not torch.is_grad_enabled():
@@ -84,6 +88,8 @@ def plain_adapter(layer) -> str | None:
 _CAST_CACHE = "_grpo_lora_cast_cache"  # instance attribute of a fused layer, set only by cached_lora_casts
 _PACKED_BASE = "packed base"  # the cache's entry for the base layer's prepared float32 linear
 _MERGED = "merged"  # the cache's entry when decoding through the merged weight: whether that copy is packed
+_GROUP = "shared input group"  # the cache's entry for a layer decoded with its siblings (grpo.decode_groups)
+_GROUP_KEPT = "_grpo_shared_input_group"  # attribute of a group's first layer, kept: its SharedInputGroup
 _MERGED_COPY = "_grpo_merged_linear"  # instance attribute of a fused layer, kept: (key, linear, (A, B) made from)
 
 
@@ -125,6 +131,36 @@ def mergeable_base(layer) -> bool:
 def packable_layers(model) -> list:
     """The fused layers of ``model`` whose base ``packable_base`` accepts."""
     return [layer for layer in fused_layers(model) if packable_base(layer)]
+
+
+def shared_input_groups(model) -> list[tuple[list, str]]:
+    """Sibling fused layers that read the same input (``grpo.decode_groups.SHARED_INPUT``: a
+    block's q/k/v, its gate/up) and can be decoded as one product: each a ``packable_base`` of one
+    dtype and input width, one plain adapter of the same name, all with a bias or none.
+    (members, adapter name) per group."""
+    fused = {id(layer) for layer in fused_layers(model)}
+    groups = []
+    for parent in model.modules():
+        for names in SHARED_INPUT:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(m is not None and id(m) in fused and packable_base(m) for m in members):
+                continue
+            adapters = {plain_adapter(m) for m in members}
+            bases = [m.base_layer for m in members]
+            if (len(adapters) == 1 and None not in adapters and len({b.weight.dtype for b in bases}) == 1
+                    and len({b.weight.shape[1] for b in bases}) == 1 and len({b.bias is None for b in bases}) == 1):
+                groups.append((members, adapters.pop()))
+    return groups
+
+
+def shared_input_group(members: list, name: str) -> SharedInputGroup:
+    """The kept ``SharedInputGroup`` of ``members`` (on the first one), made again when a base
+    weight was replaced or written in place or the adapter name changed."""
+    kept = members[0].__dict__.get(_GROUP_KEPT)
+    if kept is None or kept.name != name or [id(m) for m in kept.members] != [id(m) for m in members] or not kept.current():
+        members[0].__dict__.pop(_GROUP_KEPT, None)  # the stale copy is freed before the new one is made
+        kept = members[0].__dict__[_GROUP_KEPT] = SharedInputGroup(members, name)
+    return kept
 
 
 def decode_copy_bytes(layers) -> int:
@@ -186,10 +222,15 @@ def prepare_decode_weights(model, packed: bool, merged: bool) -> int:
     layer's base weight (float32 or bf16) in oneDNN's packed layout where ``packed``. Returns the bytes the copies take. Done up
     front so the first generation does not pay for it and a memory plan made afterwards sees it."""
     layers = mergeable_layers(model) if merged else packable_layers(model) if packed else []
+    grouped = set()
+    if packed and not merged:
+        for members, name in shared_input_groups(model):
+            shared_input_group(members, name)
+            grouped.update(id(m) for m in members)
     for layer in layers:
         if merged:
             merged_linear(layer, packed)
-        else:
+        elif id(layer) not in grouped:
             packed_linear(layer.base_layer)
     return decode_copy_bytes(layers)
 
@@ -205,24 +246,36 @@ def cached_lora_casts(model, packed_base: bool = False, merged: bool = False):
     copy (``packed_linear``, kept on the base layer across generations) where the base is a
     plain float32 or bf16 CPU weight. A decode step's small-batch products run faster in
     oneDNN's packed layout than through ``F.linear``, which repacks the weight on every call
-    (docs/benchmarks.md, "Session 7"; bf16 on a CPU with AMX, "Session 10").
+    (docs/benchmarks.md, "Session 7"; bf16 on a CPU with AMX, "Session 10"). Siblings that read
+    the same input (q/k/v, gate/up: ``shared_input_groups``) are computed together, base and
+    adapters, through one packed concatenated copy (``grpo.decode_groups``; "Session 11").
 
     ``merged``: those calls instead take the whole layer's product through ``merged_linear`` (packed
     where ``packed_base``) where the base is a plain float32 CPU weight (``mergeable_base``): one product per layer
     instead of four ops (docs/benchmarks.md, "Session 8")."""
     layers = fused_layers(model)
+    groups = []
     for layer in layers:
-        cache = layer.__dict__[_CAST_CACHE] = {}
+        layer.__dict__[_CAST_CACHE] = {}
+    if packed_base and not merged:
+        for members, name in shared_input_groups(model):
+            groups.append(shared_input_group(members, name))
+            for member in members:
+                member.__dict__[_CAST_CACHE][_GROUP] = groups[-1]
+    for layer in layers:
+        cache = layer.__dict__[_CAST_CACHE]
         if merged and mergeable_base(layer):
             cache[_MERGED] = packed_base
             _drop_changed_merged_copy(layer)
-        elif packed_base and packable_base(layer):
+        elif packed_base and packable_base(layer) and _GROUP not in cache:
             cache[_PACKED_BASE] = packed_linear(layer.base_layer)
     try:
         yield
     finally:
         for layer in layers:
             layer.__dict__.pop(_CAST_CACHE, None)
+        for group in groups:
+            group.forget()
 
 
 def use_fused_lora(model, kernel: str = "fused") -> int:

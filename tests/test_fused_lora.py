@@ -349,3 +349,63 @@ def test_packed_weights_setting_rules(tiny_model_dir, monkeypatch, two_threads):
     assert not build.use_packed_weights("auto", fp16)
     with pytest.raises(UserError, match="float32 or bfloat16 base weights"):
         build.use_packed_weights(True, fp16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_input_groups_decode_bit_for_bit(tiny_model_dir, dtype, monkeypatch):
+    """Decoding through packed weights, a block's q/k/v and gate/up run as one product each
+    (grpo.decode_groups): the same tokens and bit-identical log-probs as layer by layer, no
+    packed copy of a grouped layer's own base, and each sibling served from its group."""
+    from grpo import fused_lora
+    from grpo.engines.base import SamplingParams
+    from grpo.engines.hf import HFEngine
+    from transformers import AutoTokenizer
+
+    if dtype == torch.bfloat16 and not (torch.backends.mkldnn.is_available()
+                                        and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("oneDNN has no bf16 path on this CPU")
+    model = _policy(tiny_model_dir, dtype)
+    use_fused_lora(model, "fused")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    groups = fused_lora.shared_input_groups(model)
+    assert sorted(len(members) for members, _ in groups) == [2, 2, 3, 3]  # 2 blocks: q/k/v and gate/up each
+    computed = []
+    compute = fused_lora.SharedInputGroup._compute
+    monkeypatch.setattr(fused_lora.SharedInputGroup, "_compute", lambda self, x: computed.append(1) or compute(self, x))
+    params = SamplingParams(n=3, max_new_tokens=6, temperature=1.0)
+    grouped = HFEngine(model, tok, packed_weights=True).generate(PROMPTS, params, prompt_seeds=[1, 2])
+    assert computed and all("_grpo_packed_linear" not in m.base_layer.__dict__ and
+                            "_grpo_float32_linear" not in m.base_layer.__dict__ for ms, _ in groups for m in ms)
+    steps = len(computed) // len(groups)  # forwards that ran: one computation per group and forward
+    assert len(computed) == steps * len(groups)
+    monkeypatch.setattr(fused_lora, "shared_input_groups", lambda model: [])
+    plain = HFEngine(model, tok, packed_weights=True).generate(PROMPTS, params, prompt_seeds=[1, 2])
+    assert [[(c.token_ids, c.logprobs) for c in g] for g in grouped] == [[(c.token_ids, c.logprobs) for c in g]
+                                                                        for g in plain]
+
+
+def test_shared_input_group_computes_afresh_for_a_new_or_changed_input(tiny_model_dir):
+    """A sibling called with another tensor, or with the same tensor written in place, or after
+    its adapter changed inside the context, gets the product of what it is called with."""
+    from grpo.fused_lora import cached_lora_casts
+
+    def reference(layer, x):  # the layer's function, computed here from its parts
+        return layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+
+    model = _policy(tiny_model_dir)
+    use_fused_lora(model, "fused")
+    attn = model.base_model.model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    x, y = torch.randn(3, 64), torch.randn(3, 64)
+    close = dict(rtol=0, atol=1e-5)
+    with torch.no_grad(), cached_lora_casts(model, packed_base=True):
+        assert "shared input group" in q.__dict__["_grpo_lora_cast_cache"]
+        torch.testing.assert_close(q(x), reference(q, x), **close)
+        torch.testing.assert_close(k(y), reference(k, y), **close)  # another input
+        torch.testing.assert_close(v(x), reference(v, x), **close)
+        q(x)
+        x.mul_(2)  # written in place after q read it
+        torch.testing.assert_close(k(x), reference(k, x), **close)
+        v.lora_B["default"].weight.mul_(3)  # the adapter changes inside the context
+        x.add_(1)
+        torch.testing.assert_close(v(x), reference(v, x), **close)
