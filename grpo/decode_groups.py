@@ -13,7 +13,7 @@ before (the block-diagonal B adds exact zeros), so the layers return the same nu
 bit (tests/test_fused_lora.py). The concatenated base is a packed copy kept like
 ``packed_linear``'s, in place of the members' own (the same bytes); A and B are concatenated
 and cast once per generation. On SmolLM2 at 32 rows in bf16 (a CPU with AMX, 1 thread) a
-block's q/k/v took 122 instead of 218 us and gate/up 324 instead of 360 us
+block's q/k/v took 130 instead of 224 us and gate/up 325 instead of 371 us
 (docs/benchmarks.md, "Session 11").
 
 The first member called computes the group's outputs and keeps them with the input they were
