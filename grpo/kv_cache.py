@@ -4,10 +4,11 @@ transformers' ``DynamicLayer`` appends each decode step's keys and values with `
 a copy of the whole cache per layer and token, and stores them in the model's dtype. Under a
 16-bit base on CPU the attention runs in float32 (``grpo.attention``), so every decode step
 also upcast every layer's whole cache to float32 before SDPA: two more full copies per layer
-and token. ``reserved_cache``'s layers remove both: it allocates its buffers once, for the prompt plus
-``max_new_tokens``, in the dtype the attention computes in, writes each step's new keys and
-values into the next free positions (cast there, a few KB) and hands attention views of the
-filled part. A bf16 key upcast to float32 is exact, so attention reads the same numbers as
+and token. ``reserved_cache``'s layers remove both: they allocate buffers in the dtype the
+attention computes in, for the prompt plus up to ``RESERVE_TOKENS`` new tokens (doubling, up
+to the prompt plus ``max_new_tokens``, when a generation runs longer: a long ``max_new_tokens``
+does not reserve memory its answers never use), write each step's new keys and values into
+the next free positions (cast there, a few KB) and hand attention views of the filled part. A bf16 key upcast to float32 is exact, so attention reads the same numbers as
 before (tests/test_kv_cache.py: the engine samples the same tokens with the same log-probs).
 
 One decode step of SmolLM2 at 32 rows and a 75-token cache, bf16 base on a CPU with AMX:
@@ -23,16 +24,19 @@ import functools
 
 import torch
 
+RESERVE_TOKENS = 128  # new tokens the engine reserves room for up front (then doubling)
+
 
 class _ReservedMixin:
     """Mixed into transformers' ``DynamicLayer`` by ``reserved_layer_class``: a layer
     (keys/values ``(batch, kv_heads, length, head_dim)``) whose storage is reserved up front for
     ``capacity`` positions in ``dtype`` (None: the keys' own); ``keys``/``values`` are views of the
-    first ``length`` positions. Grows by doubling if a caller writes past ``capacity``."""
+    first ``length`` positions. A write past ``capacity`` moves the filled part into buffers twice
+    as long (at most ``limit`` positions, when given, unless the write needs more)."""
 
-    def __init__(self, capacity: int, dtype: torch.dtype | None):
+    def __init__(self, capacity: int, dtype: torch.dtype | None, limit: int | None = None):
         super().__init__()
-        self.capacity, self.storage_dtype = max(1, int(capacity)), dtype
+        self.capacity, self.storage_dtype, self.limit = max(1, int(capacity)), dtype, limit
         self.length = 0
         self._k = self._v = None  # (batch, kv_heads, capacity, head_dim) buffers
 
@@ -52,7 +56,8 @@ class _ReservedMixin:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
-            self._reserve(max(end, 2 * self.capacity))
+            grown = 2 * self.capacity if self.limit is None else min(2 * self.capacity, self.limit)
+            self._reserve(max(end, grown))
         self._k[:, :, self.length:end].copy_(key_states)
         self._v[:, :, self.length:end].copy_(value_states)
         self.length = end
@@ -110,9 +115,9 @@ def reserved_layer_class() -> type:
     return type("ReservedLayer", (_ReservedMixin, DynamicLayer), {"__module__": __name__})
 
 
-def reserved_cache(model, capacity: int):
+def reserved_cache(model, capacity: int, limit: int | None = None):
     """A ``DynamicCache`` for ``model`` whose layers are ``ReservedLayer``s of ``capacity``
-    positions, stored in float32 when the model computes attention in float32 over 16-bit
+    positions (growing by doubling up to ``limit``), stored in float32 when the model computes attention in float32 over 16-bit
     weights (``grpo.attention``), else in the keys' own dtype. None where the model's cache is not
     all plain full-attention layers: the caller then lets the model make its own."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -131,5 +136,5 @@ def reserved_cache(model, capacity: int):
     text = config.get_text_config(decoder=True)
     dtype = torch.float32 if getattr(text, "_attn_implementation", None) == FLOAT32_ATTENTION else None
     layer = reserved_layer_class()
-    cache.layers = [layer(capacity, dtype) for _ in cache.layers]
+    cache.layers = [layer(capacity, dtype, limit) for _ in cache.layers]
     return cache

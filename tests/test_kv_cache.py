@@ -59,6 +59,16 @@ def test_reserved_layer_holds_what_dynamic_layer_holds(dtype):
     assert ours.capacity >= ours.get_seq_length() == 8
 
 
+def test_reserved_layer_grows_by_doubling_up_to_its_limit():
+    layer = reserved_layer_class()(capacity=3, dtype=None, limit=10)
+    sizes = []
+    for step in range(12):
+        layer.update(*_states(1, 1, step))
+        sizes.append(layer.capacity)
+    assert sizes == [3, 3, 3, 6, 6, 6, 10, 10, 10, 10, 11, 12]  # doubled, capped at 10, then as needed
+    assert layer.get_seq_length() == 12
+
+
 def test_reserved_cache_only_for_plain_full_attention(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cache = reserved_cache(model, 40)
@@ -82,10 +92,15 @@ def _policy(model_dir, dtype):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
+@pytest.mark.parametrize("reserve", [128, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_engine_samples_the_same_through_the_reserved_cache(tiny_model_dir, dtype):
-    """Whole generations (a shared prompt prefix, rows stopping at different steps) through the
-    reserved cache and through transformers' own: the same tokens, bit-identical log-probs."""
+def test_engine_samples_the_same_through_the_reserved_cache(tiny_model_dir, dtype, reserve, monkeypatch):
+    """Whole generations (a shared prompt prefix, rows stopping at different steps, the cache
+    growing past its first reservation) through the reserved cache and through transformers' own:
+    the same tokens, bit-identical log-probs."""
+    import grpo.engines.hf as hf
+
+    monkeypatch.setattr(hf, "RESERVE_TOKENS", reserve)
     model, tok = _policy(tiny_model_dir, dtype)
     if dtype == torch.bfloat16:
         assert reserved_cache(model, 8).layers[0].storage_dtype == torch.float32

@@ -35,7 +35,7 @@ import torch
 
 from grpo.engines.base import Completion, SamplingParams
 from grpo.fused_lora import cached_lora_casts, prepare_decode_weights
-from grpo.kv_cache import reserved_cache
+from grpo.kv_cache import RESERVE_TOKENS, reserved_cache
 from grpo.logprobs import fast_head_agrees, split_head
 from grpo.prepared_linear import float32_linear
 
@@ -314,8 +314,9 @@ class HFEngine:
     def _prefill(self, prompts: list[list[int]], max_new_tokens: int):
         """Encode the prompts into a KV cache; return (cache, last-position logits (P, V), mask).
 
-        The cache is ``grpo.kv_cache.reserved_cache``'s, room for the longest prompt plus
-        ``max_new_tokens`` reserved once, where the model's layers allow it (and ``reserved_kv``).
+        The cache is ``grpo.kv_cache.reserved_cache``'s (room for the longest prompt plus up to
+        ``RESERVE_TOKENS`` new tokens, doubling as needed) where the model's layers allow it
+        (and ``reserved_kv``).
 
         The prompts' longest common prefix, when it is at least ``SHARED_PREFIX_MIN`` tokens
         (a system message, few-shot examples, the earlier turns of an episode's group), is
@@ -330,7 +331,9 @@ class HFEngine:
         if shared < SHARED_PREFIX_MIN:
             shared = 0
         longest = max(len(p) for p in prompts)
-        cache = reserved_cache(self.model, longest + max_new_tokens) if self.reserved_kv else None
+        cache = None
+        if self.reserved_kv:
+            cache = reserved_cache(self.model, longest + min(max_new_tokens, RESERVE_TOKENS), longest + max_new_tokens)
         if shared:
             head = torch.tensor([prompts[0][:shared]], device=dev)
             cache = self._logits(input_ids=head, position_ids=torch.arange(shared, device=dev)[None],
