@@ -409,3 +409,37 @@ def test_shared_input_group_computes_afresh_for_a_new_or_changed_input(tiny_mode
         v.lora_B["default"].weight.mul_(3)  # the adapter changes inside the context
         x.add_(1)
         torch.testing.assert_close(v(x), reference(v, x), **close)
+
+
+def test_shared_input_groups_with_biases_decode_bit_for_bit(tmp_path, monkeypatch):
+    """A Qwen2-style block (biases on q/k/v, none on gate/up): the grouped product carries the
+    concatenated biases, and generation is bit for bit the per-layer one."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpo import fused_lora
+    from grpo.engines.base import SamplingParams
+    from grpo.engines.hf import HFEngine
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = add_lora(Qwen2ForCausalLM(config), 4, 8, 0.0, TARGETS)
+    for name, p in model.named_parameters():
+        if "lora_B" in name or name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.2)
+    use_fused_lora(model, "fused")
+    groups = fused_lora.shared_input_groups(model)
+    assert len(groups) == 4 and any(m.base_layer.bias is not None for ms, _ in groups for m in ms)
+
+    class Tok:  # the engine needs ids in and text out only
+        eos_token_id, pad_token_id = 1, 0
+
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return [" ".join(map(str, row)) for row in ids]
+    params = SamplingParams(n=3, max_new_tokens=6, temperature=1.0)
+    grouped = HFEngine(model, Tok(), packed_weights=True).generate(PROMPTS, params, prompt_seeds=[1, 2])
+    assert all("_grpo_float32_linear" not in m.base_layer.__dict__ for ms, _ in groups for m in ms)  # groups ran
+    monkeypatch.setattr(fused_lora, "shared_input_groups", lambda model: [])
+    plain = HFEngine(model, Tok(), packed_weights=True).generate(PROMPTS, params, prompt_seeds=[1, 2])
+    assert [[(c.token_ids, c.logprobs) for c in g] for g in grouped] == [[(c.token_ids, c.logprobs) for c in g]
+                                                                        for g in plain]
