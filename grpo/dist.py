@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Sequence
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as tdist
 
 from grpo.errors import UserError
+
+_SETTLE_S = 0.1  # teardown: GIL-free time for gloo's worker threads to release finished work (``teardown``)
 
 
 @dataclass(frozen=True)
@@ -106,10 +109,19 @@ def teardown() -> None:
     from tearing down its transport while a peer is still connected. The process then ends
     through ``finish``. On the failure path ``fail`` has already left the group, so this is a
     no-op there.
+
+    After the barrier this thread sleeps briefly, releasing the GIL: gloo's worker thread
+    releases a finished collective's tensors after ``wait`` returns, and takes the GIL to do it.
+    Whoever then drops the group's last reference (``destroy_process_group``, or a DDP reducer
+    collected later, e.g. by ``gc.collect``) joins that worker while holding the GIL; if the
+    worker had not finished, both waited forever (tests/dist_step_worker.py hung that way in
+    about one run in five under the test suite, in ``~ProcessGroupGloo`` -> ``thread::join`` against
+    ``~AsyncBarrierWork`` -> ``gil_scoped_acquire``).
     """
     if tdist.is_available() and tdist.is_initialized():
         try:
             tdist.barrier()  # bounded by the group's timeout (distributed.timeout_s)
+            time.sleep(_SETTLE_S)
         finally:
             tdist.destroy_process_group()
 
