@@ -26,6 +26,18 @@ def _policy(model_dir, dtype=torch.float32, dropout=0.0):
     return model
 
 
+def _fused_policy_for_decode(model_dir, dtype):
+    """(fused-LoRA policy, tokenizer); skips a bf16 case where oneDNN has no bf16 path."""
+    from transformers import AutoTokenizer
+
+    if dtype == torch.bfloat16 and not (torch.backends.mkldnn.is_available()
+                                        and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("oneDNN has no bf16 path on this CPU")
+    model = _policy(model_dir, dtype)
+    use_fused_lora(model, "fused")
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
 def _logprobs_and_grads(model):
     batch = pack_grouped(PROMPTS, GROUP_INDEX, COMPLETIONS, 0)
     lp = grouped_logprobs(model, batch, 0.8)
@@ -144,14 +156,8 @@ def test_packed_base_weights_decode_the_same_and_only_without_gradients(tiny_mod
     from grpo.engines.base import SamplingParams
     from grpo.engines.hf import HFEngine
     from grpo.fused_lora import cached_lora_casts
-    from transformers import AutoTokenizer
 
-    if dtype == torch.bfloat16 and not (torch.backends.mkldnn.is_available()
-                                        and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        pytest.skip("oneDNN has no bf16 path on this CPU")
-    model = _policy(tiny_model_dir, dtype)
-    use_fused_lora(model, "fused")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model, tok = _fused_policy_for_decode(tiny_model_dir, dtype)
     calls = _base_calls(model)
     params = SamplingParams(n=3, max_new_tokens=6, temperature=1.0)
     out = {}
@@ -359,14 +365,8 @@ def test_shared_input_groups_decode_bit_for_bit(tiny_model_dir, dtype, monkeypat
     from grpo import fused_lora
     from grpo.engines.base import SamplingParams
     from grpo.engines.hf import HFEngine
-    from transformers import AutoTokenizer
 
-    if dtype == torch.bfloat16 and not (torch.backends.mkldnn.is_available()
-                                        and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        pytest.skip("oneDNN has no bf16 path on this CPU")
-    model = _policy(tiny_model_dir, dtype)
-    use_fused_lora(model, "fused")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model, tok = _fused_policy_for_decode(tiny_model_dir, dtype)
     groups = fused_lora.shared_input_groups(model)
     assert sorted(len(members) for members, _ in groups) == [2, 2, 3, 3]  # 2 blocks: q/k/v and gate/up each
     computed = []
