@@ -9,8 +9,10 @@ layers together, with the same three kernels for all of them:
     out = x [W_q; W_k; W_v]^T + (x [A_q; A_k; A_v]^T) blockdiag(s B_q, s B_k, s B_v)^T
 
 then hands each layer its column slice. Each output column is the same dot products as
-before (the block-diagonal B adds exact zeros), so the layers return the same numbers bit for
-bit (tests/test_fused_lora.py). The concatenated base is a packed copy kept like
+before (the block-diagonal B adds exact zeros); at a decode step's 32-64 rows oneDNN sums them
+in the same order, so the layers return the same numbers bit for bit (tests/test_fused_lora.py,
+``benchmarks/decode_limits.py``), while at 252 rows (a large evaluation batch) it blocked the
+wider q/k/v product differently: the same function, other float rounding. The concatenated base is a packed copy kept like
 ``packed_linear``'s, in place of the members' own (the same bytes); A and B are concatenated
 and cast once per generation. On SmolLM2 at 32 rows in bf16 (a CPU with AMX, 1 thread) a
 block's q/k/v took 130 instead of 224 us and gate/up 325 instead of 371 us
