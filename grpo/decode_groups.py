@@ -46,9 +46,8 @@ class SharedInputGroup:
             weight = torch.cat([b.weight.detach() for b in bases])
             bias = None if bases[0].bias is None else torch.cat([b.bias.detach() for b in bases])
         self.base = prepared_linear(weight, bias)
-        self.bytes = weight.numel() * weight.element_size()
         self.sizes = [b.weight.shape[0] for b in bases]
-        self._casts: tuple | None = None  # (stamp, dtypes, A concatenated, block-diagonal s B)
+        self._casts: tuple | None = None  # (stamp of the adapters and dtypes, A concatenated, block-diagonal s B)
         self._memo: tuple | None = None  # (x, its storage and version, the members' outputs)
 
     def _base_stamp(self) -> tuple:

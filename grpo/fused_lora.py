@@ -86,7 +86,7 @@ def plain_adapter(layer) -> str | None:
 
 
 _CAST_CACHE = "_grpo_lora_cast_cache"  # instance attribute of a fused layer, set only by cached_lora_casts
-_PACKED_BASE = "packed base"  # the cache's entry for the base layer's prepared float32 linear
+_PACKED_BASE = "packed base"  # the cache's entry for the base layer's packed linear (its own dtype)
 _MERGED = "merged"  # the cache's entry when decoding through the merged weight: whether that copy is packed
 _GROUP = "shared input group"  # the cache's entry for a layer decoded with its siblings (grpo.decode_groups)
 _GROUP_KEPT = "_grpo_shared_input_group"  # attribute of a group's first layer, kept: its SharedInputGroup
@@ -163,6 +163,11 @@ def shared_input_group(members: list, name: str) -> SharedInputGroup:
     return kept
 
 
+def _decode_groups(model) -> list[SharedInputGroup]:
+    """Each ``shared_input_groups`` group's kept ``SharedInputGroup`` (made where missing or stale)."""
+    return [shared_input_group(members, name) for members, name in shared_input_groups(model)]
+
+
 def decode_copy_bytes(layers) -> int:
     """Memory one decode copy (packed or merged) of these layers' base weights takes."""
     weights = [layer.base_layer.weight for layer in layers]
@@ -222,11 +227,8 @@ def prepare_decode_weights(model, packed: bool, merged: bool) -> int:
     layer's base weight (float32 or bf16) in oneDNN's packed layout where ``packed``. Returns the bytes the copies take. Done up
     front so the first generation does not pay for it and a memory plan made afterwards sees it."""
     layers = mergeable_layers(model) if merged else packable_layers(model) if packed else []
-    grouped = set()
-    if packed and not merged:
-        for members, name in shared_input_groups(model):
-            shared_input_group(members, name)
-            grouped.update(id(m) for m in members)
+    groups = _decode_groups(model) if packed and not merged else []
+    grouped = {id(m) for group in groups for m in group.members}
     for layer in layers:
         if merged:
             merged_linear(layer, packed)
@@ -254,14 +256,12 @@ def cached_lora_casts(model, packed_base: bool = False, merged: bool = False):
     where ``packed_base``) where the base is a plain float32 CPU weight (``mergeable_base``): one product per layer
     instead of four ops (docs/benchmarks.md, "Session 8")."""
     layers = fused_layers(model)
-    groups = []
     for layer in layers:
         layer.__dict__[_CAST_CACHE] = {}
-    if packed_base and not merged:
-        for members, name in shared_input_groups(model):
-            groups.append(shared_input_group(members, name))
-            for member in members:
-                member.__dict__[_CAST_CACHE][_GROUP] = groups[-1]
+    groups = _decode_groups(model) if packed_base and not merged else []
+    for group in groups:
+        for member in group.members:
+            member.__dict__[_CAST_CACHE][_GROUP] = group
     for layer in layers:
         cache = layer.__dict__[_CAST_CACHE]
         if merged and mergeable_base(layer):
