@@ -15,13 +15,21 @@ calls after warm-ups:
   rate at which the float32 one reads the keys and values, against a plain read of 256 MB;
 - sampling's passes over the (rows, vocabulary) float32 logits: softmax, cumsum;
 - the update's per-chunk log-softmax passes over 512 x vocabulary float32 logits, out of place
-  (as ``grpo.logprobs.SampledLogProb`` runs them) and in place;
+  (as ``grpo.logprobs.SampledLogProb`` runs them) and in place, and the entropy's row-wise dot
+  product as a batched ``bmm`` and as ``torch.linalg.vecdot`` (what it runs), each with its error
+  against float64;
+- one RMSNorm's forward and forward+backward at 2,048 bf16 rows (a 32 x 64 update micro-batch),
+  transformers' ``LlamaRMSNorm`` and ``F.rms_norm``;
+- the update's attention of one layer, forward and forward+backward, 32 rows x 64 completion
+  tokens over 43 prompt + 64 keys: float32 SDPA (what the update runs under a bf16 base), bf16
+  SDPA, and a hand-written grouped float32 matmul/softmax/matmul, with the FLOP rate each reaches;
+- the update's LM-head product of one 512-token chunk: bf16 hidden states times the bf16 head as
+  bf16 products with float32 accumulation (what ``grpo.prepared_linear.float32_linear`` runs),
+  as plain float32 products, and as a bf16 matmul (bf16-rounded logits, which the update does not
+  use), with their FLOP rates;
 
 with glibc's malloc thresholds raised first, as the trainer does (``grpo/allocator.py``).
-- one RMSNorm's forward and forward+backward at 2,048 bf16 rows (a 32 x 64 update micro-batch),
-  transformers' ``LlamaRMSNorm`` and ``F.rms_norm``.
-
-Reported in docs/benchmarks.md ("Session 11").
+Reported in docs/benchmarks.md ("Session 11", "Session 12").
 """
 
 from __future__ import annotations
@@ -125,6 +133,14 @@ def passes(rows: int) -> None:
     print(f"| z - max | {best_us(lambda: z - top, 5) / 1e3:.1f} | {best_us(lambda: scratch.sub_(top), 5) / 1e3:.1f} |")
     print(f"| e * s (backward) | {best_us(lambda: z * scale, 5) / 1e3:.1f} | "
           f"{best_us(lambda: scratch.mul_(scale), 5) / 1e3:.1f} |")
+    e = (z - top).exp()
+    exact = (e.double() * z.double()).sum(-1)
+    print(f"| the entropy's sum_v e_v z_v, 512 x {VOCAB} float32 | ms | max relative error vs float64 |")
+    print("|---|---|---|")
+    for name, dot in (("batched (1, V) x (V, 1) bmm", lambda: torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)),
+                      ("torch.linalg.vecdot (grpo.logprobs)", lambda: torch.linalg.vecdot(e, z))):
+        err = float(((dot().double() - exact).abs() / exact.abs()).max())
+        print(f"| {name} | {best_us(dot, 5) / 1e3:.1f} | {err:.1e} |")
 
 
 def norms() -> None:
@@ -154,6 +170,64 @@ def norms() -> None:
     print(f"| forward + backward | {bwd[0] / 1e3:.2f} | {bwd[1] / 1e3:.2f} | |")
 
 
+def update_attention(rows: int = 32, prompt: int = 43, tokens: int = 64) -> None:
+    """One layer's attention in the update: ``rows`` completions of ``tokens`` attending causally
+    over their prompt's ``prompt`` keys and their own (a float mask, as the packed batch passes)."""
+    g = torch.Generator().manual_seed(3)
+    keys = prompt + tokens
+    mask = torch.zeros(tokens, keys)
+    mask[torch.arange(keys)[None, :] > prompt + torch.arange(tokens)[:, None]] = float("-inf")
+    mask = mask.expand(rows, 1, tokens, keys)
+    per_group = HEADS // KV_HEADS
+    flops = 4 * rows * HEADS * tokens * keys * HEAD_DIM  # q.k and p.v, forward
+
+    def make(dtype):
+        q = torch.randn(rows, HEADS, tokens, HEAD_DIM, generator=g).to(dtype).requires_grad_()
+        k, v = (torch.randn(rows, KV_HEADS, keys, HEAD_DIM, generator=g).to(dtype).requires_grad_() for _ in range(2))
+        return q, k, v
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=True)
+
+    def by_hand(q, k, v):
+        s = torch.matmul(q.reshape(rows, KV_HEADS, per_group * tokens, HEAD_DIM), k.transpose(-1, -2))
+        s = s.view(rows, KV_HEADS, per_group, tokens, keys) * HEAD_DIM ** -0.5 + mask[:, :, None]
+        return torch.matmul(s.softmax(-1).view(rows, KV_HEADS, per_group * tokens, keys), v).view(q.shape)
+    print(f"| the update's attention, one layer, {rows} x {tokens} queries over {prompt} + {tokens} keys | "
+          "forward ms | forward + backward ms | GFLOP/s (forward + 2x backward) |")
+    print("|---|---|---|---|")
+    for name, fn, dtype in (("float32 SDPA (the update under a bf16 base)", sdpa, torch.float32),
+                            ("bf16 SDPA", sdpa, torch.bfloat16),
+                            ("float32 grouped matmul, softmax, matmul", by_hand, torch.float32)):
+        qkv = make(dtype)
+        with torch.no_grad():
+            fwd = best_us(lambda: fn(*qkv), 5)
+        both = best_us(lambda: fn(*qkv).float().sum().backward(), 3)
+        print(f"| {name} | {fwd / 1e3:.2f} | {both / 1e3:.2f} | {3 * flops / both / 1e3:.0f} |")
+
+
+def head_product(chunk: int = 512) -> None:
+    """The update's LM head over one chunk of bf16 hidden states, float32 logits."""
+    from grpo.prepared_linear import bf16_products
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(chunk, HIDDEN, generator=g).bfloat16()
+    w = (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).bfloat16()
+    fn32 = prepared_linear(w.float(), None)
+    flops = 2 * chunk * HIDDEN * VOCAB
+
+    def products():
+        with bf16_products():
+            return fn32(x.float())
+    print(f"| the update's LM head, {chunk} x {HIDDEN} x {VOCAB} | ms | GFLOP/s |")
+    print("|---|---|---|")
+    for name, fn in (("bf16 products, float32 sums and logits (grpo.prepared_linear)", products),
+                     ("float32 products (packed)", lambda: fn32(x.float())),
+                     ("bf16 matmul, bf16 logits (not used: rounded logits)", lambda: x @ w.t())):
+        t = best_us(fn, 3)
+        print(f"| {name} | {t / 1e3:.1f} | {flops / t / 1e3:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=32)
@@ -172,6 +246,9 @@ def main() -> None:
     attention(args.rows, args.cache)
     passes(args.rows)
     norms()
+    update_attention()
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        head_product()
 
 
 if __name__ == "__main__":
