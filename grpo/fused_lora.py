@@ -12,7 +12,9 @@ state) stay float32 masters, cast to the base dtype for the matmul (a few KB per
 their gradients flow back through those casts in float32. Under a float32 base it is peft's
 arithmetic with the scale folded into B (equal to rounding). On this project's CPU it cut the
 policy forward+backward of a 4 x 8 x 64 GRPO step by 14 % and its peak RSS by 38 %
-(docs/benchmarks.md, "Session 3").
+(docs/benchmarks.md, "Session 3"). With gradients, the same ops run inside
+``grpo.lora_grad.FusedLoRALinear``, whose backward makes fewer passes over the (tokens, width)
+tensors than autograd's.
 
 Anything but plain single-adapter LoRA (adapters disabled or merged, several active adapters,
 DoRA or another variant, a LoRA bias, extra call arguments) takes peft's own forward, so
@@ -60,6 +62,14 @@ def fused_lora_forward(self, x, *args, **kwargs):
         group = cache.get(_GROUP)
         if group is not None and group.name == name and dropout_off and x.dtype == self.base_layer.weight.dtype:
             return group(self, x)
+    if torch.is_grad_enabled():
+        from grpo.lora_grad import FusedLoRALinear, applies
+
+        if applies(x, self.base_layer, self.lora_dropout[name]):  # the same ops, a leaner backward
+            with torch.no_grad():
+                out = self.base_layer(x)
+            return FusedLoRALinear.apply(x, out, self.base_layer.weight, lora_a.weight, lora_b.weight,
+                                         self.scaling[name])
     packed = None if cache is None or torch.is_grad_enabled() else cache.get(_PACKED_BASE)
     out = packed(x) if packed is not None and x.dtype == self.base_layer.weight.dtype else self.base_layer(x)
     if cache is not None and not torch.is_grad_enabled():
