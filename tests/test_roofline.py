@@ -47,3 +47,18 @@ def test_float32_head_flops_counts_the_two_update_passes():
     s = Shape(hidden=4, intermediate=8, layers=1, heads=2, kv_heads=1, head_dim=2, vocab=10)
     # head at 4 completion positions = 320 FLOPs per pass (see above); reference + policy forwards
     assert float32_head_flops(s, [2], group=2, tokens=2) == 640.0
+
+
+def test_update_profile_runs_and_prints_every_part(tiny_model_dir):
+    """benchmarks/update_profile.py end to end on the tiny model (the numbers mean nothing at that
+    size; the point is that the script cannot rot)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "update_profile.py"
+    run = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--prompts", "2", "--group", "2",
+                          "--tokens", "3", "--reps", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for part in ("whole pass", "attention", "LM head + log-softmax", "base products", "LoRA rank-r sides",
+                 "RMSNorms", "rest:", "compute floor"):
+        assert part in run.stdout, part
+    assert run.stdout.count("| reference |") == 7 and run.stdout.count("| policy fwd+bwd |") == 8
