@@ -54,6 +54,7 @@ def build_policy(cfg: RunConfig):
     from grpo.attention import apply_attention_dtype
     from grpo.fused_lora import use_fused_lora
     from grpo.models import add_lora, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
+    from grpo.rms_norm import use_rms_norm_function
 
     device = resolve_device(cfg.model.device)
     path = resolve_model_path(cfg.model.name)
@@ -71,6 +72,8 @@ def build_policy(cfg: RunConfig):
         torch.manual_seed(cfg.seed)
         model = add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout, targets)
     use_fused_lora(model, cfg.model.lora_kernel)  # engine, reference and update alike
+    # with the fused kernel, the RMSNorms' backward written out too (the forward is bit for bit theirs)
+    use_rms_norm_function(model, cfg.model.lora_kernel == "fused")
     return model, tokenizer
 
 

@@ -87,7 +87,9 @@ class ModelConfig:
     lora_kernel: Literal["fused", "peft"] = opt(
         "fused", "how LoRA layers compute: fused (base(x) + (x A^T)(s B)^T in one addmm, in the base's compute dtype "
                  "from float32 master weights, as autocast would) or peft (peft's own forward, LoRA in float32); "
-                 "disabled, merged, multi-adapter and DoRA layers always use peft's (grpo/fused_lora.py)")
+                 "disabled, merged, multi-adapter and DoRA layers always use peft's (grpo/fused_lora.py); fused "
+                 "also runs the Llama-family RMSNorms' backward written out (grpo/rms_norm.py: same forward, "
+                 "their input kept in the base dtype instead of float32)")
     lora_rank: int = opt(16, "LoRA rank r", ge=1)
     lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r)", gt=0)
     lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps rollout and training log-probs identical)",

@@ -9,7 +9,8 @@ layer and token (no checkpointing), with ``s`` the base dtype's bytes, ``a`` att
 (4 under ``model.attention_dtype`` float32), LoRA and norms in float32:
 
 * the two RMSNorms: their float32 input and ``rsqrt`` (``2 (4H + 4)``; layer 0's first norm
-  sees the frozen embedding and keeps nothing);
+  sees the frozen embedding and keeps nothing); under ``model.lora_kernel: fused``
+  (grpo/rms_norm.py) their input in the base dtype instead (``2 (s H + 4)``);
 * attention: the query and the output (``2 nh d a``), the log-sum-exp (``4 nh``); per key
   position the keys and values as SDPA receives them, repeated to ``nh`` heads
   (``2 nh d a``; ``2 nkv d a`` under float32 attention, whose SDPA reads grouped keys in place,
@@ -80,7 +81,7 @@ class ModelShape:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = PROJECTIONS  # the Llama-style projections that carry an adapter
     lora_dropout: bool = False
-    lora_fused: bool = False  # model.lora_kernel=fused (grpo/fused_lora.py): LoRA in the base's dtype
+    lora_fused: bool = False  # model.lora_kernel=fused: LoRA in the base's dtype (grpo/fused_lora.py), norms keep bf16 (grpo/rms_norm.py)
 
 
 @dataclass(frozen=True)
@@ -183,11 +184,17 @@ def _lora_input_bytes(m: ModelShape) -> int:
     return shared
 
 
+def _norm_bytes(m: ModelShape) -> int:
+    """Kept per token by one RMSNorm: its input (float32 in transformers' graph; the base dtype
+    under the fused kernels' ``grpo.rms_norm``) and the row's ``rsqrt``."""
+    return (m.base_bytes if m.lora_fused else 4) * m.hidden + 4
+
+
 def _layer_bytes(m: ModelShape, rows: int, queries: int, keys: int) -> int:
     """Kept for backward by one decoder layer without checkpointing: ``rows`` x ``queries`` tokens
     attending to ``keys`` positions each."""
     a, qd = m.attention_bytes, m.heads * m.head_dim
-    per_token = (2 * (4 * m.hidden + 4)  # two RMSNorms: float32 input, rsqrt
+    per_token = (2 * _norm_bytes(m)  # two RMSNorms: their input, rsqrt
                  + 2 * qd * a + 4 * m.heads  # query, output, log-sum-exp
                  + 3 * m.intermediate * m.base_bytes  # gate, up, act(gate)
                  + _lora_input_bytes(m) + (m.base_bytes if m.lora_fused else 4) * m.lora_rank * len(m.lora_targets))
@@ -214,7 +221,7 @@ def estimate(m: ModelShape, s: UpdateSettings, b: Batch) -> Estimate:
     # layer 0's first norm reads the frozen embedding (no gradient there): it keeps nothing, nor do
     # the dropout masks of the adapters on that norm's output
     attention_in = len({"q_proj", "k_proj", "v_proj"} & set(m.lora_targets))
-    norm0 = 4 * m.hidden + 4 + (4 * m.hidden * attention_in if m.lora_dropout else 0)
+    norm0 = _norm_bytes(m) + (4 * m.hidden * attention_in if m.lora_dropout else 0)
     unrolled = [_layer_bytes(m, *p) for p in passes]
     if s.checkpointing:
         layers = m.layers * tokens * m.hidden * m.base_bytes  # each layer's input
@@ -225,7 +232,7 @@ def estimate(m: ModelShape, s: UpdateSettings, b: Batch) -> Estimate:
         if m.lora_fused:  # each pass keeps every adapter's scaled B^T, cast to the base dtype (r x out)
             layers += m.layers * len(passes) * m.base_bytes * m.lora_rank * sum(
                 out for t, out in _lora_outputs(m).items() if t in m.lora_targets)
-    outside = tokens * (4 * m.hidden + 4 + 2 * m.head_dim * m.base_bytes)  # final norm; RoPE cos, sin
+    outside = tokens * (_norm_bytes(m) + 2 * m.head_dim * m.base_bytes)  # final norm; RoPE cos, sin
     if s.checkpointing:  # the mask each layer is handed, once per pass
         outside += sum(r * q * k for r, q, k in passes) * m.base_bytes
     chunk = min(s.chunk_tokens, b.loss_tokens)

@@ -21,6 +21,7 @@ from grpo.errors import UserError
 from grpo.fused_lora import use_fused_lora
 from grpo.models import add_lora
 from grpo.packing import pack_tree, tree_logprobs
+from grpo.rms_norm import use_rms_norm_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from update_memory import peak_live_bytes, saved_bytes  # noqa: E402
@@ -197,6 +198,7 @@ def _policy(model_dir, dtype, dropout, kernel="peft"):
     apply_attention_dtype(base, "auto", "cpu")  # bf16 on CPU: float32 attention, as training runs it
     model = add_lora(base, 4, 8, dropout, TARGETS)
     use_fused_lora(model, kernel)
+    use_rms_norm_function(model, kernel == "fused")  # as grpo.build.build_policy does
     logprobs.set_update_mode(model)
     shape = memory.model_shape(base.config, base.get_input_embeddings().weight.element_size(), 4, TARGETS,
                                dropout > 0, kernel == "fused")
