@@ -31,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from grpo import logprobs, memory  # noqa: E402
 from grpo.attention import apply_attention_dtype  # noqa: E402
+from grpo.fused_lora import use_fused_lora  # noqa: E402
 from grpo.models import add_lora, load_causal_lm, resolve_model_path  # noqa: E402
+from grpo.rms_norm import use_rms_norm_function  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -141,6 +143,10 @@ def main() -> None:
     parser.add_argument("--attention-dtype", default="auto", help="model.attention_dtype (auto: float32 "
                         "attention under a bf16 base on CPU, as training runs it)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lora-kernel", choices=["fused", "peft"], default="fused",
+                        help="model.lora_kernel (fused, the default, also binds grpo/rms_norm.py, as training does)")
+    parser.add_argument("--transformers-norms", action="store_true",
+                        help="leave the RMSNorms as transformers' (their float32 input kept) under the fused kernel")
     parser.add_argument("--single", choices=["off", "on"], help="one pass with checkpointing off/on, no warm-up, "
                         "in this fresh process: also prints the peak RSS growth during it beside the estimated peak")
     args = parser.parse_args()
@@ -148,9 +154,12 @@ def main() -> None:
     base = load_causal_lm(resolve_model_path(args.model), args.dtype, "cpu")
     attention = apply_attention_dtype(base, args.attention_dtype, "cpu")
     model = add_lora(base, 16, 32, 0.0, TARGETS)
+    fused = args.lora_kernel == "fused"
+    use_fused_lora(model, args.lora_kernel)
+    norms = use_rms_norm_function(model, fused and not args.transformers_norms)
     plan = memory.make_plan(1.0, base.config, base.get_input_embeddings().weight.element_size(), 16, TARGETS,
                             False, packing=False, fast_head=True, checkpointing=False, device="cpu",
-                            chunk_tokens=512)
+                            chunk_tokens=512, lora_fused=fused)
     logprobs.set_update_mode(model)
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -158,8 +167,9 @@ def main() -> None:
     group_index = [p for p in range(args.prompts) for _ in range(args.group)]
     completions = [torch.randint(3, vocab, (args.tokens,), generator=gen).tolist() for _ in group_index]
     batch = logprobs.pack_grouped(prompts, group_index, completions, 0)
-    print(f"{args.model} ({args.dtype} base, {attention} attention), {args.prompts} prompts x {args.prompt_tokens} "
-          f"tokens, {len(completions)} completions x {args.tokens} tokens, {args.threads} thread(s)")
+    print(f"{args.model} ({args.dtype} base, {attention} attention, {args.lora_kernel} LoRA, {norms} norms through "
+          f"grpo/rms_norm.py), {args.prompts} prompts x {args.prompt_tokens} tokens, {len(completions)} completions x "
+          f"{args.tokens} tokens, {args.threads} thread(s)")
     if args.single:
         on = args.single == "on"
         r = measure(model, batch, on, plan)
