@@ -44,17 +44,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from decode_profile import timed  # noqa: E402  (median of reps after a warm-up)
+
 LORA_TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
-
-
-def median_seconds(run, reps: int) -> float:
-    run()  # warm-up: kernels chosen, packed head prepared, heap grown
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def interleaved(run, model, reps: int) -> tuple[float, float]:
@@ -148,7 +140,7 @@ def base_products_seconds(model, rows: list[int], backward: bool, reps: int) -> 
             torch.nn.functional.linear(x, w)
             if backward:
                 g @ w
-    seconds = median_seconds(run, reps) * len(layers)
+    seconds = timed(run, reps) * len(layers)
     flops = sum(2 * x.shape[0] * w.numel() for w, x, _ in inputs) * len(layers) * (2 if backward else 1)
     return seconds, flops
 
@@ -182,7 +174,7 @@ def lora_seconds(model, rows: list[int], backward: bool, reps: int) -> tuple[flo
     for layer, x, _ in inputs:
         a = layer.lora_A[plain_adapter(layer)].weight
         flops += 2 * x.shape[0] * a.shape[0] * (a.shape[1] + layer.base_layer.weight.shape[0])
-    return median_seconds(run, reps) * len(layers), flops * len(layers) * (3 if backward else 1)
+    return timed(run, reps) * len(layers), flops * len(layers) * (3 if backward else 1)
 
 
 def norm_seconds(model, rows: list[int], backward: bool, reps: int) -> float:
@@ -202,7 +194,7 @@ def norm_seconds(model, rows: list[int], backward: bool, reps: int) -> float:
                 y = norm(x)
                 if backward:
                     y.backward(torch.ones_like(y))
-    return median_seconds(run, reps) * (2 * len(layers) + 1)
+    return timed(run, reps) * (2 * len(layers) + 1)
 
 
 def head_seconds(model, batch, backward: bool, reps: int) -> tuple[float, float]:
@@ -222,7 +214,7 @@ def head_seconds(model, batch, backward: bool, reps: int) -> tuple[float, float]
                 out.logprobs.sum().backward()
                 hidden.grad = None
     n = int(batch.loss_mask.sum())
-    return median_seconds(run, reps), 2 * n * head.weight.numel() * (2 if backward else 1)
+    return timed(run, reps), 2 * n * head.weight.numel() * (2 if backward else 1)
 
 
 def main() -> None:
