@@ -41,6 +41,7 @@ import contextlib
 import types
 
 from grpo.decode_groups import SHARED_INPUT, SharedInputGroup
+from grpo.lora_grad import FusedLoRALinear, applies
 from grpo.prepared_linear import packed_linear, prepared_linear, weights_stamp
 
 LORA_KERNELS = ("fused", "peft")
@@ -62,14 +63,10 @@ def fused_lora_forward(self, x, *args, **kwargs):
         group = cache.get(_GROUP)
         if group is not None and group.name == name and dropout_off and x.dtype == self.base_layer.weight.dtype:
             return group(self, x)
-    if torch.is_grad_enabled():
-        from grpo.lora_grad import FusedLoRALinear, applies
-
-        if applies(x, self.base_layer, self.lora_dropout[name]):  # the same ops, a leaner backward
-            with torch.no_grad():
-                out = self.base_layer(x)
-            return FusedLoRALinear.apply(x, out, self.base_layer.weight, lora_a.weight, lora_b.weight,
-                                         self.scaling[name])
+    if applies(x, self.base_layer, self.lora_dropout[name]):  # with gradients: the same ops, a leaner backward
+        with torch.no_grad():
+            out = self.base_layer(x)
+        return FusedLoRALinear.apply(x, out, self.base_layer.weight, lora_a.weight, lora_b.weight, self.scaling[name])
     packed = None if cache is None or torch.is_grad_enabled() else cache.get(_PACKED_BASE)
     out = packed(x) if packed is not None and x.dtype == self.base_layer.weight.dtype else self.base_layer(x)
     if cache is not None and not torch.is_grad_enabled():

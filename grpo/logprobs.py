@@ -170,7 +170,7 @@ class SampledLogProb(torch.autograd.Function):
             # vecdot, not a batched (1, V) x (V, 1) bmm: at 512 x 49152 on one AMX core 25 vs 72 ms, and
             # 2e-7 vs 1.5e-4 relative error against float64 (``benchmarks/decode_limits.py``, "entropy");
             # in blocks of rows, so its (rows, V) product temporary is a few MB, not another chunk-sized
-            # block (which raised a 4 x 8 x 64 step's peak RSS by 0.4 GB on the glibc heap)
+            # block alive at the policy pass's memory peak
             rows = ENTROPY_BLOCK_ROWS
             dots = torch.cat([torch.linalg.vecdot(e[i:i + rows], z[i:i + rows]) for i in range(0, len(e), rows)])
             entropy = lse - dots / total

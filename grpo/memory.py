@@ -81,7 +81,7 @@ class ModelShape:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = PROJECTIONS  # the Llama-style projections that carry an adapter
     lora_dropout: bool = False
-    lora_fused: bool = False  # model.lora_kernel=fused: LoRA in the base's dtype (grpo/fused_lora.py), norms keep bf16 (grpo/rms_norm.py)
+    lora_fused: bool = False  # model.lora_kernel=fused: LoRA in the base's dtype (grpo/fused_lora.py), norms keep their input in it (grpo/rms_norm.py)
 
 
 @dataclass(frozen=True)

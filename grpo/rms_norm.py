@@ -72,14 +72,14 @@ def use_rms_norm_function(model, enabled: bool = True) -> int:
     """Bind ``rms_norm_forward`` to every RMSNorm of ``model`` (``enabled``) that
     ``computes_the_same``, or restore transformers' forward; returns how many are bound."""
     count = 0
-    checked: dict[type, bool] = {}
+    checked: dict[tuple, bool] = {}  # (class, weight dtype) -> computes_the_same, probed once per kind
     for module in model.modules():
         if not type(module).__name__.endswith("RMSNorm"):
             continue
         if not enabled:
             module.__dict__.pop("forward", None)
             continue
-        kind = (type(module), module.weight.dtype if isinstance(getattr(module, "weight", None), torch.Tensor) else None)
+        kind = (type(module), getattr(getattr(module, "weight", None), "dtype", None))
         if kind not in checked:
             checked[kind] = computes_the_same(module)
         if checked[kind]:
