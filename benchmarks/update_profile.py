@@ -13,7 +13,8 @@ after a warm-up, in the same process (the pass and its attention-stubbed twin in
 - ``policy``: ``grouped_logprobs`` with entropy, then backward of the summed log-probs (the
   trainer's loss adds a few elementwise terms on (b, T), nothing per layer);
 - the same two with attention replaced by a stub that passes the queries through (no attention
-  arithmetic, gradients still flow to q): their difference is attention's share;
+  arithmetic; in backward the queries get the output's gradient and the keys and values zeros,
+  so the q, k and v projections' backward still runs): their difference is attention's share;
 - ``LM head + log-softmax``: ``head_logprobs`` alone on hidden states of the batch's shape,
   forward (+ backward for the policy);
 - ``base products``: every base linear's product at the pass's row counts in the model's dtype,
@@ -68,12 +69,26 @@ def interleaved(run, model, reps: int) -> tuple[float, float]:
 @contextlib.contextmanager
 def attention_stub(model):
     """Attention replaced by ``out = q`` (the query heads as the output): no attention arithmetic,
-    the rest of the model's graph unchanged. A diagnostic: the model's numbers are not these."""
+    the rest of the model's graph unchanged, the keys and values still in it (their gradients are
+    zeros, so the k and v projections' backward runs as in the real pass; a stub that dropped them
+    would charge that backward to attention). A diagnostic: the model's numbers are not these."""
+    import torch
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    class PassQuery(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value):
+            ctx.kv = (key.shape, key.dtype), (value.shape, value.dtype)
+            return query.transpose(1, 2).contiguous()
+
+        @staticmethod
+        def backward(ctx, grad):
+            (ks, kd), (vs, vd) = ctx.kv
+            return grad.transpose(1, 2), grad.new_zeros(ks, dtype=kd), grad.new_zeros(vs, dtype=vd)
+
     def stub(module, query, key, value, attention_mask, **kwargs):
-        return query.transpose(1, 2).contiguous(), None
+        return PassQuery.apply(query, key, value), None
 
     ALL_ATTENTION_FUNCTIONS.register("diag_stub", stub)
     ALL_MASK_ATTENTION_FUNCTIONS.register("diag_stub", sdpa_mask)

@@ -62,3 +62,35 @@ def test_update_profile_runs_and_prints_every_part(tiny_model_dir):
                  "RMSNorms", "rest:", "compute floor"):
         assert part in run.stdout, part
     assert run.stdout.count("| reference |") == 7 and run.stdout.count("| policy fwd+bwd |") == 8
+
+
+def test_update_profile_attention_stub_keeps_the_key_and_value_backward(tiny_model_dir):
+    """The stub removes attention's arithmetic only: k_proj and v_proj still get gradients (zeros
+    through the stub), so their backward is not charged to attention; the numbers change (the
+    stub ran) and the model's own attention is back afterwards."""
+    import argparse
+
+    import torch
+    from update_profile import attention_stub, build
+
+    from grpo.logprobs import grouped_logprobs
+
+    args = argparse.Namespace(model=str(tiny_model_dir), rank=4, set=[], prompts=2, group=2, tokens=3)
+    model, _, batch = build(args)
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = grouped_logprobs(model, batch)
+        out.sum().backward()
+        return out.detach(), {n: p.grad for n, p in lora.items()}
+
+    real, real_grads = grads()
+    with attention_stub(model):
+        stubbed, stub_grads = grads()
+    again, _ = grads()
+    assert not torch.allclose(real, stubbed) and torch.equal(real, again)
+    for proj in ("k_proj", "v_proj", "q_proj"):
+        names = [n for n in lora if f"{proj}.lora_A" in n]
+        assert names and all(stub_grads[n] is not None for n in names), proj
+    assert all(real_grads[n] is not None for n in lora)
