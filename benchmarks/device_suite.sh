@@ -7,10 +7,19 @@
 #   bash benchmarks/device_suite.sh            # CUDA, full shape (< 8 minutes on one H100/H200 class GPU)
 #   bash benchmarks/device_suite.sh --smoke    # CPU, tiny shape, seconds (tests/test_device_suite.py)
 #   PYTHON=.venv/bin/python bash benchmarks/device_suite.sh
+#
+# Wheels in .whl/ (benchmarks/device_wheels.sh: TRL and what it needs beyond such a machine's
+# packages) are installed into $OUT/site first and put on PYTHONPATH; carry .whl to the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-$(mktemp -d)}
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$OUT/site" "$WHEELS"/*.whl
+    export PYTHONPATH="$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "device_suite: installed $(compgen -G "$WHEELS/*.whl" | wc -l) carried wheels into $OUT/site"
+fi
 if [[ "${1:-}" == "--smoke" ]]; then
     shift
     SHAPE=tiny DEVICE=cpu ARGS=(--prompts 2 --group 2 --tokens 4 --steps 1 --warmup 0 --threads 1 --rate-seconds 0.05 --rate-shapes 1)
