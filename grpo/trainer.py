@@ -218,18 +218,26 @@ class Trainer:
         t0 = time.perf_counter()
         self._times, self._drawn = {"generate": 0.0, "score": 0.0}, 0
         filled = self._collect(sampling)                                               # prompts, rollout, verify
-        t_rollout = time.perf_counter()
+        t_rollout = self._now()
         rollout = self._advantages(filled.kept)                                        # advantages
         stats = self._update(rollout)                                                  # policy update
         self.engine.sync_weights()                                                     # engine sync
         self.step += 1
-        t_end = time.perf_counter()
+        t_end = self._now()
         times = reduce_update_stats({"time/generate": self._times["generate"], "time/score": self._times["score"],
                                      "time/update": t_end - t_rollout, "time/step": t_end - t0}, (), TIME_KEYS)
         return {**self._rollout_metrics(filled), **stats, **times, "lr": self.scheduler.get_last_lr()[0],
                 "tokens/generated": sum(len(c.token_ids) for g in filled.drawn for c in g.completions)}
 
     # ------------------------------------------------------------- the pieces
+    def _now(self) -> float:
+        """``time.perf_counter()`` once the device has run what was queued: CUDA kernels run
+        asynchronously, so without the wait a phase's tail would be timed in the next phase (or,
+        at a step's end, in no phase). On CPU it is the clock alone."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _encode(self, prompt: Any) -> list[int]:
         key = json.dumps(prompt, sort_keys=True)
         if key not in self._prompt_cache:
@@ -259,7 +267,7 @@ class Trainer:
         self._drawn += count
         with generation_mode(self.policy, self.engine):
             groups = self.engine.generate(prompt_ids, sampling, prompt_seeds=seeds)
-        t1 = time.perf_counter()
+        t1 = self._now()
         completions = [c for g in groups for c in g]
         scored = self.rewards.score([r for r in rows for _ in range(G)], [c.text for c in completions])
         self._times["generate"] += t1 - t0
@@ -410,7 +418,7 @@ class Trainer:
             old = [self._rollout_logprobs(rollout, idx, b) for idx, b in zip(micro, packed)]
         else:
             old = [None] * len(packed)
-        t_ref = time.perf_counter()
+        t_ref = self._now()
         t_policy = t_opt = 0.0
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "engine_logprob_diff": 0.0, "entropy": 0.0}
         grad_norm = 0.0
@@ -455,7 +463,7 @@ class Trainer:
                 raise TrainingDiverged(f"non-finite gradient norm at step {self.step + 1}")
             self.optimizer.step()
             self.scheduler.step()
-            t2 = time.perf_counter()
+            t2 = self._now()
             t_policy, t_opt = t_policy + (t1 - t_pass), t_opt + (t2 - t1)
         stats = {"time/reference_and_old": t_ref - t0, "time/policy_forward_backward": t_policy,
                  "time/optimizer": t_opt, "tokens/trained": sum(b.num_tokens for b, w in zip(packed, live) if w),

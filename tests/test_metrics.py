@@ -1,4 +1,4 @@
-"""grpo/metrics.py directly: metrics.jsonl records, resume truncation, smoothing by hand, the plot."""
+"""grpo/metrics.py directly: metrics.jsonl records, resume truncation, smoothing by hand, the plot; the trainer's phase clock."""
 
 from __future__ import annotations
 
@@ -48,3 +48,19 @@ def test_plot_rewards_writes_a_png_with_or_without_evaluations(tmp_path):
     for name, recs in (("full.png", records), ("train.png", records[:2]), ("empty.png", [])):
         out = plot_rewards(recs, tmp_path / name)
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_phase_clock_waits_for_cuda_kernels_and_is_the_plain_clock_on_cpu(monkeypatch):
+    """Trainer._now: on a CUDA device each phase's time is read after ``torch.cuda.synchronize``
+    (kernels run asynchronously: otherwise a phase's tail is timed in the next one); on CPU no wait."""
+    import types
+
+    from grpo.trainer import Trainer
+
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    t = Trainer._now(gpu)
+    assert waits == [torch.device("cuda", 0)] and isinstance(t, float)
+    Trainer._now(types.SimpleNamespace(device=torch.device("cpu")))
+    assert len(waits) == 1
