@@ -92,10 +92,14 @@ def decode_flops(s: Shape, prompt_lens: list[int], group: int, tokens: int) -> f
     return phase_flops(s, prompt_lens, group, tokens, 0)["generate"] - prefill
 
 
-def float32_head_flops(s: Shape, prompt_lens: list[int], group: int, tokens: int) -> float:
-    """The update's LM-head forwards (reference and policy passes), which run in float32 whatever
-    the base's dtype (log-probs from float32 logits; their backward runs in the base's dtype)."""
-    return float(2 * len(prompt_lens) * group * tokens * s.head_flops())
+def float32_head_flops(s: Shape, prompt_lens: list[int], group: int, tokens: int, cuda: bool = False) -> float:
+    """The LM-head forwards that run in float32 whatever the base's dtype (log-probs from float32
+    logits; their backward runs in the base's dtype): on CPU the update's two (reference and
+    policy passes); on CUDA also the policy's recomputation in backward (its head chunks are
+    checkpointed) and generation's, one per new token of each row (the engine's float32 head)."""
+    rows = len(prompt_lens) * group
+    update = (3 if cuda else 2) * rows * tokens * s.head_flops()
+    return float(update + (rows * tokens * s.head_flops() if cuda else 0))
 
 
 def decode_gflops(s: Shape, rows: int, dtype, threads: int = 1, seconds: float = 0.5) -> float:

@@ -43,3 +43,25 @@ def test_device_suite_smoke_runs_ours_and_prints_the_roofline(tmp_path):
     assert "compute floor:" in out and "ours/floor =" in out
     assert (out_dir / "steps.json").is_file() and (out_dir / "model" / "config.json").is_file()
     assert "installed 1 carried wheels" in out and (out_dir / "site" / "grpo_suite_probe.py").is_file()
+
+
+def test_step_throughput_keeps_what_the_other_workers_measured_when_one_fails(tmp_path, tiny_model_dir):
+    """A worker that dies (here TRL's, whose import is made to fail) is dropped with its error:
+    the others' steps are still measured, reported and written, and the exit status is non-zero."""
+    import json
+
+    broken = tmp_path / "broken" / "trl"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('trl made unimportable by the test')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "broken"), "OMP_NUM_THREADS": "1"}
+    record = tmp_path / "steps.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_throughput.py"), "--model", str(tiny_model_dir),
+                           "--systems", "trl,ours", "--prompts", "2", "--group", "2", "--tokens", "3", "--steps", "1",
+                           "--warmup", "0", "--threads", "1", "--rate-seconds", "0.05", "--rate-shapes", "1",
+                           "--out", str(tmp_path / "runs"), "--json", str(record)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "trl made unimportable" in proc.stderr and "trl worker exited before it was ready" in proc.stderr
+    assert "| ours |" in proc.stdout and "| trl |" not in proc.stdout and "compute floor:" in proc.stdout
+    saved = json.loads(record.read_text())
+    assert len(saved["records"]["ours"]) == 1 and "trl" in saved["failed"]

@@ -94,3 +94,11 @@ def test_update_profile_attention_stub_keeps_the_key_and_value_backward(tiny_mod
         names = [n for n in lora if f"{proj}.lora_A" in n]
         assert names and all(stub_grads[n] is not None for n in names), proj
     assert all(real_grads[n] is not None for n in lora)
+
+
+def test_float32_head_flops_on_cuda_adds_the_recomputation_and_generation():
+    from roofline import float32_head_flops
+
+    s = Shape(hidden=4, intermediate=8, layers=1, heads=2, kv_heads=1, head_dim=2, vocab=10)
+    # 4 completion positions x 80 FLOPs: update 3 forwards (checkpointed policy head) + generation 1
+    assert float32_head_flops(s, [2], group=2, tokens=2, cuda=True) == 4 * 320.0
