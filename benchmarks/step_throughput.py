@@ -162,7 +162,7 @@ def worker_trl(args) -> None:
         num_generations=args.group, max_completion_length=tokens, gradient_accumulation_steps=1,
         num_iterations=1, beta=args.beta, learning_rate=args.lr, max_steps=10 ** 6, logging_steps=10 ** 6,
         save_strategy="no", report_to=[], use_cpu=not args.device.startswith("cuda"),
-        bf16=bf16, temperature=1.0, seed=0,
+        bf16=bf16, temperature=1.0, seed=0, gradient_checkpointing=not args.trl_no_checkpointing,
         generation_kwargs={"min_new_tokens": tokens}, disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0 + (i % 2) for i in range(len(completions))],
@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--rate-shapes", type=int, default=len(CPU_RATE_SHAPES),
                         help="how many of CPU_RATE_SHAPES the CPU matmul rate is the best of (1: the 512-row one)")
     parser.add_argument("--trl-bf16", action="store_true", help="TRL in bf16 on CPU too (its CPU default is fp32)")
+    parser.add_argument("--trl-no-checkpointing", action="store_true",
+                        help="TRL without gradient checkpointing (GRPOConfig's default turns it on)")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--json", default=None, help="write all step records here")
     parser.add_argument("--worker", choices=[*OURS, "trl"], help=argparse.SUPPRESS)
