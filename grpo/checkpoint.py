@@ -53,7 +53,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw; a machine that shows fewer (or more) restores
+        # those it has (set_rng_state_all would fail on an index): sampling and dropout take
+        # explicit seeds, so these states only matter to code outside the trainer
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # --------------------------------------------------------------------- encoding

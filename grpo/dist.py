@@ -12,6 +12,7 @@ collective: all ranks must call it, in the same order.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -86,14 +87,22 @@ def init(timeout_s: float, device: str = "cpu") -> DistInfo:
         raise UserError(f"model.device={device} under a launcher would put every rank on the same GPU; use "
                         "model.device=auto or cuda (each rank takes cuda:LOCAL_RANK)")
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    bound = {}
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # cuda:LOCAL_RANK; modulo the visible count where a launcher shows each process its own GPU(s)
+        # (srun --gpus-per-task=1: every rank sees one device, cuda:0)
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+        bound = {"device_id": local}  # NCCL's communicator on this rank's GPU, created now, not guessed later
     # torch 2.13: importing torch._dynamo once a group exists keeps that group alive after
     # destroy_process_group, its gloo threads running into interpreter exit (DDP's constructor
     # imports it). Imported before the group, teardown frees the group and joins its threads.
-    import torch._dynamo  # noqa: F401
+    # (importlib: an `import torch._dynamo` statement would make `torch` a local name of this
+    # function, unbound above, and `model.device: auto` fail with UnboundLocalError.)
+    importlib.import_module("torch._dynamo")
 
-    tdist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timedelta(seconds=timeout_s))
+    tdist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timedelta(seconds=timeout_s),
+                             **bound)
     global _joined
     _joined = True
     return info()

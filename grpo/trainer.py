@@ -537,8 +537,9 @@ class Trainer:
         rows = self.heldout_rows[:cfg.eval.num_problems] if cfg.eval.num_problems else self.heldout_rows
         share = self.dist.share(len(rows))  # the problems this rank evaluates (all of them in one process)
         samples = []
-        if share:
-            with generation_mode(self.policy, self.engine):
+        # every rank enters, with problems or without: under FSDP2 it all-gathers the layers (a collective)
+        with generation_mode(self.policy, self.engine):
+            if share:
                 samples = evaluate(self.engine, self._encode, rows[share.start:share.stop], self.rewards,
                                    n=cfg.eval.num_samples, temperature=cfg.rollout.temperature,
                                    max_new_tokens=cfg.rollout.max_new_tokens, ks=cfg.eval.k, greedy=cfg.eval.greedy,

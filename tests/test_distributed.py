@@ -259,6 +259,22 @@ def test_fsdp2_run_reaches_the_one_process_adapter(two_rank_run, tiny_model_dir,
     assert state["optimizer"]["state"], "the gathered optimizer state is empty"
 
 
+def test_fsdp2_evaluation_with_fewer_problems_than_ranks(tiny_model_dir, toy_plugin, tmp_path):
+    """One held-out problem on two ranks: rank 1 evaluates nothing but still takes part in FSDP2's
+    all-gather of the layers (it had skipped it: mismatched collectives, which gloo reports and
+    NCCL would hang on). With model.device=auto, the default, which no other launch test uses."""
+    run = tmp_path / "run"
+    args = tiny_run_config(tiny_model_dir, run, toy_plugin, **{"steps": 1, "rollout.prompts_per_step": 2,
+                                                                "eval.num_problems": 1, "eval.num_samples": 2,
+                                                                "distributed.strategy": "fsdp2",
+                                                                "distributed.timeout_s": 60,
+                                                                "model.device": "auto"})  # the default, end to end
+    proc = torchrun(["-m", "grpo", "train", "--no-progress", _empty_config(tmp_path), *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in (0, 1):
+        assert len((run / "eval" / f"samples-step{step:06d}.jsonl").read_text().splitlines()) == 1 * (2 + 1)
+
+
 def test_prompts_not_divisible_by_ranks_is_one_error_line(tiny_model_dir, toy_plugin, tmp_path):
     args = tiny_run_config(tiny_model_dir, tmp_path / "run", toy_plugin, **{"rollout.prompts_per_step": 3})
     proc = torchrun(["-m", "grpo", "train", "--no-progress", _empty_config(tmp_path), *args])
@@ -331,6 +347,41 @@ def test_vllm_server_mode_other_ranks_adopt_rank_0s_adapter(tmp_path, monkeypatc
     assert engine.adapter == published and backend.activated == []
     engine.close()
     assert published.path.is_dir()
+
+
+def test_a_cuda_rank_binds_its_gpu_for_nccl(monkeypatch):
+    """Under a launcher with CUDA: NCCL, cuda:LOCAL_RANK (modulo the GPUs the process sees: srun
+    --gpus-per-task=1 shows each rank one device) set as current and given to the process group."""
+    calls = {}
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("current", d))
+    monkeypatch.setattr(dist.tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist.tdist, "init_process_group", lambda backend, **kw: calls.setdefault("group", (backend, kw)))
+    monkeypatch.setattr(dist, "info", lambda: "joined")
+    monkeypatch.setattr(dist, "_joined", False)
+    assert dist.init(10, "auto") == "joined"
+    backend, kw = calls["group"]
+    assert calls["current"] == torch.device("cuda", 1) and backend == "nccl" and kw["device_id"] == torch.device("cuda", 1)
+
+
+def test_the_default_device_under_a_launcher_joins_with_gloo_without_cuda(monkeypatch):
+    """model.device=auto (the default) under torchrun on a machine without CUDA: gloo. (An import
+    statement inside init once made `torch` a local name there: auto raised UnboundLocalError,
+    and the tests, all with model.device=cpu, did not see it.)"""
+    calls = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist.tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist.tdist, "init_process_group", lambda backend, **kw: calls.setdefault("group", (backend, kw)))
+    monkeypatch.setattr(dist, "info", lambda: "joined")
+    monkeypatch.setattr(dist, "_joined", False)
+    assert dist.init(10, "auto") == "joined"
+    assert calls["group"][0] == "gloo" and "device_id" not in calls["group"][1]
 
 
 def test_launch_settings_that_cannot_work_are_one_line_errors(monkeypatch):

@@ -50,6 +50,18 @@ def test_state_round_trips_through_json_and_safetensors():
     assert a == (random.random(), float(np.random.rand()), float(torch.rand(1)))
 
 
+def test_cuda_rng_states_restore_on_a_machine_with_fewer_gpus(monkeypatch):
+    """A checkpoint saved where 2 GPUs were visible resumes where 1 is: that one's state is set
+    (set_rng_state_all would have failed on an index)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((device, s)))
+    saved = {**checkpoint.rng_state(), "cuda": [torch.full((4,), 1, dtype=torch.uint8), torch.full((4,), 2, dtype=torch.uint8)]}
+    checkpoint.set_rng_state(saved)
+    assert [(d, int(s[0])) for d, s in restored] == [(0, 1)]
+
+
 def test_decode_rejects_unknown_markers_and_missing_tensors():
     with pytest.raises(ValueError, match="unknown marker"):
         checkpoint.decode_state({"__reduce__": ["os.system", "true"]}, {})
