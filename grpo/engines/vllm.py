@@ -116,7 +116,8 @@ class VLLMEngine:
         self.adapter: Adapter | None = None
         self._tag = uuid.uuid4().hex[:8]  # keeps names apart when several runs share a server
         self._own_dir = not adapter_dir
-        self.adapter_dir = Path(adapter_dir or tempfile.mkdtemp(prefix="grpo-vllm-adapters-"))
+        # absolute: a server resolves a relative lora_path against its own working directory
+        self.adapter_dir = Path(adapter_dir or tempfile.mkdtemp(prefix="grpo-vllm-adapters-")).resolve()
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
@@ -275,6 +276,36 @@ def old_logprobs_choice(loss) -> str:
 
 
 # ----------------------------------------------------------------------------- colocated
+PARALLEL_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+
+
+def _check_colocated_layout(device, shared_group: bool, engine_args: dict) -> None:
+    """Layouts a colocated engine cannot serve, as one-line errors before vLLM starts: vLLM puts
+    itself on cuda:0 in one process (whatever the trainer's GPU) and on cuda:LOCAL_RANK under a
+    launcher (asserting it exists); and every rank samples its own prompts, so vLLM's own
+    tensor/pipeline/data parallelism across ranks cannot be used (it expects the same requests
+    on every rank of a group)."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    if not shared_group and (device.index or 0) != 0:
+        raise UserError(f"rollout.engine=vllm (colocate) runs vLLM on cuda:0, not the trainer's {device}; "
+                        "select the GPU with CUDA_VISIBLE_DEVICES and use model.device=cuda")
+    if shared_group:
+        local = int(os.environ.get("LOCAL_RANK", -1))
+        if not 0 <= local < torch.cuda.device_count():
+            raise UserError(f"rollout.engine=vllm (colocate) under a launcher puts each rank's vLLM on "
+                            f"cuda:LOCAL_RANK, and LOCAL_RANK={os.environ.get('LOCAL_RANK')} with "
+                            f"{torch.cuda.device_count()} visible GPU(s) has none; launch one process per "
+                            "visible GPU (torchrun --nproc-per-node) or use rollout.vllm.mode=server")
+        parallel = {k: engine_args[k] for k in PARALLEL_ARGS if int(engine_args.get(k, 1) or 1) > 1}
+        if parallel:
+            raise UserError(f"rollout.vllm.engine_args {parallel}: a colocated engine under a launcher serves "
+                            "its own rank's prompts only, so vLLM's parallelism across ranks cannot be used; "
+                            "use rollout.vllm.mode=server for a tensor/data-parallel vLLM")
+
+
 class ColocatedBackend:
     """``vllm.LLM`` in this process, on the trainer's device."""
 
@@ -312,9 +343,12 @@ class ColocatedBackend:
             kwargs["max_model_len"] = opts.max_model_len
         import torch.distributed as tdist
 
-        if tdist.is_available() and tdist.is_initialized():
-            # under torchrun: one engine per rank on the rank's own GPU, inside this process (as TRL's colocate mode)
+        # under torchrun: one engine per rank on the rank's own GPU, inside this process (as TRL's
+        # colocate mode), on the trainer's process group, which close() must then leave alone
+        self.shared_group = tdist.is_available() and tdist.is_initialized()
+        if self.shared_group:
             kwargs["distributed_executor_backend"] = "external_launcher"
+        _check_colocated_layout(param.device, self.shared_group, opts.engine_args)
         kwargs.update(opts.engine_args)
         try:
             self.llm = LLM(**kwargs)
@@ -345,6 +379,12 @@ class ColocatedBackend:
                                   repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0)
                   for s in seeds]
         if self.asleep:
+            # the update's freed blocks stay in torch's CUDA cache: hand them back first, or
+            # re-mapping vLLM's weights and KV cache can run out of memory (TRL does the same)
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
             self.llm.wake_up()
             self.asleep = False
         while self.retired:
@@ -379,9 +419,18 @@ class ColocatedBackend:
             llm.llm_engine.engine_core.shutdown()
         finally:
             del llm
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+            from vllm.distributed import parallel_state
 
-            cleanup_dist_env_and_memory()
+            if getattr(self, "shared_group", False):
+                # vLLM's cleanup_dist_env_and_memory would destroy the trainer's process group
+                # too (grpo.dist ends it: teardown, or fail on a failing rank, after which
+                # vLLM's groups are gone already); release vLLM's own groups only
+                try:
+                    parallel_state.destroy_model_parallel()
+                except (ValueError, RuntimeError, AssertionError):
+                    pass
+            else:
+                parallel_state.cleanup_dist_env_and_memory()
             gc.collect()
 
 
@@ -426,8 +475,14 @@ class ServerBackend:
         futures = [self.pool.submit(self._call, "POST", "/v1/completions", {**body, "prompt": list(p), "seed": s})
                    for p, s in zip(prompts, seeds)]
         groups = []
-        for future in futures:
-            choices = sorted(future.result()["choices"], key=lambda c: c["index"])
+        for n, future in enumerate(futures):
+            try:
+                result = future.result()
+            except BaseException:
+                for queued in futures[n + 1:]:  # the error ends this call: queued requests need not run
+                    queued.cancel()
+                raise
+            choices = sorted(result["choices"], key=lambda c: c["index"])
             group = []
             for c in choices:
                 if c["finish_reason"] not in ("stop", "length"):

