@@ -63,8 +63,11 @@ class RewardBatch:
 
 
 def _score_in_worker(verifier: Verifier, completion: str, fields: dict[str, Any]) -> Score:
-    """Runs inside a pool worker: cap the address space, score one completion."""
-    limit = int(verifier.memory_mb) * 1024 * 1024
+    """Runs inside a pool worker: cap the address space at what the worker maps now plus the
+    verifier's ``memory_mb``, score one completion. (The workers are forked from the trainer,
+    so they start with its address space: gigabytes of model, tens of them of CUDA mappings on a
+    GPU. An absolute cap of ``memory_mb`` would leave a verifier nothing to allocate.)"""
+    limit = int(verifier.memory_mb) * 1024 * 1024 + _address_space_bytes()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard == resource.RLIM_INFINITY or limit < hard:
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
@@ -75,6 +78,15 @@ def _score_in_worker(verifier: Verifier, completion: str, fields: dict[str, Any]
         return scores[0]
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _address_space_bytes() -> int:
+    """This process's virtual size (what RLIMIT_AS counts); 0 where /proc does not say."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class RewardRunner:

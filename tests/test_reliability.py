@@ -488,3 +488,47 @@ def test_torchrun_ranks_after_the_first_do_not_take_the_lock(tmp_path, monkeypat
     monkeypatch.setenv("RANK", "1")
     rundir.claim(run_dir, resume=False).release()  # rank 1: checks only, no "in use" error
     lock.release()
+
+
+ALLOC_PLUGIN = '''
+from grpo.registry import VERIFIERS
+from verifiers.base import Score, Verifier
+
+
+@VERIFIERS.register("allocates_mb")
+class AllocatesMB(Verifier):
+    """Allocates (and touches) int(completion) MB, then scores 1; memory_mb 256."""
+    fields = ()
+    memory_mb = 256
+
+    def score(self, completions):
+        out = []
+        for c in completions:
+            block = bytearray(int(c) << 20)
+            block[::4096] = b"x" * len(block[::4096])
+            out.append(Score(1.0, f"{len(block) >> 20} MB"))
+        return out
+'''
+
+
+def test_a_process_verifier_gets_its_memory_mb_beyond_what_the_trainer_maps(tmp_path):
+    """The workers are forked from the trainer, whose address space (a model; on a GPU, tens of
+    GB of CUDA mappings) they start with: memory_mb caps what a verifier allocates beyond it. Here
+    the parent reserves 4 GB of address space (no memory) first; 100 MB fits a 256 MB cap, 400 MB
+    does not (one error, reward 0, the run goes on)."""
+    import mmap
+
+    from grpo.build import load_plugins
+    from grpo.rewards import RewardRunner
+
+    plugin = tmp_path / "alloc_plugin.py"
+    plugin.write_text(ALLOC_PLUGIN)
+    load_plugins([str(plugin)])
+    reserved = mmap.mmap(-1, 4 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=getattr(mmap, "PROT_NONE", 0))
+    try:
+        with RewardRunner(workers=1) as runner:
+            rows = [{"id": str(i), "prompt": "p", "verifiers": {"allocates_mb": 1.0}} for i in range(2)]
+            batch = runner.score(rows, ["100", "400"])
+    finally:
+        reserved.close()
+    assert batch.total == [1.0, 0.0] and batch.errors == {"allocates_mb": 1}
