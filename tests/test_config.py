@@ -203,3 +203,20 @@ def test_every_numeric_field_declares_its_range():
 
     unchecked = [k for cls in (RunConfig, VLLMOptions) for k, check in walk(cls) if not check]
     assert unchecked == []
+
+
+def test_overrides_may_follow_flags_on_the_command_line(capsys):
+    """`grpo train CONFIG --resume steps=24` (argparse alone hands a nargs='*' positional only the
+    words before the first flag); a word that is no override is still an error."""
+    from grpo.cli import build_parser, parse_args
+
+    parser = build_parser()
+    args = parse_args(parser, ["train", "c.yaml", "a.b=1", "--resume", "steps=24", "--no-progress", "x=y"])
+    assert args.config == "c.yaml" and args.overrides == ["a.b=1", "steps=24", "x=y"] and args.resume
+    args = parse_args(parser, ["rm", "train", "r.yaml", "--epochs", "2", "margin=0.5"])
+    assert args.overrides == ["margin=0.5"] and args.epochs == 2
+    for argv in (["train", "c.yaml", "--resume", "--bogus"], ["train", "c.yaml", "--resume", "other.yaml"],
+                 ["list", "verifiers", "a=1"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(parser, argv)
+        assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
