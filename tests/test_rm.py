@@ -368,3 +368,22 @@ def test_rm_configs_load_and_name_their_command(path):
     else:
         cfg = load_config(path, cls=RMConfig, prepare=None, check=validate_rm)
         assert cfg.data
+
+
+def test_the_trained_head_is_float32_under_a_bf16_base(tiny_model_dir):
+    """The head is trained fully, by AdamW: in bf16 small steps round away (12.5 % of the tiny
+    model's head never moved in 3 epochs), so it is float32, fed upcast hidden states; the
+    backbone stays bf16 and the rewards come out float32 with gradients for head and LoRA."""
+    from grpo.rm.model import add_lora_with_head, forward_rewards, load_sequence_scorer
+
+    model = load_sequence_scorer(str(tiny_model_dir), "bfloat16", "cpu")
+    model.config.pad_token_id = 0
+    model = add_lora_with_head(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    head = {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert head and all(p.dtype == torch.float32 for p in head.values())
+    assert any(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not p.requires_grad)
+    rewards = forward_rewards(model, [[5, 6, 7], [8, 9]])
+    rewards.sum().backward()
+    assert rewards.dtype == torch.float32
+    assert all(p.grad is not None for p in head.values())
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)

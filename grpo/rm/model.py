@@ -80,7 +80,22 @@ def add_lora_with_head(model, rank: int, alpha: float, dropout: float, target_mo
     model = add_lora(model, rank, alpha, dropout, target_modules, task_type="SEQ_CLS")
     if not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n):
         raise UserError("the reward head is not trainable: peft found no 'score' or 'classifier' module")
+    _float32_head(model)
     return model
+
+
+def _float32_head(model) -> None:
+    """The fully trained head in float32 under a 16-bit base, its input upcast: in bf16, AdamW
+    steps smaller than half a weight's rounding step would be lost (with lr 1e-4, 12.5 % of a
+    tiny model's head never moved in 3 epochs), as the LoRA weights, float32 already, are not."""
+    def upcast(_module, args):
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    for name, module in model.named_modules():
+        own = [p for n, p in module.named_parameters(recurse=False) if p.requires_grad and "lora_" not in n]
+        if own and any(p.dtype in (torch.bfloat16, torch.float16) for p in own):
+            module.float()
+            module.register_forward_pre_hook(upcast)
 
 
 def collate(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

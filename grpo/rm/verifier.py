@@ -65,7 +65,8 @@ class RewardModelVerifier(Verifier):
         path: the reward model: ``model/`` of a ``grpo rm train`` run, the run directory,
             or any one-output ``*ForSequenceClassification`` directory or hub id.
         device / dtype: where and in what precision the RM runs ("auto": CUDA and bf16 when
-            available, else CPU float32); independent of the policy's.
+            available, else CPU in the precision ``model.dtype: auto`` measures faster there,
+            grpo.precision); independent of the policy's.
         batch_size: sequences per forward.
         normalize: "none", "running" (running mean/std) or "sigmoid".
         max_length: tokens per prompt + completion (default: the RM's training max_length).
