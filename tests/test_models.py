@@ -48,6 +48,14 @@ def test_embedded_default_converts_once_and_generates(tmp_path, monkeypatch):
     monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
     path = resolve_model_path("smollm2-135m")
     assert resolve_model_path("smollm2-135m") == path  # cached: the second call converts nothing
+    import shutil
+
+    from grpo.models import gguf_to_hf_dir
+
+    copy = tmp_path / "elsewhere" / embedded_gguf_path("smollm2-135m").name
+    copy.parent.mkdir()
+    shutil.copy(embedded_gguf_path("smollm2-135m"), copy)  # another path and mtime (another venv, clone)
+    assert str(gguf_to_hf_dir(copy)) == path  # the same content: the same conversion, not another 517 MB
     tok, model = load_tokenizer(path), load_causal_lm(path)
     engine = HFEngine(model, tok)
     out = engine.generate([encode_prompt(tok, [{"role": "user", "content": "What is 2 + 2?"}])],

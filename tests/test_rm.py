@@ -387,3 +387,12 @@ def test_the_trained_head_is_float32_under_a_bf16_base(tiny_model_dir):
     assert rewards.dtype == torch.float32
     assert all(p.grad is not None for p in head.values())
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
+
+
+def test_reward_pairs_need_a_positive_gap():
+    """min_gap 0 would pair a completion with itself (or with an equally rewarded one)."""
+    from grpo.errors import UserError
+    from grpo.rm.pairs import build_pairs
+
+    with pytest.raises(UserError, match="min_gap must be > 0 with pair_by=reward"):
+        build_pairs("arith", "unused", pair_by="reward", min_gap=0.0)

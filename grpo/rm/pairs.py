@@ -65,6 +65,8 @@ def build_pairs(task_name: str, model_spec: str, *, adapter: str | None = None, 
                 workers: int = 2, threads: int = 0,
                 progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Preference rows and counts (prompts, completions, accuracy, prompts_with_pairs, empty)."""
+    if pair_by == "reward" and not min_gap > 0:  # 0 pairs a completion with itself or with an equal one
+        raise UserError(f"min_gap must be > 0 with pair_by=reward (a pair needs a preferred completion), got {min_gap}")
     import torch
 
     from grpo.build import build_task, load_plugins
