@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,14 @@ def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: lis
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_modules, task_type=task_type, bias="none")
+    if not isinstance(target_modules, str):  # a list: say which names match nothing (peft only fails on none)
+        names = [n for n, _ in model.named_modules()]
+        unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched and len(unmatched) < len(target_modules):
+            matched = [t for t in target_modules if t not in unmatched]
+            print(f"warning: model.lora_target_modules {', '.join(unmatched)} match no module of "
+                  f"{type(model).__name__}: LoRA goes on {', '.join(matched)} only (all-linear: every linear "
+                  "layer)", file=sys.stderr)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

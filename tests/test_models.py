@@ -89,3 +89,21 @@ def test_lora_init_depends_on_the_seed_alone(tiny_model_dir):
     state = torch.get_rng_state()
     lora_weights(cfg)
     assert torch.equal(torch.get_rng_state(), state)  # the global stream is left as it was
+
+
+def test_target_modules_that_match_nothing_are_named(tiny_model_dir, capsys):
+    """A default target list on an architecture with other names (Phi-3's fused qkv_proj) would
+    otherwise put LoRA on fewer layers without a word; none matching at all stays an error."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo.errors import UserError
+    from grpo.models import add_lora
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    add_lora(model, 4, 8, 0.0, ["q_proj", "qkv_proj", "gate_up_proj"])
+    err = capsys.readouterr().err
+    assert "lora_target_modules qkv_proj, gate_up_proj match no module" in err and "on q_proj only" in err
+    add_lora(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), 4, 8, 0.0, ["q_proj", "v_proj"])
+    assert "warning" not in capsys.readouterr().err
+    with pytest.raises(UserError, match="check model.lora_target_modules"):
+        add_lora(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), 4, 8, 0.0, ["qkv_proj"])
