@@ -99,12 +99,15 @@ def read_hub_records(source: HubSource, *, streaming: bool = False,
             rows = ds if remaining is None else (ds.take(remaining) if streaming else
                                                  ds.select(range(min(remaining, len(ds)))))
             records.extend(dict(r) for r in itertools.islice(rows, remaining))
-        except (ConnectionError, OSError) as exc:  # datasets raises ConnectionError (an OSError) when offline
+        except ConnectionError as exc:  # what datasets raises when the hub cannot be reached (offline)
             raise UserError(f"cannot load {where}: {_first_line(exc)}. Offline? On a machine with network run "
                             f"datasets.load_dataset({source.path!r}{', ' + repr(config) if config else ''})"
-                            ".save_to_disk('DIR') (or download its Parquet files), copy DIR here and set "
-                            "task.args.path: DIR (with split:)") from exc
-        except ValueError as exc:  # unknown split or config name
+                            ".save_to_disk('DIR'), copy DIR here and set task.args.path: DIR (with split:); or "
+                            "set task.args.path to one of its .parquet files") from exc
+        except (OSError, ValueError, RuntimeError) as exc:
+            # the hub answered: no such dataset or revision, gated, taken down (HTTP errors are
+            # OSErrors), an unknown split or config (ValueError), a loading-script dataset, which
+            # datasets 4+ no longer runs (RuntimeError)
             raise UserError(f"cannot load {where}: {_first_line(exc)}") from exc
     return records
 

@@ -123,6 +123,27 @@ def test_offline_hub_name_is_one_line_with_the_way_out(tmp_path):
     assert "Offline?" in lines[0] and "save_to_disk('DIR')" in lines[0] and "task.args.path: DIR" in lines[0]
 
 
+@pytest.mark.parametrize("error, says", [
+    ("not found", "Dataset 'someone/typo' doesn't exist on the Hub"),
+    ("script", "Dataset scripts are no longer supported"),
+])
+def test_hub_answers_other_than_offline_are_one_line_without_the_offline_hint(monkeypatch, error, says):
+    """The hub was reached: a wrong name, a gated or taken-down set (OSErrors) or a loading-script
+    set (RuntimeError in datasets 4+) is its own one-line error, not "Offline?" advice."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def fake_load(path, name=None, split=None, revision=None, streaming=False):
+        if error == "not found":
+            raise DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
+        raise RuntimeError(f"Dataset scripts are no longer supported, but found {path.split('/')[-1]}.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    with pytest.raises(UserError) as exc:
+        read_records("someone/typo")
+    assert says in str(exc.value) and "Offline?" not in str(exc.value)
+
+
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(UserError, match=r"^data file not found: .*/nope.jsonl$"):
         read_records(tmp_path / "nope.jsonl")
