@@ -349,20 +349,27 @@ def test_vllm_server_mode_other_ranks_adopt_rank_0s_adapter(tmp_path, monkeypatc
     assert published.path.is_dir()
 
 
-def test_a_cuda_rank_binds_its_gpu_for_nccl(monkeypatch):
-    """Under a launcher with CUDA: NCCL, cuda:LOCAL_RANK (modulo the GPUs the process sees: srun
-    --gpus-per-task=1 shows each rank one device) set as current and given to the process group."""
+def _joining_without_a_group(monkeypatch, rank: int, world: int, cuda: bool) -> dict:
+    """dist.init under a launcher's variables with torch's process-group calls recorded, not made:
+    the dict gets "group" (backend, keyword arguments) and, with CUDA, "current" (set_device's)."""
     calls = {}
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("current", d))
     monkeypatch.setattr(dist.tdist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist.tdist, "init_process_group", lambda backend, **kw: calls.setdefault("group", (backend, kw)))
     monkeypatch.setattr(dist, "info", lambda: "joined")
     monkeypatch.setattr(dist, "_joined", False)
+    return calls
+
+
+def test_a_cuda_rank_binds_its_gpu_for_nccl(monkeypatch):
+    """Under a launcher with CUDA: NCCL, cuda:LOCAL_RANK (modulo the GPUs the process sees: srun
+    --gpus-per-task=1 shows each rank one device) set as current and given to the process group."""
+    calls = _joining_without_a_group(monkeypatch, 3, 4, cuda=True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert dist.init(10, "auto") == "joined"
     backend, kw = calls["group"]
     assert calls["current"] == torch.device("cuda", 1) and backend == "nccl" and kw["device_id"] == torch.device("cuda", 1)
@@ -372,14 +379,7 @@ def test_the_default_device_under_a_launcher_joins_with_gloo_without_cuda(monkey
     """model.device=auto (the default) under torchrun on a machine without CUDA: gloo. (An import
     statement inside init once made `torch` a local name there: auto raised UnboundLocalError,
     and the tests, all with model.device=cpu, did not see it.)"""
-    calls = {}
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(dist.tdist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist.tdist, "init_process_group", lambda backend, **kw: calls.setdefault("group", (backend, kw)))
-    monkeypatch.setattr(dist, "info", lambda: "joined")
-    monkeypatch.setattr(dist, "_joined", False)
+    calls = _joining_without_a_group(monkeypatch, 1, 2, cuda=False)
     assert dist.init(10, "auto") == "joined"
     assert calls["group"][0] == "gloo" and "device_id" not in calls["group"][1]
 
