@@ -97,9 +97,8 @@ def float32_head_flops(s: Shape, prompt_lens: list[int], group: int, tokens: int
     logits; their backward runs in the base's dtype): on CPU the update's two (reference and
     policy passes); on CUDA also the policy's recomputation in backward (its head chunks are
     checkpointed) and generation's, one per new token of each row (the engine's float32 head)."""
-    rows = len(prompt_lens) * group
-    update = (3 if cuda else 2) * rows * tokens * s.head_flops()
-    return float(update + (rows * tokens * s.head_flops() if cuda else 0))
+    forwards = 4 if cuda else 2  # CUDA: reference, policy, its recomputation, generation
+    return float(forwards * len(prompt_lens) * group * tokens * s.head_flops())
 
 
 def decode_gflops(s: Shape, rows: int, dtype, threads: int = 1, seconds: float = 0.5) -> float:
