@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from grpo.config import LossConfig, ModelConfig, RolloutConfig, RunConfig, ToolsConfig
+from grpo.config import LossConfig, ModelConfig, RolloutConfig, RunConfig, ToolsConfig, vllm_options
 from grpo.errors import UserError
 from grpo.registry import ENVIRONMENTS, TASKS, TOOLS, VERIFIERS, load_plugin
 from grpo.rewards import RewardRunner
@@ -111,6 +111,11 @@ def _build_base_engine(model, tokenizer, model_cfg: ModelConfig, rollout: Rollou
                         packed_weights=use_packed_weights(rollout.packed_weights, model, sharded),
                         merged_weights=use_merged_weights(rollout.merged_weights, model, sharded))
     if engine == "vllm":
+        if sharded and vllm_options(rollout).mode == "colocate":
+            from grpo.dist import print0
+
+            print0("warning: a colocated vLLM loads the whole base model on every rank beside FSDP2's shard of it; "
+                   "where the model does not fit one device, use rollout.vllm.mode=server", file=sys.stderr)
         from grpo.engines.vllm import VLLMEngine  # raises a UserError naming the extra when vllm is missing
 
         return VLLMEngine.from_settings(model_cfg, rollout, seed, model, tokenizer, loss)

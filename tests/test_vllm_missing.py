@@ -108,3 +108,16 @@ def test_the_engine_states_how_the_loss_treats_vllm_logprobs():
     assert "loss.old_logprobs=auto: recompute" in line("loss.update_passes=2")
     assert "old log-probs are vLLM's" in line("loss.old_logprobs=rollout")
     assert all("engine_logprob_diff is logged every step" in line(*o) for o in ([], ["loss.old_logprobs=rollout"]))
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_colocated_vllm_under_fsdp2_warns_that_each_rank_holds_the_whole_model(no_vllm, tiny_model_dir, toy_plugin,
+                                                                               tmp_path, capsys, sharded):
+    from grpo.build import build_engine, build_policy
+
+    cfg = _cfg(tiny_model_dir, tmp_path, toy_plugin, **{"rollout.engine": "vllm"})
+    model, tok = build_policy(cfg)
+    with pytest.raises(UserError):  # no vLLM here: the engine stops at its import, after the check
+        build_engine(model, tok, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss, sharded=sharded)
+    err = capsys.readouterr().err
+    assert ("warning: a colocated vLLM loads the whole base model on every rank" in err) == sharded
