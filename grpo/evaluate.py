@@ -148,7 +148,7 @@ def _score(groups: list[list[Completion]], rows, rewards: RewardRunner, samples:
            first_index: int = 0):
     flat_rows = [row for row, g in zip(rows, groups) for _ in g]
     flat = [c for g in groups for c in g]
-    batch = rewards.score(flat_rows, [c.text for c in flat])
+    batch = rewards.score(flat_rows, [c.text for c in flat], completion_ids=[c.token_ids for c in flat])
     out, i = [], 0
     for row, g in zip(rows, groups):
         out.append(batch.correct[i:i + len(g)])

@@ -50,6 +50,7 @@ class RewardBatch:
     correct: list[bool]  # (B,) every correctness verifier that applied gave >= 1
     errors: dict[str, int] = field(default_factory=dict)  # name -> crashed/timed-out items
     correlations: dict[str, float] = field(default_factory=dict)  # "learned~check" -> Pearson r
+    logged: dict[str, float] = field(default_factory=dict)  # metric -> mean of what reward functions logged
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -59,6 +60,7 @@ class RewardBatch:
                 out[f"reward/{name}"] = sum(applied) / len(applied)
             out[f"errors/{name}"] = float(self.errors.get(name, 0))
         out.update({f"reward_corr/{pair}": r for pair, r in self.correlations.items()})
+        out.update({f"reward_metric/{name}": v for name, v in self.logged.items()})
         return out
 
 
@@ -123,7 +125,8 @@ class RewardRunner:
             for name in names:
                 self._names_in_rows.add(name)
                 v = self.verifier(name)
-                missing = [f for f in getattr(v, "required_fields", v.fields) if f not in row]
+                check = getattr(v, "missing_fields", None)
+                missing = check(row) if check else [f for f in getattr(v, "required_fields", v.fields) if f not in row]
                 if missing:
                     raise UserError(f"{source}: row {i} lacks field(s) {missing} needed by verifier {name!r}")
 
@@ -145,9 +148,15 @@ class RewardRunner:
         return weights
 
     # ------------------------------------------------------------------ scoring
-    def score(self, rows: Sequence[dict[str, Any]], completions: Sequence[str]) -> RewardBatch:
-        """``rows[i]`` is the row of ``completions[i]`` (repeat a row G times for a group)."""
-        if len(rows) != len(completions):
+    def score(self, rows: Sequence[dict[str, Any]], completions: Sequence[str], *,
+              completion_ids: Sequence[Sequence[int]] | None = None,
+              progress: dict[str, Any] | None = None) -> RewardBatch:
+        """``rows[i]`` is the row of ``completions[i]`` (repeat a row G times for a group).
+
+        Verifiers that set ``run_inputs`` (TRL / verl reward functions) also get each completion's
+        ``completion_ids`` and, as ``trainer_state``, ``progress`` (``global_step``, ``max_steps``,
+        ``epoch``)."""
+        if len(rows) != len(completions) or (completion_ids is not None and len(completion_ids) != len(completions)):
             raise ValueError("rows and completions must align")
         B = len(completions)
         weights = [self._weights(row) for row in rows]
@@ -155,16 +164,24 @@ class RewardRunner:
         per_verifier: dict[str, list[float | None]] = {}
         reasons: dict[str, list[str]] = {}
         errors: dict[str, int] = {}
+        logged: dict[str, list[float]] = {}  # what reward functions logged (TRL's log_metric)
         for name in names:
             idx = [i for i in range(B) if name in weights[i]]
             verifier = self.verifier(name)
             wanted = _wanted_fields(verifier, [rows[i] for i in idx])
             fields = [{f: rows[i].get(f) for f in wanted} for i in idx]
+            if getattr(verifier, "run_inputs", False):
+                for i, f in zip(idx, fields):
+                    f["trainer_state"] = dict(progress or {})
+                    if completion_ids is not None:
+                        f["completion_ids"] = list(completion_ids[i])
             scores, n_err = self._run(verifier, name, [completions[i] for i in idx], fields)
             values: list[float | None] = [None] * B
             why = [""] * B
             for i, s in zip(idx, scores):
                 values[i], why[i] = s.reward, s.reason
+                for metric, value in s.metrics:
+                    logged.setdefault(metric, []).append(value)
             per_verifier[name], reasons[name], errors[name] = values, why, n_err
         self._watch_failures({n: sum(n in w for w in weights) for n in names}, errors, reasons)
         total, correct = [], []
@@ -173,7 +190,8 @@ class RewardRunner:
             checks = [per_verifier[n][i] for n in weights[i] if self.verifier(n).correctness]
             applied = [c for c in checks if c is not None]
             correct.append(bool(applied) and all(c >= CORRECT_THRESHOLD for c in applied))
-        return RewardBatch(total, per_verifier, reasons, correct, errors, self._correlations(names, per_verifier))
+        return RewardBatch(total, per_verifier, reasons, correct, errors, self._correlations(names, per_verifier),
+                           {k: sum(v) / len(v) for k, v in logged.items()})
 
     def _watch_failures(self, calls: dict[str, int], errors: dict[str, int], reasons: dict[str, list[str]]) -> None:
         """Warn for each verifier whose every call failed in this batch; stop after FAILED_BATCHES_LIMIT

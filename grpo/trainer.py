@@ -269,7 +269,8 @@ class Trainer:
             groups = self.engine.generate(prompt_ids, sampling, prompt_seeds=seeds)
         t1 = self._now()
         completions = [c for g in groups for c in g]
-        scored = self.rewards.score([r for r in rows for _ in range(G)], [c.text for c in completions])
+        scored = self.rewards.score([r for r in rows for _ in range(G)], [c.text for c in completions],
+                                    completion_ids=[c.token_ids for c in completions], progress=self._progress())
         self._times["generate"] += t1 - t0
         self._times["score"] += time.perf_counter() - t1
         loss = self.cfg.loss
@@ -500,6 +501,12 @@ class Trainer:
             micro, packed, live = micro + [pad], packed + [self._pack(rollout, pad)], live + [0]
         return micro, packed, live
 
+    def _progress(self) -> dict[str, Any]:
+        """Where the run is, for reward functions that read TRL's ``trainer_state``."""
+        s = self.sampler
+        return {"global_step": self.step, "max_steps": self.cfg.steps, "epoch": s.epoch + s.index / max(1, s.num_rows),
+                "is_world_process_zero": self.dist.is_main}
+
     def _max_completion_tokens(self) -> int:
         """Longest possible completion: the constant normaliser of `constant` aggregation (Dr. GRPO)."""
         tools = self.cfg.tools
@@ -646,11 +653,13 @@ def _rewards_differ(group: ScoredGroup) -> bool:
 
 
 def slice_scores(scores: RewardBatch, start: int, count: int) -> RewardBatch:
-    """Rows ``start:start + count`` of a RewardBatch (error counts and correlations stay with the first slice)."""
-    end = start + count
+    """Rows ``start:start + count`` of a RewardBatch (error counts, correlations and logged metrics stay with
+    the first slice)."""
+    end, first = start + count, start == 0
     return RewardBatch(scores.total[start:end], {k: v[start:end] for k, v in scores.per_verifier.items()},
                        {k: v[start:end] for k, v in scores.reasons.items()}, scores.correct[start:end],
-                       dict(scores.errors) if start == 0 else {}, dict(scores.correlations) if start == 0 else {})
+                       dict(scores.errors) if first else {}, dict(scores.correlations) if first else {},
+                       dict(scores.logged) if first else {})
 
 
 def concat_scores(parts: list[RewardBatch]) -> RewardBatch:
@@ -663,8 +672,13 @@ def concat_scores(parts: list[RewardBatch]) -> RewardBatch:
         for k, n in p.errors.items():
             errors[k] = errors.get(k, 0) + n
     correlations = next((p.correlations for p in parts if p.correlations), {})
+    logged: dict[str, list[float]] = {}  # one mean per scored batch (per rank, per dynamic-sampling draw)
+    for p in parts:
+        for k, v in p.logged.items():
+            logged.setdefault(k, []).append(v)
     return RewardBatch([x for p in parts for x in p.total], per_verifier, reasons,
-                       [x for p in parts for x in p.correct], errors, correlations)
+                       [x for p in parts for x in p.correct], errors, correlations,
+                       {k: sum(v) / len(v) for k, v in logged.items()})
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:

@@ -27,6 +27,9 @@ class Score:
 
     reward: float | None
     reason: str = ""
+    # values the scoring function logged for the run's metrics (TRL's ``log_metric``), as
+    # (name, value) pairs; averaged over a batch's scores (``grpo.rewards``)
+    metrics: tuple[tuple[str, float], ...] = ()
 
 
 class Verifier:

@@ -12,17 +12,27 @@ understood, told apart by the function's signature (or stated with ``kind``):
   list (TRL passes the dataset's columns the same way). When the row's prompt is a chat
   (a list of messages), prompts stay message lists and each completion is
   ``[{"role": "assistant", "content": text}]``, as TRL does for conversational data.
-  ``None`` means "not applicable". ``completion_ids`` is not available (verifiers see
-  text only) and ``trainer_state``, ``log_extra``, ``log_metric`` are passed as ``None``
-  only to functions that name them.
+  ``None`` means "not applicable". ``completion_ids`` are the completions' token ids,
+  ``trainer_state`` a ``transformers.TrainerState`` with the run's ``global_step``,
+  ``max_steps`` and ``epoch``; ``log_metric(name, value)`` adds to the run's metrics
+  (``reward_metric/<name>``, averaged) and ``log_extra(column, values)`` to each
+  completion's reason (``samples.jsonl``). A list, tuple, numpy array or tensor of
+  rewards is accepted; an ``async def`` function is awaited.
 * **verl** (``reward_model.style: rule`` / ``custom_reward_function``)::
 
       def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | dict
 
-  called once per completion; ``ground_truth`` is the row's ``ground_truth`` column or
-  else its ``answer``, ``data_source`` the row's ``data_source`` (else ``""``),
-  ``extra_info`` the row's ``extra_info`` (else ``{}``). A dict result must hold a
-  numeric ``"score"``; its other keys go into the reason.
+  called once per completion; ``ground_truth`` is the row's ``ground_truth`` column, else
+  ``reward_model.ground_truth`` (where verl's data-preparation scripts put it), else its
+  ``answer``; a row with none of them stops the run before any model work.
+  ``data_source`` is the row's ``data_source`` (else the ``data_source`` option, else
+  ``""``), ``extra_info`` the row's ``extra_info`` (else ``{}``), and the ``reward_kwargs``
+  option is merged into every call (verl's ``custom_reward_function.reward_kwargs``). A
+  dict result must hold a numeric ``"score"``; its other keys go into the reason.
+
+Either kind: ``columns`` maps a name the function reads to the row column that holds it
+(``{solution: answer}`` for TRL's ``accuracy_reward`` on a task whose rows say
+``answer``).
 
 The function runs isolated like any verifier (``isolation: process`` by default: a
 crash or hang costs that completion's reward). A result that breaks the contract (a
@@ -33,6 +43,8 @@ instead of training on garbage.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import inspect
 import math
 from typing import Any, Callable, Sequence
@@ -42,9 +54,12 @@ from grpo.registry import VERIFIERS
 from verifiers.base import Score, Verifier
 
 KINDS = ("trl", "verl")
-# Keyword arguments TRL's trainer adds beside the dataset columns; we have no value for them.
-_TRL_TRAINER_ARGS = ("trainer_state", "log_extra", "log_metric")
+# Keyword arguments TRL's trainer adds beside the dataset columns.
+_TRL_TRAINER_ARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
 _VERL_PARAMS = ("data_source", "solution_str", "ground_truth")
+# What the reward runner passes beside the row columns to verifiers that set ``run_inputs``
+RUN_INPUTS = ("completion_ids", "trainer_state")
+_GROUND_TRUTH_SOURCES = "ground_truth, reward_model.ground_truth or answer"
 
 
 class RewardContractError(UserError):
@@ -68,7 +83,7 @@ def detect_kind(fn: Callable, spec: str) -> str:
     names = list(params)
     if "solution_str" in names or all(p in names for p in ("data_source", "ground_truth")):
         return "verl"
-    if "completions" in names:
+    if "completions" in names or "completion_ids" in names:
         return "trl"
     raise UserError(f"reward function {spec}{inspect.signature(fn)}: neither TRL's (completions, **kwargs) nor "
                     "verl's (data_source, solution_str, ground_truth, extra_info=None); state it with "
@@ -83,40 +98,64 @@ class ForeignRewardVerifier(Verifier):
         correctness: True when a reward >= 1 means "solved" (accuracy, pass@k).
         isolation: ``process`` (default: one completion per worker call, with
             ``timeout_s`` and ``memory_mb``) or ``inline`` (one batched call in the trainer).
-        ground_truth_field: verl: the row column passed as ``ground_truth``
-            (default ``ground_truth`` when the row has it, else ``answer``).
+        ground_truth_field: verl: the row column passed as ``ground_truth`` (default: the
+            row's ``ground_truth``, else ``reward_model.ground_truth``, else ``answer``).
+        columns: {name the function reads: row column that holds it}.
+        reward_kwargs: keyword arguments added to every call.
+        data_source: verl: the ``data_source`` of rows that have none.
     """
 
     all_fields = True  # the runner passes every row column (TRL passes all dataset columns)
+    run_inputs = True  # ... and RUN_INPUTS: the completions' token ids and the run's progress
 
     def __init__(self, fn: Callable, spec: str, *, kind: str = "auto", correctness: bool = True,
                  isolation: str = "process", timeout_s: float = 10.0, memory_mb: int = 2048,
-                 ground_truth_field: str | None = None):
+                 ground_truth_field: str | None = None, columns: dict[str, str] | None = None,
+                 reward_kwargs: dict[str, Any] | None = None, data_source: str = ""):
         if kind not in ("auto", *KINDS):
             raise UserError(f"reward function {spec}: kind must be auto, trl or verl, got {kind!r}")
         if isolation not in ("process", "inline"):
             raise UserError(f"reward function {spec}: isolation must be process or inline, got {isolation!r}")
+        for option, mapping in (("columns", columns), ("reward_kwargs", reward_kwargs)):
+            if mapping is not None and (not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping)):
+                raise UserError(f"reward function {spec}: {option} must be a mapping with string keys, got "
+                                f"{_show(mapping)}")
+        if columns and not all(isinstance(v, str) for v in columns.values()):
+            raise UserError(f"reward function {spec}: columns maps names to row column names (strings), got "
+                            f"{columns!r}")
         self.fn, self.spec = fn, spec
         self.kind = detect_kind(fn, spec) if kind == "auto" else kind
         self.correctness = bool(correctness)  # type: ignore[misc]
         self.isolation = isolation  # type: ignore[misc]
         self.timeout_s, self.memory_mb = float(timeout_s), int(memory_mb)
         self.ground_truth_field = ground_truth_field
+        self.columns, self.reward_kwargs = dict(columns or {}), dict(reward_kwargs or {})
+        self.data_source = str(data_source)
         params = inspect.signature(fn).parameters
         self._takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self._params = set(params)
         ids = params.get("completion_ids")
-        if self.kind == "trl" and ids is not None and ids.default is inspect.Parameter.empty:
-            raise UserError(f"reward function {spec} needs completion_ids, which grpo-lora does not pass "
-                            "(verifiers see text only); give it a default or compute lengths from the text")
+        self._needs_ids = ids is not None and ids.default is inspect.Parameter.empty
+        unknown = [k for k in self.reward_kwargs if k not in self._params]
+        if unknown and not self._takes_var_kw:
+            raise UserError(f"reward function {spec}{inspect.signature(fn)} takes no argument named "
+                            f"{', '.join(unknown)} (reward_kwargs)")
         required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
-                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in self.reward_kwargs]
         if self.kind == "trl":
             skip = {"completions", "prompts", *_TRL_TRAINER_ARGS}
-            self.required_fields = tuple(n for n in required if n not in skip)
+            self.required_fields = tuple(self.columns.get(n, n) for n in required if n not in skip)
         else:
-            self.required_fields = () if ground_truth_field is None else (ground_truth_field,)
+            gt = ground_truth_field or self.columns.get("ground_truth")
+            self.required_fields = () if gt is None else (gt,)
         self.fields = self.required_fields  # type: ignore[misc]
+
+    def missing_fields(self, row: dict[str, Any]) -> list[str]:
+        """The columns ``row`` lacks that this function needs (checked before any model work)."""
+        missing = [f for f in self.required_fields if f not in row]
+        if self.kind == "verl" and not self.required_fields and _verl_ground_truth(row) is _MISSING:
+            missing.append(_GROUND_TRUTH_SOURCES)
+        return missing
 
     # Pickled into worker processes by name: the function is looked up again there.
     def __getstate__(self) -> dict[str, Any]:
@@ -131,56 +170,118 @@ class ForeignRewardVerifier(Verifier):
 
     # ----------------------------------------------------------------- scoring
     def score(self, completions: Sequence[str], **fields: Sequence[Any]) -> list[Score]:
+        ids = fields.pop("completion_ids", None)
+        states = fields.pop("trainer_state", None)
+        for name, column in self.columns.items():
+            if column in fields:
+                fields[name] = fields[column]
         if self.kind == "verl":
             return [self._verl_one(c, {k: v[i] for k, v in fields.items()}) for i, c in enumerate(completions)]
-        return self._trl(list(completions), fields)
+        return self._trl(list(completions), fields, ids, states[0] if states else None)
 
-    def _trl(self, completions: list[str], fields: dict[str, Sequence[Any]]) -> list[Score]:
+    def _trl(self, completions: list[str], fields: dict[str, Sequence[Any]], ids: Sequence[Any] | None,
+             state: dict[str, Any] | None) -> list[Score]:
         prompts = list(fields.get("prompt", [None] * len(completions)))
         chat = [isinstance(p, list) for p in prompts]
         wrapped = [[{"role": "assistant", "content": c}] if is_chat else c for c, is_chat in zip(completions, chat)]
         kwargs: dict[str, Any] = {k: list(v) for k, v in fields.items() if k not in ("prompt", "verifiers")}
-        kwargs.update(prompts=prompts, completions=wrapped)
-        for name in _TRL_TRAINER_ARGS:
-            if name in self._params:
-                kwargs[name] = None
+        metrics: dict[str, list[float]] = {}
+        extras: dict[str, list[Any]] = {}
+        kwargs.update(prompts=prompts, completions=wrapped, trainer_state=trainer_state(state),
+                      log_metric=lambda name, value: metrics.setdefault(str(name), []).append(float(value)),
+                      log_extra=lambda column, values: extras.__setitem__(str(column), list(values)),
+                      **self.reward_kwargs)
+        if ids is not None:
+            kwargs["completion_ids"] = [list(x) for x in ids]
+        elif self._needs_ids:
+            raise RewardContractError(f"reward function {self.spec} needs completion_ids, which this caller does "
+                                      "not have (it scores text only: grpo verify, the audit)")
         if not self._takes_var_kw:
             kwargs = {k: v for k, v in kwargs.items() if k in self._params}
-        out = self.fn(**kwargs)
+        out = _resolved(self.fn(**kwargs))
+        if hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # a numpy array or a tensor
+            out = out.tolist()
         if isinstance(out, (str, bytes)) or not isinstance(out, (list, tuple)):
             raise RewardContractError(f"reward function {self.spec} returned {_show(out)}; a TRL reward function "
                                       f"returns a list of {len(completions)} floats or None")
         if len(out) != len(completions):
             raise RewardContractError(f"reward function {self.spec} returned {len(out)} rewards for "
                                       f"{len(completions)} completions")
-        return [Score(None, "not applicable") if x is None else Score(self._number(x, i), "")
-                for i, x in enumerate(out)]
+        logged = tuple((name, sum(v) / len(v)) for name, v in metrics.items() if v)
+        return [Score(None if x is None else self._number(x, c), _extras_reason(extras, i), logged)
+                for i, (x, c) in enumerate(zip(out, completions))]
 
     def _verl_one(self, completion: str, row: dict[str, Any]) -> Score:
-        field = self.ground_truth_field or ("ground_truth" if row.get("ground_truth") is not None else "answer")
-        kwargs = {"data_source": row.get("data_source") or "", "solution_str": completion,
-                  "ground_truth": row.get(field), "extra_info": row.get("extra_info") or {}}
+        field = self.ground_truth_field
+        kwargs = {"data_source": row.get("data_source") or self.data_source, "solution_str": completion,
+                  "ground_truth": row.get(field) if field else _verl_ground_truth(row, None),
+                  "extra_info": row.get("extra_info") or {}, **self.reward_kwargs}
         if not self._takes_var_kw:
             kwargs = {k: v for k, v in kwargs.items() if k in self._params}
-        out = self.fn(**kwargs)
+        out = _resolved(self.fn(**kwargs))
         if isinstance(out, dict):
             if "score" not in out:
                 raise RewardContractError(f"reward function {self.spec} returned a dict without a 'score' key "
                                           f"(keys: {sorted(out)[:8]})")
             extra = ", ".join(f"{k}={v}" for k, v in out.items() if k != "score")[:160]
-            return Score(self._number(out["score"], 0), extra)
-        return Score(self._number(out, 0), "")
+            return Score(self._number(out["score"], completion), extra)
+        return Score(self._number(out, completion), "")
 
-    def _number(self, x: Any, index: int) -> float:
+    def _number(self, x: Any, completion: str) -> float:
         if hasattr(x, "item") and not isinstance(x, (str, bytes)):  # numpy / torch scalars
             x = x.item()
+        which = f"for completion {completion[:30]!r}{'...' if len(completion) > 30 else ''}"
         if not isinstance(x, (int, float)):  # bools count as 0 / 1, as in TRL
-            raise RewardContractError(f"reward function {self.spec} returned {_show(x)} for completion {index}; "
+            raise RewardContractError(f"reward function {self.spec} returned {_show(x)} {which}; "
                                       "expected a number (or None)")
         if not math.isfinite(x):
-            raise RewardContractError(f"reward function {self.spec} returned {x} for completion {index}; "
+            raise RewardContractError(f"reward function {self.spec} returned {x} {which}; "
                                       "rewards must be finite (return None for 'not applicable')")
         return float(x)
+
+
+_MISSING = object()
+
+
+def _verl_ground_truth(row: dict[str, Any], default: Any = _MISSING) -> Any:
+    """verl's ground truth for ``row``: its ``ground_truth`` column, else ``reward_model.ground_truth``
+    (verl's data layout), else ``answer``; ``default`` when it has none of them."""
+    if row.get("ground_truth") is not None:
+        return row["ground_truth"]
+    nested = row.get("reward_model")
+    if isinstance(nested, dict) and nested.get("ground_truth") is not None:
+        return nested["ground_truth"]
+    return row["answer"] if row.get("answer") is not None else default
+
+
+def trainer_state(state: dict[str, Any] | None):
+    """The ``transformers.TrainerState`` TRL passes reward functions, from the runner's progress
+    (``global_step``, ``max_steps``, ``epoch``); zeros outside a training run (``grpo verify``)."""
+    from transformers import TrainerState
+
+    return TrainerState(**(state or {}))
+
+
+def _resolved(out: Any) -> Any:
+    """``out``, awaited when the function was ``async`` (TRL and verl both accept those): in a fresh event
+    loop, or in a thread of its own when this thread already runs one."""
+    if not inspect.isawaitable(out):
+        return out
+
+    async def wait() -> Any:
+        return await out
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wait())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
+
+
+def _extras_reason(extras: dict[str, list[Any]], i: int) -> str:
+    """What ``log_extra`` recorded for completion ``i``, as ``column=value`` pairs."""
+    return ", ".join(f"{k}={v[i]}" for k, v in extras.items() if i < len(v))[:160]
 
 
 def _show(value: Any) -> str:
