@@ -102,7 +102,7 @@ def test_kind_detected_from_signature(reward_files):
     def verl(data_source, solution_str, ground_truth, extra_info=None): ...
     def neither(x, y): ...
     assert detect_kind(trl, "t") == "trl" and detect_kind(verl, "v") == "verl"
-    with pytest.raises(UserError, match="kind: trl or verl"):
+    with pytest.raises(UserError, match="kind: trl, verl or verifiers"):
         detect_kind(neither, "n.py:neither")
 
 
@@ -184,7 +184,7 @@ def test_module_path_and_unknown_kind(tmp_path, monkeypatch):
     assert batch.per_verifier["my_rewards_mod:f"] == [0.25]
     with pytest.raises(UserError, match="neither TRL's"):
         _score("my_rewards_mod:g", [_row("p")], ["x"])
-    with pytest.raises(UserError, match="kind must be auto, trl or verl"):
+    with pytest.raises(UserError, match="kind must be auto, trl, verl or verifiers"):
         _score("my_rewards_mod:f", [_row("p")], ["x"], kind="openrlhf")
 
 
@@ -293,6 +293,17 @@ async def async_verl(data_source, solution_str, ground_truth, extra_info=None):
     await asyncio.sleep(0)
     return float(solution_str.strip() == str(ground_truth))
 
+def vf_exact(completion, answer, **kwargs):  # a verifiers (prime-rl) rubric function
+    text = completion[-1]["content"] if isinstance(completion, list) else completion
+    return 1.0 if text.strip() == answer else 0.0
+
+async def vf_state(prompt, completion, state, info, task):
+    return float(state["completion_ids"] == [7, 8] and info == {"k": 1} and task == "default"
+                 and isinstance(prompt, list) and completion[0]["role"] == "assistant")
+
+def vf_needs_parser(completion, answer, parser):
+    return 0.0
+
 def verl_method(data_source, solution_str, ground_truth, extra_info=None, method="strict"):
     return {"score": float(solution_str.strip() == str(ground_truth)), "source": data_source, "method": method}
 '''
@@ -366,3 +377,17 @@ def test_verl_reward_kwargs_and_data_source(more_file):
     assert batch.per_verifier[spec] == [1.0] and batch.reasons[spec] == ["source=gsm8k, method=flexible"]
     with pytest.raises(UserError, match=r"takes no argument named mode \(reward_kwargs\)"):
         _score(spec, [_row("p", answer="4")], ["4"], reward_kwargs={"mode": "x"})
+
+
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_verifiers_rubric_functions(more_file, isolation):
+    exact, state = f"{more_file}:vf_exact", f"{more_file}:vf_state"
+    rows = [_row("2+2?", answer="4"), _row([{"role": "user", "content": "3+4?"}], answer="7")]
+    assert _score(exact, rows, ["4", "7"], isolation=isolation).per_verifier[exact] == [1.0, 1.0]
+    with pytest.raises(UserError, match=r"lacks field\(s\) \['answer'\]"):
+        _score(exact, [_row("p")], ["4"])
+    chat = [_row([{"role": "user", "content": "q"}], info={"k": 1})] * 2
+    batch = _score(state, chat, ["a", "b"], completion_ids=[[7, 8], [9]], isolation=isolation)
+    assert batch.per_verifier[state] == [1.0, 0.0]
+    with pytest.raises(UserError, match="needs a parser"):
+        _score(f"{more_file}:vf_needs_parser", rows, ["4", "7"])

@@ -1,7 +1,7 @@
-"""Reward functions written for TRL or verl, used unchanged as verifiers.
+"""Reward functions written for TRL, verl or prime-rl (verifiers), used unchanged as verifiers.
 
 A config's verifier list (or ``grpo verify --verifier``) may name a function directly,
-as ``path/to/file.py:function`` or ``package.module:function``. Two conventions are
+as ``path/to/file.py:function`` or ``package.module:function``. Three conventions are
 understood, told apart by the function's signature (or stated with ``kind``):
 
 * **TRL** (``GRPOTrainer(reward_funcs=...)``)::
@@ -30,7 +30,18 @@ understood, told apart by the function's signature (or stated with ``kind``):
   option is merged into every call (verl's ``custom_reward_function.reward_kwargs``). A
   dict result must hold a numeric ``"score"``; its other keys go into the reason.
 
-Either kind: ``columns`` maps a name the function reads to the row column that holds it
+* **verifiers** (prime-rl's environments: a ``vf.Rubric``'s reward functions)::
+
+      def reward(completion, answer, **kwargs) -> float
+
+  called once per completion with any of ``prompt``, ``completion`` (a message list for a
+  chat row, else text), ``answer`` (the row's; required when the function has no default
+  for it), ``task`` (the row's, else ``"default"``), ``info`` (the row's, else ``{}``),
+  ``state`` (a dict of those and ``completion_ids``). ``parser`` is not passed (prime's
+  ``verifiers`` package and this one share a name, so its ``Parser`` is not importable
+  here): give it a default or bind one with ``functools.partial``.
+
+Any kind: ``columns`` maps a name the function reads to the row column that holds it
 (``{solution: answer}`` for TRL's ``accuracy_reward`` on a task whose rows say
 ``answer``).
 
@@ -53,7 +64,7 @@ from grpo.errors import UserError
 from grpo.registry import VERIFIERS
 from verifiers.base import Score, Verifier
 
-KINDS = ("trl", "verl")
+KINDS = ("trl", "verl", "verifiers")
 # Keyword arguments TRL's trainer adds beside the dataset columns.
 _TRL_TRAINER_ARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
 _VERL_PARAMS = ("data_source", "solution_str", "ground_truth")
@@ -79,22 +90,25 @@ def detect_kind(fn: Callable, spec: str) -> str:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError) as exc:
         raise UserError(f"reward function {spec}: cannot read its signature ({exc}); "
-                        "state the convention with kind: trl or kind: verl") from exc
+                        "state the convention with kind: trl, verl or verifiers") from exc
     names = list(params)
     if "solution_str" in names or all(p in names for p in ("data_source", "ground_truth")):
         return "verl"
     if "completions" in names or "completion_ids" in names:
         return "trl"
-    raise UserError(f"reward function {spec}{inspect.signature(fn)}: neither TRL's (completions, **kwargs) nor "
-                    "verl's (data_source, solution_str, ground_truth, extra_info=None); state it with "
-                    "task.verifier_args.<name>.kind: trl or verl")
+    if "completion" in names:
+        return "verifiers"
+    raise UserError(f"reward function {spec}{inspect.signature(fn)}: neither TRL's (completions, **kwargs), "
+                    "verl's (data_source, solution_str, ground_truth, extra_info=None) nor verifiers' "
+                    "(completion, answer, **kwargs); state it with task.verifier_args.<name>.kind: trl, verl or "
+                    "verifiers")
 
 
 class ForeignRewardVerifier(Verifier):
     """Wraps a TRL- or verl-style reward function (see the module docstring).
 
     Args:
-        kind: ``auto`` (from the signature), ``trl`` or ``verl``.
+        kind: ``auto`` (from the signature), ``trl``, ``verl`` or ``verifiers``.
         correctness: True when a reward >= 1 means "solved" (accuracy, pass@k).
         isolation: ``process`` (default: one completion per worker call, with
             ``timeout_s`` and ``memory_mb``) or ``inline`` (one batched call in the trainer).
@@ -113,7 +127,7 @@ class ForeignRewardVerifier(Verifier):
                  ground_truth_field: str | None = None, columns: dict[str, str] | None = None,
                  reward_kwargs: dict[str, Any] | None = None, data_source: str = ""):
         if kind not in ("auto", *KINDS):
-            raise UserError(f"reward function {spec}: kind must be auto, trl or verl, got {kind!r}")
+            raise UserError(f"reward function {spec}: kind must be auto, trl, verl or verifiers, got {kind!r}")
         if isolation not in ("process", "inline"):
             raise UserError(f"reward function {spec}: isolation must be process or inline, got {isolation!r}")
         for option, mapping in (("columns", columns), ("reward_kwargs", reward_kwargs)):
@@ -145,6 +159,12 @@ class ForeignRewardVerifier(Verifier):
         if self.kind == "trl":
             skip = {"completions", "prompts", *_TRL_TRAINER_ARGS}
             self.required_fields = tuple(self.columns.get(n, n) for n in required if n not in skip)
+        elif self.kind == "verifiers":
+            self.required_fields = (self.columns.get("answer", "answer"),) if "answer" in required else ()
+            if "parser" in required:
+                raise UserError(f"reward function {spec} needs a parser, which grpo-lora does not pass (prime's "
+                                "verifiers package shares this one's name); bind one with "
+                                "functools.partial(fn, parser=...) in the plugin file")
         else:
             gt = ground_truth_field or self.columns.get("ground_truth")
             self.required_fields = () if gt is None else (gt,)
@@ -175,9 +195,11 @@ class ForeignRewardVerifier(Verifier):
         for name, column in self.columns.items():
             if column in fields:
                 fields[name] = fields[column]
-        if self.kind == "verl":
-            return [self._verl_one(c, {k: v[i] for k, v in fields.items()}) for i, c in enumerate(completions)]
-        return self._trl(list(completions), fields, ids, states[0] if states else None)
+        if self.kind == "trl":
+            return self._trl(list(completions), fields, ids, states[0] if states else None)
+        one = self._verl_one if self.kind == "verl" else self._verifiers_one
+        return [one(c, {k: v[i] for k, v in fields.items()}, ids[i] if ids else None)
+                for i, c in enumerate(completions)]
 
     def _trl(self, completions: list[str], fields: dict[str, Sequence[Any]], ids: Sequence[Any] | None,
              state: dict[str, Any] | None) -> list[Score]:
@@ -211,7 +233,7 @@ class ForeignRewardVerifier(Verifier):
         return [Score(None if x is None else self._number(x, c), _extras_reason(extras, i), logged)
                 for i, (x, c) in enumerate(zip(out, completions))]
 
-    def _verl_one(self, completion: str, row: dict[str, Any]) -> Score:
+    def _verl_one(self, completion: str, row: dict[str, Any], _ids: Sequence[int] | None) -> Score:
         field = self.ground_truth_field
         kwargs = {"data_source": row.get("data_source") or self.data_source, "solution_str": completion,
                   "ground_truth": row.get(field) if field else _verl_ground_truth(row, None),
@@ -226,6 +248,18 @@ class ForeignRewardVerifier(Verifier):
             extra = ", ".join(f"{k}={v}" for k, v in out.items() if k != "score")[:160]
             return Score(self._number(out["score"], completion), extra)
         return Score(self._number(out, completion), "")
+
+    def _verifiers_one(self, completion: str, row: dict[str, Any], ids: Sequence[int] | None) -> Score:
+        prompt = row.get("prompt")
+        kwargs: dict[str, Any] = {
+            "prompt": prompt, "answer": row.get("answer", ""), "task": row.get("task") or "default",
+            "info": row.get("info") or {},
+            "completion": [{"role": "assistant", "content": completion}] if isinstance(prompt, list) else completion}
+        kwargs["state"] = {**kwargs, "completion_ids": list(ids) if ids is not None else None}
+        kwargs.update(self.reward_kwargs)
+        if not self._takes_var_kw:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._params}
+        return Score(self._number(_resolved(self.fn(**kwargs)), completion), "")
 
     def _number(self, x: Any, completion: str) -> float:
         if hasattr(x, "item") and not isinstance(x, (str, bytes)):  # numpy / torch scalars
