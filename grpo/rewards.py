@@ -107,7 +107,7 @@ class RewardRunner:
         if name not in self._verifiers:
             obj = VERIFIERS.get(name)
             args = self.verifier_args.get(name, {})
-            if ":" in name and is_foreign_function(obj):  # a TRL / verl reward function named by path
+            if ":" in name and is_foreign_function(obj):  # a TRL / verl / prime-rl reward function named by path
                 self._verifiers[name] = foreign_verifier(obj, name, **args)
                 return self._verifiers[name]
             try:
@@ -153,7 +153,7 @@ class RewardRunner:
               progress: dict[str, Any] | None = None) -> RewardBatch:
         """``rows[i]`` is the row of ``completions[i]`` (repeat a row G times for a group).
 
-        Verifiers that set ``run_inputs`` (TRL / verl reward functions) also get each completion's
+        Verifiers that set ``run_inputs`` (TRL / verl / prime-rl reward functions) also get each completion's
         ``completion_ids`` and, as ``trainer_state``, ``progress`` (``global_step``, ``max_steps``,
         ``epoch``)."""
         if len(rows) != len(completions) or (completion_ids is not None and len(completion_ids) != len(completions)):

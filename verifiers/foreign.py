@@ -105,7 +105,7 @@ def detect_kind(fn: Callable, spec: str) -> str:
 
 
 class ForeignRewardVerifier(Verifier):
-    """Wraps a TRL- or verl-style reward function (see the module docstring).
+    """Wraps a TRL-, verl- or verifiers-style reward function (see the module docstring).
 
     Args:
         kind: ``auto`` (from the signature), ``trl``, ``verl`` or ``verifiers``.
