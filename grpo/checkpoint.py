@@ -15,10 +15,12 @@ killed mid-write leaves the previous checkpoint intact and never a half one; lef
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -142,18 +144,21 @@ def save(run_dir: Path, step: int, model, state: dict[str, Any], keep: int,
     final = root / f"{PREFIX}{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
     try:
-        model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
-        data, tensors = encode_state(state)
-        save_file(tensors, str(tmp / STATE_TENSORS))
+        with _safetensors_os_errors():
+            model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
+            data, tensors = encode_state(state)
+            save_file(tensors, str(tmp / STATE_TENSORS))
         record = {"format": FORMAT, "version": VERSION, "state": data,
                   "sha256": {name: _sha256(tmp / name) for name in (STATE_TENSORS, ADAPTER_WEIGHTS)
                              if (tmp / name).is_file()}}
         (tmp / STATE_JSON).write_text(json.dumps(record))
-        _fsync_dir(tmp)
+        for path in tmp.rglob("*"):  # the files' contents on disk before the rename makes them the checkpoint
+            _fsync(path)
+        _fsync(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        _fsync(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -292,7 +297,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+@contextlib.contextmanager
+def _safetensors_os_errors():
+    """safetensors reports a failed write (disk full, quota) as ``SafetensorError`` "... (os error N)":
+    raised here as the ``OSError`` it is, so the trainer's one-line write error names it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if not found:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from exc
+
+
+def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,10 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.run_dir = run_dir
         if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [json.dumps(r) for r in self.records(warn=True) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")  # a kill mid-rewrite leaves the old file whole
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         elif self.path.exists() and not resume_step:
             self.path.unlink()
         from grpo.trackers import open_trackers
@@ -36,10 +39,23 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.log(step, numbers)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, warn: bool = False) -> list[dict[str, Any]]:
+        """The logged records; a line that is not a JSON object (a write cut short by a full disk or a
+        kill) is left out, with a warning when ``warn``."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = "bad"
+            if isinstance(record, dict):
+                out.append(record)
+            elif record is not None and warn:
+                print(f"warning: {self.path} line {number} is not a whole record (a write cut short?); "
+                      "dropped", file=sys.stderr)
+        return out
 
     def plot(self) -> Path:
         return plot_rewards(self.records(), self.run_dir / "reward.png")

@@ -157,7 +157,25 @@ def load_optimizer_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimi
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(wrapped, optimizer, keyed_by_name(wrapped, optimizer, state),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def keyed_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict keyed as FSDP2's loader wants it, by parameter name: a checkpoint
+    written by one process or under DDP (``optimizer.state_dict()``) numbers the parameters in the
+    optimizer's order, which is the same order here (the same trainable parameters, the same model)."""
+    groups = state.get("param_groups", [])
+    if not any(isinstance(i, int) for g in groups for i in g["params"]):
+        return state
+    names = {id(p): n for n, p in model.named_parameters()}
+    ordered = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    numbered = [i for g in groups for i in g["params"]]
+    if sorted(numbered) != list(range(len(ordered))):
+        raise UserError(f"checkpoint: its optimizer state holds {len(numbered)} parameters, this model trains "
+                        f"{len(ordered)}")
+    return {"state": {ordered[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [ordered[i] for i in g["params"]]} for g in groups]}
 
 
 def full_value(x: Any) -> float:

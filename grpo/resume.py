@@ -5,7 +5,8 @@ stored in the checkpoint (``state["config"]``), key by key:
 
 * keys in ``FIXED_ON_RESUME`` (and everything under them) cannot change: the adapter's
   shapes (``model.lora_*``), the model, the task and its rewards, the seed, the group
-  size, the engine (its sampling stream is checkpointed). A change is a one-line error
+  size, the engine (its sampling stream is checkpointed), the update passes per step (the
+  learning-rate schedule counts optimizer steps, ``steps x loss.update_passes``). A change is a one-line error
   naming every such key with its saved and new values;
 * any other change (``optim.lr``, ``steps``, ``eval.*``, sampling settings, loss
   coefficients ...) applies from the next step and is printed, one line per key.
@@ -23,7 +24,7 @@ from grpo.errors import UserError
 
 FIXED_ON_RESUME = (
     "seed", "model.name", "model.lora_rank", "model.lora_alpha", "model.lora_dropout", "model.lora_target_modules",
-    "model.system_prompt", "task", "rollout.num_generations", "rollout.engine",
+    "model.system_prompt", "task", "rollout.num_generations", "rollout.engine", "loss.update_passes",
 )
 
 

@@ -151,6 +151,7 @@ class Trainer:
         resume_step = 0
         if resumed is not None:
             resume_step = self._load_checkpoint(resumed)
+        self.resume_step = resume_step  # its checkpoint is on disk: the run need not write that step again
         self.metrics = None  # rank 0 alone writes metrics, trackers and plots
         if self.dist.is_main:
             self.metrics = MetricsLogger(self.run_dir, resume_step, cfg.report_to, cfg.name, cfg.tracker_project,
@@ -204,7 +205,10 @@ class Trainer:
         if bar is not None:
             bar.close()
         if cfg.eval.at_end and self.heldout_rows:
-            summary["after"] = self._evaluate(self.step)
+            # a finished run resumed (or one killed in _finish): the evaluation it logged, not a second record
+            logged = self._logged_eval(self.step) if self.step == self.resume_step else None
+            logged = dist.broadcast_object(logged)  # rank 0 reads metrics.jsonl; the eval is collective
+            summary["after"] = logged if logged is not None else self._evaluate(self.step)
         self._finish(summary)
         return summary
 
@@ -617,7 +621,7 @@ class Trainer:
 
     def _finish(self, summary: dict[str, Any]) -> None:
         """Rank 0: the final checkpoint, adapter, plot, summary and before/after report."""
-        if self.cfg.checkpoint_every == 0 or self.step % self.cfg.checkpoint_every:
+        if (self.cfg.checkpoint_every == 0 or self.step % self.cfg.checkpoint_every) and self.step != self.resume_step:
             self._save_checkpoint()  # the final state is always resumable
         adapter = full_adapter_state(self.model)  # collective under FSDP2
         if not self.dist.is_main:
@@ -638,13 +642,24 @@ class Trainer:
             (self.run_dir / "before_after.json").write_text(
                 json.dumps({"eval": setting, "before": summary["before"], "after": summary["after"]}, indent=2))
 
-    def cleanup(self) -> None:
-        for name in ("metrics", "rewards", "engine"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.close()
-        if getattr(self, "run_lock", None) is not None:
-            self.run_lock.release()
+    def cleanup(self, failed: bool = False) -> None:
+        """Close what the run opened. When the run ``failed``, a close that fails too (a tracker
+        flushing to the full disk that stopped the run) is a warning, so the run's own error stands."""
+        try:
+            for name in ("metrics", "rewards", "engine"):
+                obj = getattr(self, name, None)
+                if obj is None:
+                    continue
+                try:
+                    obj.close()
+                except Exception as exc:
+                    if not failed:  # the run succeeded: the failure to close is the error
+                        raise
+                    print(f"warning: closing the run's {name} failed too: {type(exc).__name__}: {exc}",
+                          file=sys.stderr)
+        finally:
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release()
 
 
 def _rewards_differ(group: ScoredGroup) -> bool:
@@ -698,10 +713,13 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str
     """Train; under torchrun this process is one rank (joined here, left at the end or on failure)."""
     dist.init(cfg.distributed.timeout_s, cfg.model.device)
     trainer = Trainer(cfg, resume=resume, progress=progress)
+    failed = True
     try:
         try:
             trainer.setup()
-            return trainer.train()
+            summary = trainer.train()
+            failed = False
+            return summary
         except TrainingDiverged as exc:
             last = checkpoint.latest(cfg.run_dir)
             raise UserError(f"training diverged: {exc}; last good checkpoint: {last or 'none'} "
@@ -716,5 +734,5 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str
         dist.fail(exc)  # no hang: leave the group now; torchrun stops the other ranks
         raise
     finally:
-        trainer.cleanup()
+        trainer.cleanup(failed)
         dist.teardown()

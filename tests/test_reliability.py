@@ -387,6 +387,103 @@ def test_disk_full_mid_run_says_so(tiny_model_dir, toy_plugin, tmp_path, monkeyp
     assert err.startswith("error: run ") and "No space left on device" in err and "the disk is full" in err
 
 
+def test_disk_full_inside_safetensors_is_the_same_one_line_error(tiny_model_dir, toy_plugin, tmp_path, monkeypatch,
+                                                                 capsys):
+    """safetensors reports a full disk as SafetensorError '... (os error 28)', not OSError."""
+    import peft  # noqa: F401  (imported first: peft and transformers bind save_file at import, keep theirs)
+    import safetensors.torch
+    import transformers.modeling_utils  # noqa: F401
+    from safetensors import SafetensorError
+
+    def full(*a, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert main(_args(tiny_model_dir, toy_plugin, tmp_path / "run", **FAST)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: run ") and "No space left on device" in err
+
+
+def test_a_close_that_fails_after_the_run_failed_leaves_the_runs_error(tiny_model_dir, toy_plugin, tmp_path,
+                                                                       monkeypatch, capsys):
+    import errno
+
+    from grpo.metrics import MetricsLogger
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "checkpoints"))
+
+    def close(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "events.out.tfevents")
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    monkeypatch.setattr(MetricsLogger, "close", close)
+    assert main(_args(tiny_model_dir, toy_plugin, tmp_path / "run", **FAST)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: run ") and "Traceback" not in "\n".join(err)
+    assert any(line.startswith("warning: closing the run's metrics failed too: OSError") for line in err)
+
+
+def test_resume_drops_a_metrics_line_cut_short(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 0
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "reward/me')  # a write the disk filled up in the middle of
+    capsys.readouterr()
+    assert main([*_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2}), "--resume"]) == 0
+    assert "metrics.jsonl line 2 is not a whole record (a write cut short?); dropped" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_resuming_a_finished_run_neither_evaluates_nor_saves_again(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = _args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "eval.at_end": True})
+    assert main(args) == 0
+    final = checkpoint.latest(run_dir)
+    written = (final / "state.json").stat().st_mtime_ns
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert main([*args, "--resume"]) == 0
+    assert (run_dir / "metrics.jsonl").read_text() == before  # the step-1 evaluation once
+    assert checkpoint.latest(run_dir) == final and (final / "state.json").stat().st_mtime_ns == written
+    assert "heldout/accuracy" in json.loads((run_dir / "summary.json").read_text())["after"]
+
+
+def test_update_passes_cannot_change_on_resume(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    """The schedule counts optimizer steps (steps x update_passes): another count would misplace it."""
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 0
+    capsys.readouterr()
+    args = _args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2, "loss.update_passes": 2})
+    assert main([*args, "--resume"]) == 2
+    assert "loss.update_passes: 1 -> 2" in capsys.readouterr().err
+
+
+def test_a_numbered_optimizer_state_loads_keyed_by_name():
+    """A checkpoint from one process or DDP (parameters numbered) resumed under FSDP2 (keyed by name)."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from grpo.parallel import keyed_by_name
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        model[0].weight.requires_grad_(False)  # a frozen base weight, as under LoRA
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+
+    a, opt_a = make()
+    a(torch.ones(2, 3)).sum().backward()
+    opt_a.step()
+    b, opt_b = make()
+    keyed = keyed_by_name(b, opt_b, opt_a.state_dict())
+    assert sorted(keyed["state"]) == ["0.bias", "1.bias", "1.weight"]
+    set_optimizer_state_dict(b, opt_b, keyed, options=StateDictOptions(full_state_dict=True))
+    for pa, pb in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
+        assert torch.equal(opt_a.state[pa]["exp_avg"], opt_b.state[pb]["exp_avg"])
+    assert keyed_by_name(b, opt_b, keyed) is keyed  # already by name: unchanged
+
+
 # ------------------------------------------------------------ verifier isolation
 ATTACK = '''
 import json, os, signal, sys, time
