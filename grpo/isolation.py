@@ -48,6 +48,47 @@ class VerifierTimeout(Exception):
     """An inline verifier call ran past its watchdog deadline."""
 
 
+class WorkerError(Exception):
+    """What a pool worker's call raised, as text. Any exception (``SystemExit``, one that cannot be
+    pickled back) returns as this plain one, so a call costs its own result: never the run (pebble
+    re-raises a worker's ``SystemExit`` in the trainer) nor the pool (an exception that fails to
+    unpickle breaks it for every later call)."""
+
+
+@contextlib.contextmanager
+def worker_call(memory_mb: int, keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Around one call inside a pool worker: the address space capped at what the worker maps now
+    plus ``memory_mb`` (the workers are forked from the trainer, so they start with its address
+    space: gigabytes of model, tens of them of CUDA mappings on a GPU; an absolute cap would leave
+    the call nothing to allocate), restored after; what the call raises becomes a ``WorkerError``,
+    except ``MemoryError`` and the ``keep`` types (a verifier's broken contract stops the run)."""
+    import resource
+
+    limit = int(memory_mb) * 2**20 + address_space_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard == resource.RLIM_INFINITY or limit < hard:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    except (MemoryError, *keep):
+        raise
+    except BaseException as exc:
+        raise WorkerError(f"{type(exc).__name__}: {exc}"[:500]) from None
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def address_space_bytes() -> int:
+    """This process's virtual size (what RLIMIT_AS counts); 0 where /proc does not say."""
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _libc():
     import ctypes
 

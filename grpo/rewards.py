@@ -23,14 +23,13 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import multiprocessing
-import resource
 import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from grpo.errors import UserError
-from grpo.isolation import inline_deadline
+from grpo.isolation import WorkerError, inline_deadline, worker_call
 from grpo.registry import VERIFIERS, closest
 from verifiers.base import Score, Verifier, build_verifier
 from verifiers.foreign import foreign_verifier, is_foreign_function
@@ -65,30 +64,14 @@ class RewardBatch:
 
 
 def _score_in_worker(verifier: Verifier, completion: str, fields: dict[str, Any]) -> Score:
-    """Runs inside a pool worker: cap the address space at what the worker maps now plus the
-    verifier's ``memory_mb``, score one completion. (The workers are forked from the trainer,
-    so they start with its address space: gigabytes of model, tens of them of CUDA mappings on a
-    GPU. An absolute cap of ``memory_mb`` would leave a verifier nothing to allocate.)"""
-    limit = int(verifier.memory_mb) * 1024 * 1024 + _address_space_bytes()
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard == resource.RLIM_INFINITY or limit < hard:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
+    """Runs inside a pool worker: score one completion under ``worker_call`` (the address space
+    capped at the worker's own plus the verifier's ``memory_mb``; a raise of any kind returns as
+    a ``WorkerError``, a broken contract as the ``UserError`` that stops the run)."""
+    with worker_call(verifier.memory_mb, keep=(UserError,)):
         scores = verifier([completion], **{k: [v] for k, v in fields.items()})
         if len(scores) != 1:
             raise RuntimeError(f"returned {len(scores)} scores for 1 completion")
         return scores[0]
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def _address_space_bytes() -> int:
-    """This process's virtual size (what RLIMIT_AS counts); 0 where /proc does not say."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[0]) * resource.getpagesize()
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class RewardRunner:
@@ -257,7 +240,10 @@ class RewardRunner:
             except MemoryError:
                 scores.append(Score(0.0, f"error: memory limit {verifier.memory_mb} MB"))
                 n_err += 1
-            except Exception as exc:  # crash in the check, or the worker process died
+            except WorkerError as exc:  # the check raised (any exception, as text)
+                scores.append(Score(0.0, f"error: {exc}"[:200]))
+                n_err += 1
+            except Exception as exc:  # the worker process died
                 scores.append(Score(0.0, f"error: {type(exc).__name__}: {exc}"[:200]))
                 n_err += 1
         return scores, n_err

@@ -536,9 +536,13 @@ class Trainer:
                "completion_length": sum(lengths) / len(lengths),
                "truncated_fraction": sum(truncated) / len(truncated),
                "zero_variance_groups": sum(not _rewards_differ(g) for g in groups) / len(groups), **scored.metrics()}
+        # the training reward = verifiers' total + the overlong penalty + each episode's own terms
+        terms = torch.tensor([sum(c.extra.get("reward_terms", {}).values()) for c in completions], dtype=torch.float32)
         if self.cfg.loss.overlong_buffer:
             shaped = torch.tensor([x for g in groups for x in g.rewards])
-            out["reward/overlong_penalty"] = float((shaped - rewards).mean())
+            out["reward/overlong_penalty"] = float((shaped - rewards - terms).mean())
+        if self.cfg.tools.enabled and self.cfg.tools.error_penalty:
+            out["reward/tool_error_penalty"] = float(terms.mean())
         if self.cfg.rollout.dynamic_sampling:
             out.update(sampling_metrics(filled, self.cfg.rollout.num_generations, self.cfg.rollout.prompts_per_step))
         return {**out, **episode_metrics(completions)}

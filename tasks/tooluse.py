@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 from typing import Any
 
 from grpo.errors import UserError
@@ -87,6 +88,9 @@ class CalcArith(Task):
             out.append({"id": f"calc_arith-{split}-{len(out)}",
                         "prompt": self._messages(f"What is {expression}?"),
                         "answer": str(value), "verifiers": {"math": 1.0}})
+        if len(out) < self.sizes[split]:  # the mix's kinds have fewer distinct problems than asked for
+            print(f"warning: calc_arith: {len(out)} distinct {split} problems for mix {self.mix}, not the "
+                  f"{self.sizes[split]} asked for ({split}_size)", file=sys.stderr)
         return out
 
     def _messages(self, question: str) -> list[dict[str, str]]:

@@ -89,12 +89,38 @@ def test_three_turn_episode_masks_exactly_the_model_tokens():
     assert with_episode_terms([1.0], [c]) == [0.5]  # one failed call at penalty 0.5
 
 
+class CountingEnvironment(CalcLikeEnvironment):
+    """Says which turns are calls (``is_call``) and counts the turns it was asked to answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.answered = 0
+
+    def is_call(self, turn):
+        return turn.endswith("</c>")
+
+    def respond(self, turns, states):
+        self.answered += len(turns)
+        return super().respond(turns, states)
+
+
 def test_episode_is_cut_at_max_turns_and_at_the_token_budget():
-    # max_turns=2: the second turn's call is not run (nothing could read its result)
+    # max_turns=2: the second turn's call is cut without being run (nothing could read its result)
+    engine, env = ScriptedEngine(["<c>1</c>", "<c>2</c>"], ["stop", "stop"]), CountingEnvironment()
+    (group,) = EpisodeEngine(engine, CharTokenizer(), env, max_turns=2,
+                             max_episode_tokens=100).generate([[1]], SamplingParams(n=1))
+    assert group[0].finish_reason == "length" and group[0].extra["metrics"]["episode/tool_calls"] == 1
+    assert env.answered == 1
+    # an environment that cannot say what a call is answers it; the call that ran is counted
     engine = ScriptedEngine(["<c>1</c>", "<c>2</c>"], ["stop", "stop"])
     (group,) = EpisodeEngine(engine, CharTokenizer(), CalcLikeEnvironment(), max_turns=2,
                              max_episode_tokens=100).generate([[1]], SamplingParams(n=1))
-    assert group[0].finish_reason == "length" and group[0].extra["metrics"]["episode/tool_calls"] == 1
+    assert group[0].finish_reason == "length" and group[0].extra["metrics"]["episode/tool_calls"] == 2
+    # the last turn a final answer: over, not cut
+    engine, env = ScriptedEngine(["<c>1</c>", "42"], ["stop", "stop"]), CountingEnvironment()
+    (group,) = EpisodeEngine(engine, CharTokenizer(), env, max_turns=2,
+                             max_episode_tokens=100).generate([[1]], SamplingParams(n=1))
+    assert group[0].finish_reason == "stop" and group[0].text == "42"
     # budget 12: turn 1 (8 tokens) + observation (9) does not fit: cut before the observation
     engine = ScriptedEngine(["<c>1</c>"], ["stop"])
     (group,) = EpisodeEngine(engine, CharTokenizer(), CalcLikeEnvironment(), max_turns=4,
@@ -239,12 +265,15 @@ def test_plugin_tool_from_a_file_is_used_in_a_two_step_run(tiny_model_dir, toy_p
     overrides = tiny_run_config(tiny_model_dir, run_dir, toy_plugin, plugins=f"[{toy_plugin}, {plugin}]",
                                 **{"tools.enabled": "[tally]", "tools.environment": "every_letter",
                                    "tools.max_turns": 3, "tools.max_episode_tokens": 40,
-                                   "eval.greedy": "false"})
+                                   "tools.error_penalty": 0.25, "loss.overlong_buffer": 4, "eval.greedy": "false"})
     assert main(["train", "--no-progress", str(cfg), *overrides]) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "reward/mean" in r]
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["episode/tool_calls"] > 0 and r["episode/turns"] > 1 for r in train)
+    # each shaping term logged on its own: the overlong penalty is not charged the tool errors' penalty
+    assert all(r["reward/tool_error_penalty"] == pytest.approx(-0.25 * r["episode/tool_errors"]) for r in train)
+    assert all(-1.0 <= r["reward/overlong_penalty"] <= 0.0 for r in train)
     assert any("heldout/episode/tool_call_rate" in r for r in records)
     assert log.read_text().strip()  # the plugin tool itself ran (in a worker process)
     samples = [json.loads(line) for line in next((run_dir / "eval").glob("samples-*.jsonl")).read_text().splitlines()]

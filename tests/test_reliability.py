@@ -279,6 +279,25 @@ class TwoForOne(Verifier):
         return [Score(1.0, "one"), Score(1.0, "extra")]
 
 
+class _TwoArgError(Exception):
+    def __init__(self, code, detail):  # cannot be rebuilt from its args when unpickled
+        super().__init__(f"{code}: {detail}")
+
+
+@VERIFIERS.register("hostile_exits")
+class HostileExits(Verifier):
+    """sys.exit, or an exception that does not unpickle, by what the completion says."""
+    fields = ()
+
+    def score(self, completions):
+        if completions[0] == "exit":
+            import sys
+            sys.exit(3)
+        if completions[0] == "unpicklable":
+            raise _TwoArgError(7, "detail")
+        return [Score(1.0, "fine")]
+
+
 @VERIFIERS.register("always_raises")
 class AlwaysRaises(Verifier):
     fields = ()
@@ -325,6 +344,14 @@ def test_extra_rewards_from_a_process_verifier_are_an_error(reward_plugin):
     batch = _score("two_for_one", ["a", "b"])
     assert batch.errors["two_for_one"] == 2
     assert "returned 2 scores for 1 completion" in batch.reasons["two_for_one"][0]
+
+
+def test_a_verifier_that_exits_or_raises_the_unpicklable_costs_its_reward_only(reward_plugin):
+    """pebble would re-raise a worker's SystemExit in the trainer (the run ended with the verifier's
+    status), and an exception that fails to unpickle broke the pool for every later call."""
+    batch = _score("hostile_exits", ["exit", "unpicklable", "ok", "ok"])
+    assert batch.per_verifier["hostile_exits"] == [0.0, 0.0, 1.0, 1.0]
+    assert batch.reasons["hostile_exits"][:2] == ["error: SystemExit: 3", "error: _TwoArgError: 7: detail"]
 
 
 def test_every_call_failing_warns_each_batch_and_stops_after_three(reward_plugin, capsys):

@@ -172,6 +172,81 @@ def test_hostile_plugin_tools_cost_one_error_observation_each(runner):
     assert (ok.text, ok.error) == ("woke", False)
 
 
+class _TwoArgError(Exception):
+    def __init__(self, code, detail):  # cannot be rebuilt from its args when unpickled
+        super().__init__(f"{code}: {detail}")
+
+
+def _exit(code: int) -> str:
+    """sys.exit.
+
+    Args:
+        code: exit status
+    """
+    import sys
+
+    sys.exit(code)
+
+
+def _unpicklable(n: int) -> str:
+    """Raise an exception that does not unpickle.
+
+    Args:
+        n: unused
+    """
+    raise _TwoArgError(n, "detail")
+
+
+def _allocate(mb: int) -> str:
+    """Allocate and touch memory.
+
+    Args:
+        mb: how much
+    """
+    return str(len(bytearray(mb * 2**20)))
+
+
+def test_exits_and_unpicklable_exceptions_cost_one_observation_and_keep_the_pool():
+    runner = ToolRunner([_tool(_exit), _tool(_unpicklable), _tool(_flood), _tool(_exit, "inline")],
+                        timeout_s=5.0, max_observation_chars=80, workers=1)
+    try:
+        out = runner.run([ToolCall("_exit", {"code": 3}), ToolCall("_unpicklable", {"n": 7}),
+                          ToolCall("_flood", {"n": 3})])
+        assert [r.text for r in out] == ["error: SystemExit: 3", "error: _TwoArgError: 7: detail", "yyy"]
+        runner.tools["_exit"] = _tool(_exit, "inline")  # sys.exit on a thread of the trainer
+        assert runner.run([ToolCall("_exit", {"code": 4})])[0].text == "error: SystemExit: 4"
+    finally:
+        runner.close()
+
+
+def test_a_process_tools_memory_cap_is_beyond_what_the_trainer_maps():
+    """The workers are forks of the trainer: a cap of memory_mb in all would leave a tool nothing
+    once the trainer maps more than that (this test process maps torch's libraries already)."""
+    from grpo.isolation import address_space_bytes
+
+    assert address_space_bytes() > 256 * 2**20
+    runner = ToolRunner([_tool(_allocate)], timeout_s=10.0, memory_mb=256, workers=1)
+    try:
+        small, big = runner.run([ToolCall("_allocate", {"mb": 64}), ToolCall("_allocate", {"mb": 1024})])
+        assert (small.text, small.error) == (str(64 * 2**20), False)
+        assert big.error and "ran out of memory (256 MB)" in big.text
+    finally:
+        runner.close()
+
+
+def test_json_nested_too_deep_is_a_bad_call():
+    env = ToolEnvironment([_tool(calculator, "inline")], call_format="json")
+    runner = ToolRunner([_tool(_flood)], workers=1)
+    try:
+        (turn,) = env.respond(["<tool_call>" + "[" * 100_000 + "</tool_call>"], [{}])
+        assert "nested too deep" in turn.observation and turn.errors == 1
+        (res,) = runner.run([ToolCall("_flood", "[" * 100_000)])
+        assert res.error and "nested too deep" in res.text
+    finally:
+        env.close()
+        runner.close()
+
+
 # ------------------------------------------------------------------- python tool
 @pytest.fixture(scope="module")
 def python_tool():
@@ -278,3 +353,16 @@ def test_chat_format_uses_the_templates_own_tool_framing(tiny_model_dir):
     prompt = encode_prompt(tok, [{"role": "user", "content": "hi"}], tools=episodes.prompt_tools)
     assert tok.decode(prompt).startswith("<|system|>Tools: calculator<|end|><|user|>hi")
     env.close()
+
+
+def test_calc_arith_rows_are_distinct_disjoint_and_say_when_there_are_fewer(capsys):
+    from tasks.tooluse import CalcArith
+
+    task = CalcArith(train_size=50, heldout_size=20)
+    train, heldout = task.rows("train"), task.rows("heldout")
+    assert (len(train), len(heldout)) == (50, 20) and capsys.readouterr().err == ""
+    questions = [r["prompt"][-1]["content"] for r in train + heldout]
+    assert len(set(questions)) == 70  # distinct, and no problem in both splits
+    small = CalcArith(mix={"small_sum": 1.0}, train_size=1000).rows("train")
+    assert len(small) < 1000
+    assert f"warning: calc_arith: {len(small)} distinct train problems" in capsys.readouterr().err

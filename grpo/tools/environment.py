@@ -14,6 +14,10 @@ the episode. Write one as a class with these members and register it::
         def __init__(self, tools, **options): self.stop = ("</echo>",)
         def respond(self, turns, states): ...   # -> list[Turn], one per turn
         def close(self): pass
+        def is_call(self, turn): ...             # optional: would respond() answer this turn?
+
+``is_call`` lets the loop cut a call in the last allowed turn without running it (its result
+could not be read); without it, ``respond`` runs and its calls are counted.
 
 and select it with ``tools.environment: echo``.
 """
@@ -85,6 +89,9 @@ class ToolEnvironment:
                                  workers=workers)
         self.stop = tuple(f"</{tag}>" for tag in self.by_tag) if call_format == "tagged" else ("</tool_call>",)
 
+    def is_call(self, turn: str) -> bool:
+        return self.parse_call(turn) is not None
+
     def respond(self, turns: Sequence[str], states: Sequence[dict[str, Any]]) -> list[Turn]:
         calls = [self.parse_call(t) for t in turns]
         results = self.runner.run([c for c in calls if c is not None])
@@ -120,6 +127,8 @@ class ToolEnvironment:
             call = json.loads(body[start + len("<tool_call>"):])
         except ValueError as exc:
             return ToolCall("?", "", error=f"the tool call is not valid JSON ({exc})")
+        except RecursionError:  # brackets nested about a thousand deep
+            return ToolCall("?", "", error="the tool call's JSON is nested too deep")
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return ToolCall("?", "", error='a tool call is {"name": ..., "arguments": {...}}')
         return ToolCall(call["name"], call.get("arguments", {}))

@@ -70,10 +70,14 @@ class Episode:
         self.token_ids += ids
         self.logprobs += [0.0] * len(ids)
         self.loss_mask += [0] * len(ids)
-        self.tool_calls += len(calls)
-        self.tool_errors += errors
+        self.count_calls(calls, errors)
         self.observation_tokens += len(ids)
         self.segments.append({"role": "observation", "text": text, "num_tokens": len(ids), "calls": calls})
+
+    def count_calls(self, calls: list[dict[str, Any]], errors: int) -> None:
+        """Tool calls that ran for this episode (their errors count toward the penalty)."""
+        self.tool_calls += len(calls)
+        self.tool_errors += errors
 
     def completion(self, tokenizer, error_penalty: float) -> Completion:
         metrics = {"episode/turns": float(self.turns), "episode/tool_calls": float(self.tool_calls),
@@ -119,9 +123,15 @@ class EpisodeEngine:
         index = {id(ep): i for i, ep in enumerate(episodes)}
         for ep, c in zip(episodes, [c for g in first for c in g]):
             ep.add_model_turn(c, self.tokenizer)
+        is_call = getattr(self.environment, "is_call", None)
         for t in range(1, self.max_turns + 1):
             waiting = [ep for ep in episodes if ep.open]
             if not waiting:
+                break
+            if t == self.max_turns and is_call is not None:  # no model turn left to read a result:
+                for ep in waiting:  # a call is cut without being run
+                    ep.open = False
+                    ep.finish_reason = "length" if is_call(ep.last_text) else ep.finish_reason
                 break
             replies = self.environment.respond([ep.last_text for ep in waiting], [ep.state for ep in waiting])
             going = []
@@ -129,12 +139,10 @@ class EpisodeEngine:
                 ep.open = False
                 if reply.observation is None:  # a final answer: the episode is over
                     continue
-                if t == self.max_turns:  # no model turn left to read a result: cut
-                    ep.finish_reason = "length"
-                    continue
-                ids = self.tokenizer(reply.observation, add_special_tokens=False).input_ids
-                if len(ids) >= ep.remaining:  # no room for the observation and an answer
-                    ep.finish_reason = "length"
+                ids = [] if t == self.max_turns else self.tokenizer(reply.observation, add_special_tokens=False).input_ids
+                if t == self.max_turns or len(ids) >= ep.remaining:  # no turn left, or no room for the
+                    ep.finish_reason = "length"                       # observation and an answer: cut
+                    ep.count_calls(reply.calls, reply.errors)  # they ran (an environment without is_call)
                     continue
                 ep.add_observation(ids, reply.observation, reply.calls, reply.errors)
                 going.append(ep)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import inspect
 import json
 import multiprocessing
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from grpo.errors import UserError
+from grpo.isolation import WorkerError, isolate_worker, worker_call
 from grpo.tools.schema import check_arguments, string_parameter, tool_schema
 
 
@@ -82,6 +84,7 @@ class ToolRunner:
         self.workers, self.memory_mb = max(1, workers), memory_mb
         self._threads: ThreadPoolExecutor | None = None
         self._pool = None
+        self._pool_lock = threading.Lock()  # run_one runs on several threads: one pool
 
     def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
         if not calls:
@@ -107,9 +110,14 @@ class ToolRunner:
             arguments = check_arguments(tool.schema, arguments)
         except (ValueError, TypeError) as exc:
             return self._error(f"bad call to {tool.name}: {exc}")
+        except RecursionError:  # brackets nested about a thousand deep
+            return self._error(f"bad call to {tool.name}: its JSON is nested too deep")
         try:
             if tool.isolation == "inline":
-                text = _truncate(_as_text(tool.fn(**arguments)), self.max_chars)
+                try:
+                    text = _truncate(_as_text(tool.fn(**arguments)), self.max_chars)
+                except (SystemExit, KeyboardInterrupt) as exc:  # sys.exit in a tool ends its call only
+                    raise WorkerError(f"{type(exc).__name__}: {exc}") from None
             else:
                 future = self._get_pool().schedule(_call_in_worker, args=(tool.fn, arguments, self.max_chars,
                                                                           self.memory_mb), timeout=self.timeout_s)
@@ -118,7 +126,9 @@ class ToolRunner:
             return self._error(f"{tool.name} timed out after {self.timeout_s:g} s")
         except MemoryError:
             return self._error(f"{tool.name} ran out of memory ({self.memory_mb} MB)")
-        except Exception as exc:  # the tool raised, or its worker process died
+        except WorkerError as exc:  # the tool raised (any exception, as text)
+            return self._error(str(exc))
+        except Exception as exc:  # an inline tool raised, or a worker process died
             return self._error(f"{type(exc).__name__}: {exc}")
         return ToolResult(text, False)
 
@@ -126,12 +136,15 @@ class ToolRunner:
         return ToolResult(_truncate("error: " + message, self.max_chars), True)
 
     def _get_pool(self):
-        if self._pool is None:
-            import pebble
+        with self._pool_lock:
+            if self._pool is None:
+                import pebble
 
-            # fork: workers inherit plugin modules loaded from files; a worker that times out is killed.
-            self._pool = pebble.ProcessPool(max_workers=self.workers, context=multiprocessing.get_context("fork"))
-        return self._pool
+                # fork: workers inherit plugin modules loaded from files; a worker that times out is killed;
+                # isolate_worker: they die with the trainer and cannot signal it (as verifiers' workers)
+                self._pool = pebble.ProcessPool(max_workers=self.workers, context=multiprocessing.get_context("fork"),
+                                                initializer=isolate_worker)
+            return self._pool
 
     def close(self) -> None:
         if self._threads is not None:
@@ -162,14 +175,7 @@ def _truncate(text: str, limit: int) -> str:
 
 
 def _call_in_worker(fn: Callable[..., Any], arguments: dict[str, Any], max_chars: int, memory_mb: int) -> str:
-    """Runs inside a pool worker: cap the address space (soft limit, restored after), call, truncate."""
-    import resource
-
-    limit = memory_mb * 2**20
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard == resource.RLIM_INFINITY or limit < hard:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
+    """Runs inside a pool worker: call and truncate under ``worker_call`` (``memory_mb`` beyond what the
+    worker, a fork of the trainer, maps already; any raise returns as a ``WorkerError``)."""
+    with worker_call(memory_mb):
         return _truncate(_as_text(fn(**arguments)), max_chars)
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
