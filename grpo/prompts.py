@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from grpo.errors import UserError
 
@@ -18,14 +18,59 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: str | None = None,
         if not prompt:
             raise UserError("empty prompt")
         return tokenizer(prompt, add_special_tokens=True).input_ids
-    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-        raise UserError(f"a prompt must be text or a list of {{role, content}} messages, got {str(prompt)[:80]!r}")
-    messages = list(prompt)
+    if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        raise UserError(f"a prompt must be text or a non-empty list of {{role, content}} messages, got "
+                        f"{str(prompt)[:80]!r}")
+    messages = [{**m, "content": _text(m)} for m in prompt]
+    if messages[-1]["role"] == "assistant":
+        raise UserError("the prompt ends with an assistant message (the answer?): a prompt ends where the "
+                        "model's turn begins; map the column that holds the question alone")
     if system_prompt is not None and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}] + messages
     if not getattr(tokenizer, "chat_template", None):
         text = "\n".join(m["content"] for m in messages) + "\n"
         return tokenizer(text, add_special_tokens=True).input_ids
     extra = {"tools": tools} if tools else {}
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+    except TemplateError as exc:  # e.g. a template that refuses a system message (model.system_prompt)
+        raise UserError(f"the tokenizer's chat template refused the prompt: {exc}") from None
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _text(message: dict[str, Any]) -> str:
+    """A message's content as text: a string, or OpenAI-style text parts joined; None only beside tool calls."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    if content is None and message.get("tool_calls"):
+        return ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise UserError(f"a {message['role']} message's content must be text (or a list of "
+                    f"{{type: text, text}} parts), got {str(content)[:60]!r}")
+
+
+def check_prompts(splits: dict[str, Sequence[dict[str, Any]]], encode: Callable[[Any], list[int]], task: str,
+                  context: int | None, completion_tokens: int) -> int:
+    """Encode every row's prompt (``encode``, which may cache), so a bad one is a one-line error naming
+    its split, row and id before any training rather than a crash when it is first drawn; check the
+    longest plus ``completion_tokens`` fits the model's ``context`` (positions). The longest's length."""
+    longest, where = 0, ""
+    for split, rows in splits.items():
+        for i, row in enumerate(rows):
+            try:
+                n = len(encode(row["prompt"]))
+            except UserError as exc:
+                raise UserError(f"task {task}: {split} row {i} (id {row.get('id')!r}): {exc}") from None
+            if n > longest:
+                longest, where = n, f"{split} row {i} (id {row.get('id')!r})"
+    if isinstance(context, int) and longest + completion_tokens > context:
+        raise UserError(f"task {task}: {where} has a {longest}-token prompt; with {completion_tokens} completion "
+                        f"tokens that is past the model's context of {context} positions: shorten or drop the "
+                        "longest prompts, or lower rollout.max_new_tokens (tools.max_episode_tokens for episodes)")
+    return longest

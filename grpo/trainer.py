@@ -38,7 +38,7 @@ from grpo.packing import TreeBatch, pack_tree, packs, tree_logprobs, use_packing
 from grpo.parallel import (Policy, full_adapter_state, generation_mode, load_optimizer_state, optimizer_state,
                            reduce_update_stats, set_gradient_sync, wrap_policy)
 from grpo.trackers import check_available as check_trackers
-from grpo.prompts import encode_prompt
+from grpo.prompts import check_prompts, encode_prompt
 from grpo.rewards import RewardBatch, RewardRunner
 from grpo.training import (claim_run_dir, clip_gradients, make_optimizer, progress_bar, resume_training,
                            save_training, seed_everything)
@@ -132,7 +132,8 @@ class Trainer:
         sharded = self.dist.enabled and cfg.distributed.strategy == "fsdp2"
         self.engine = build_engine(self.model, self.tokenizer, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss,
                                    tools=cfg.tools, sharded=sharded)
-        self.fast_head = self._check_fast_head()  # after the engine: prompts may carry its tool definitions
+        self.longest_prompt = self._check_prompts()  # after the engine: prompts may carry its tool definitions
+        self.fast_head = self._check_fast_head()
         r = cfg.rollout
         self.packing = use_packing(cfg.optim.packing, str(self.device), cfg.tools.enabled, r.num_generations,
                                    r.max_new_tokens, self.model.config, sharded=sharded)
@@ -171,6 +172,15 @@ class Trainer:
     def _log(self, step: int, metrics: dict[str, Any]) -> None:
         if self.metrics is not None:  # rank 0
             self.metrics.log(step, metrics)
+
+    def _check_prompts(self) -> int:
+        """Every prompt the run will use, encoded now (a bad one is a one-line error before training);
+        the longest prompt's length (``grpo.prompts.check_prompts``)."""
+        e = self.cfg.eval
+        heldout = self.heldout_rows[:e.num_problems] if e.num_problems else self.heldout_rows
+        return check_prompts({"train": self.train_rows, "heldout": heldout}, self._encode, self.cfg.task.name,
+                             getattr(self.model.config, "max_position_embeddings", None),
+                             self._max_completion_tokens())
 
     def _check_fast_head(self) -> bool:
         """Use the chunked LM head only if it reproduces the model's own logits (scaled/capped heads do not)."""
@@ -323,8 +333,7 @@ class Trainer:
             self.fast_head, self.checkpoint_layers, str(self.device), cfg.optim.logprob_chunk_tokens,
             lora_fused=cfg.model.lora_kernel == "fused")
         if plan is not None:
-            prompt = self._encode(self.train_rows[0]["prompt"]) if self.train_rows else []
-            plan.check(len(prompt), self._max_completion_tokens())
+            plan.check(self.longest_prompt, self._max_completion_tokens())
         return plan
 
     def _checkpoint_rule(self) -> memory.CheckpointRule | None:

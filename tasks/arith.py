@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import sys
 from typing import Any
 
 from grpo.errors import UserError
@@ -44,6 +45,8 @@ class Arith(Task):
             raise UserError("arith: heldout_fraction must be in (0, 1)")
         if "{expression}" not in template:
             raise UserError("arith: template must contain {expression}")
+        if train_size < 0 or heldout_size < 0:
+            raise UserError(f"arith: train_size and heldout_size must be >= 0, got {train_size} and {heldout_size}")
         self.digits, self.ops, self.terms = digits, ops, terms
         self.heldout_fraction, self.seed, self.template = heldout_fraction, seed, template
         self.sizes = {"train": train_size, "heldout": heldout_size}
@@ -73,18 +76,26 @@ class Arith(Task):
         rng = random.Random(f"{self.seed}:{split}")
         seen: set[str] = set()
         out = []
-        while len(out) < want:
+        for _ in range(100 * want + 10_000):  # bounded: the split may hold fewer distinct problems than asked
+            if len(out) == want:
+                break
             expr = _render([rng.choice(values) for _ in range(self.terms)],
                            [rng.choice(self.ops) for _ in range(self.terms - 1)])
             if expr not in seen and self.split_of(expr) == split:
                 seen.add(expr)
                 out.append(expr)
+        if len(out) < want:
+            print(f"warning: arith: {len(out)} distinct {split} problems found, not the {want} asked for "
+                  f"({split}_size; the {split} split holds about {space * self._share(split):.0f})", file=sys.stderr)
         return out
+
+    def _share(self, split: Split) -> float:
+        return self.heldout_fraction if split == "heldout" else 1 - self.heldout_fraction
 
     def rows(self, split: Split) -> list[dict[str, Any]]:
         return [{
             "id": f"arith-{split}-{i}",
-            "prompt": [{"role": "user", "content": self.template.format(expression=expr)}],
+            "prompt": [{"role": "user", "content": self.template.replace("{expression}", expr)}],
             "answer": str(evaluate(expr)),
             "verifiers": dict(self.verifiers),
         } for i, expr in enumerate(self._expressions(split))]

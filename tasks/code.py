@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,8 @@ class CodeJsonl(Task):
         if tests in (None, "") and not cases:
             raise UserError(f"{source}: record {i} has neither 'tests' nor 'io_cases'"
                             + ("" if self.fields else "; map columns with task.args.fields"))
-        row: dict[str, Any] = {"id": str(rec.get("id", f"{Path(source).stem}-{i}"))}
+        given = rec.get("id")  # null or empty (a parquet column with gaps) counts as absent
+        row: dict[str, Any] = {"id": str(given) if given not in (None, "") else f"{Path(source).stem}-{i}"}
         if tests not in (None, ""):
             if not isinstance(tests, str):
                 raise UserError(f"{source}: record {i}: 'tests' must be a string (or a list of strings)")
@@ -207,6 +209,24 @@ class CodeJsonl(Task):
 
     def rows(self, split: Split) -> list[dict[str, Any]]:
         if self.heldout_path is not None:
-            return self._load(self.path if split == "train" else self.heldout_path)
+            heldout = self._load(self.heldout_path)
+            if split == "heldout":
+                return heldout
+            seen = {_problem_key(r) for r in heldout}
+            every = self._load(self.path)
+            train = [r for r in every if _problem_key(r) not in seen]
+            if not train:
+                raise UserError(f"code_jsonl: every train row of {self.path} also appears in {self.heldout_path}")
+            if len(train) < len(every):
+                print(f"warning: code_jsonl: dropped {len(every) - len(train)} train rows that also appear in "
+                      f"{self.heldout_path}", file=sys.stderr)
+            return train
+        # the split is a hash of the problem itself (prompt and tests), not of its id or line: the
+        # same problem twice in a file lands on one side
         return [r for r in self._load(self.path)
-                if split_of(r["id"], self.seed, self.heldout_fraction) == split]
+                if split_of(_problem_key(r), self.seed, self.heldout_fraction) == split]
+
+
+def _problem_key(row: dict[str, Any]) -> str:
+    """What makes two code rows the same problem: the prompt and the tests (whitespace runs as one space)."""
+    return " ".join(json.dumps([row["prompt"], row.get("tests"), row.get("io_cases")], sort_keys=True).split())

@@ -123,7 +123,9 @@ class Countdown(Task):
         rule = "exactly once" if self.use_all else "at most once"
         rows = []
         for i, (numbers, target, solution) in enumerate(self.instances(split)):
-            text = self.template.format(numbers=", ".join(map(str, numbers)), target=target, rule=rule)
+            # replace, not str.format: other braces in the template stay as written (\boxed{})
+            text = (self.template.replace("{numbers}", ", ".join(map(str, numbers)))
+                    .replace("{target}", str(target)).replace("{rule}", rule))
             rows.append({
                 "id": f"countdown-{split}-{i}",
                 "prompt": [{"role": "user", "content": text}],

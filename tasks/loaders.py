@@ -47,12 +47,15 @@ def read_records(path: str | Path, *, split: str | None = None, name: str | list
         return records
     if path.is_dir():
         records = _read_datasets_dir(path, split)
-    elif path.suffix == ".jsonl":
+    elif path.name.endswith((".jsonl", ".jsonl.gz")):
         records = _read_jsonl(path)
     elif path.suffix == ".json":
+        text = read_text_utf8(path)
         try:
-            data = json.loads(read_text_utf8(path))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON Lines named .json
+                return _limited(_read_jsonl(path), path, limit)  # (datasets' to_json writes those)
             raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise UserError(f"{path}: expected a JSON list of objects")
@@ -60,8 +63,12 @@ def read_records(path: str | Path, *, split: str | None = None, name: str | list
     elif path.suffix in (".parquet", ".csv", ".arrow"):
         records = _read_with_datasets(path)
     else:
-        raise UserError(f"{path}: unsupported data format {path.suffix!r}; "
-                        "use .jsonl, .json, .parquet, .csv, .arrow, a datasets directory or a hub dataset name")
+        raise UserError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl, .jsonl.gz, .json, .parquet, "
+                        ".csv, .arrow, a datasets directory or a hub dataset name")
+    return _limited(records, path, limit)
+
+
+def _limited(records: list[dict[str, Any]], path: Path, limit: int | None) -> list[dict[str, Any]]:
     if not records:
         raise UserError(f"{path}: no records (the dataset is empty)")
     return records[:limit] if limit is not None else records

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 from grpo.errors import UserError
@@ -75,17 +76,16 @@ class _TextMath(Task):
                 for i, row in enumerate(rows, 1)]
 
     def _split_of(self, question: str) -> Split:
-        h = int(hashlib.sha256(f"{self.seed}:{question}".encode()).hexdigest()[:8], 16)
+        h = int(hashlib.sha256(f"{self.seed}:{_same_text(question)}".encode()).hexdigest()[:8], 16)
         return "heldout" if h / 0xFFFFFFFF < self.heldout_fraction else "train"
 
     def _splits(self) -> dict[str, list[tuple[str, str]]]:
         if self._cache is None:
             items = self._load(self.path, self.split)
             if self.heldout_path is not None or self.heldout_split is not None:
-                heldout_source = self.heldout_path if self.heldout_path is not None else self.path
-                heldout = self._load(heldout_source, self.heldout_split or self.split)
-                seen = {q for q, _ in heldout}
-                train = [it for it in items if it[0] not in seen]
+                heldout = self._load_heldout()
+                seen = {_same_text(q) for q, _ in heldout}
+                train = [it for it in items if _same_text(it[0]) not in seen]
                 if len(train) < len(items):
                     print(f"warning: {self.task_name}: dropped {len(items) - len(train)} train rows that also "
                           f"appear in the held-out data", file=sys.stderr)
@@ -97,6 +97,22 @@ class _TextMath(Task):
                                 "split; lower heldout_fraction or add data")
             self._cache = {"train": train, "heldout": heldout}
         return self._cache
+
+    def _load_heldout(self) -> list[tuple[str, str]]:
+        """The held-out rows: ``heldout_path`` (its ``heldout_split``, if it holds splits), or the
+        ``heldout_split`` of ``path``."""
+        source = self.heldout_path if self.heldout_path is not None else self.path
+        local = Path(str(source)).expanduser()
+        if self.heldout_split is not None and local.is_file():
+            raise UserError(f"{self.task_name}: heldout_split names a split of a datasets directory or a hub "
+                            f"dataset; {source} is a file (name the held-out file with heldout_path)")
+        try:
+            return self._load(source, self.heldout_split if self.heldout_path is not None else
+                              self.heldout_split or self.split)
+        except UserError as exc:
+            if "name one with split=" not in str(exc):
+                raise
+            raise UserError(str(exc).replace("with split=", "with heldout_split=")) from None
 
     def prompt(self, question: str) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -185,14 +201,26 @@ class MATH(_TextMath):
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` (nested braces), None if there is none."""
-    starts = [i for i in (text.rfind("\\boxed{"), text.rfind("\\fbox{")) if i >= 0]
-    if not starts:
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` (nested braces; a space before the brace
+    allowed), or of a last ``\\boxed 5`` (up to the next ``$``, as MATH writes it); None if there is none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
         return None
-    open_at = text.index("{", max(starts))
+    rest = text[start + (6 if text.startswith("\\boxed", start) else 5):]
+    body = rest.lstrip()
+    if not body.startswith("{"):
+        if not rest[:1].isspace():  # \boxedx: another command
+            return None
+        return body.split("$")[0].strip() or None  # \boxed 5$: a space, no braces
     depth = 0
-    for i in range(open_at, len(text)):  # no import from verifiers/: tasks register before verifiers load
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
+    for i, ch in enumerate(body):  # no import from verifiers/: tasks register before verifiers load
+        depth += {"{": 1, "}": -1}.get(ch, 0)
         if depth == 0:
-            return text[open_at + 1:i]
+            return body[1:i]
     return None
+
+
+def _same_text(text: str) -> str:
+    """A question as the split and the train/held-out comparison see it: whitespace runs as one space
+    (the same problem spaced differently must not land on both sides)."""
+    return " ".join(text.split())

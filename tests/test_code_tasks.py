@@ -97,7 +97,7 @@ def test_code_jsonl_field_mapping_and_errors(tmp_path):
                                                                             "assert add(0, 0) == 0"]}) + "\n")
     task = CodeJsonl(str(data), fields={"prompt": "text", "tests": "test_list", "id": "task_id"},
                      heldout_path=str(data), prompt_style="completion")
-    (row,) = task.rows("train")
+    (row,) = task.rows("heldout")
     assert row["id"] == "7" and row["prompt"] == "Add."
     assert row["tests"] == "assert add(1, 1) == 2\nassert add(0, 0) == 0"
     with pytest.raises(UserError, match="unknown field"):
@@ -107,13 +107,31 @@ def test_code_jsonl_field_mapping_and_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p"}) + "\n")
     with pytest.raises(UserError, match="record 1 has neither 'tests' nor 'io_cases'"):
-        CodeJsonl(str(bad), heldout_path=str(bad)).rows("train")
+        CodeJsonl(str(bad), heldout_path=str(bad)).rows("heldout")
     bad.write_text(json.dumps({"prompt": "p", "tests": "assert (("}) + "\n")
     with pytest.raises(UserError, match="'tests' is not valid Python"):
-        CodeJsonl(str(bad), heldout_path=str(bad)).rows("train")
+        CodeJsonl(str(bad), heldout_path=str(bad)).rows("heldout")
     bad.write_text(json.dumps({"prompt": "p", "io_cases": [{"input": "1"}]}) + "\n")
     with pytest.raises(UserError, match="'io_cases' must be a non-empty list"):
-        CodeJsonl(str(bad), heldout_path=str(bad)).rows("train")
+        CodeJsonl(str(bad), heldout_path=str(bad)).rows("heldout")
+
+
+def test_code_jsonl_splits_by_problem_not_by_line_or_id(tmp_path, capsys):
+    problems = [{"prompt": f"Write f{i}.", "tests": f"assert f{i}() == {i}"} for i in range(40)]
+    data = tmp_path / "dup.jsonl"  # every problem twice, once with a null id (a parquet column with gaps)
+    data.write_text("".join(json.dumps(p) + "\n" + json.dumps({**p, "id": None}) + "\n" for p in problems))
+    task = CodeJsonl(str(data), heldout_fraction=0.3)
+    train, heldout = task.rows("train"), task.rows("heldout")
+    assert len(train) + len(heldout) == 80 and 0 < len(heldout) < 80
+    assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in heldout}
+    assert len({r["id"] for r in train + heldout}) == 80  # a null id is no id: one per line
+    # a held-out file: train rows that are also in it are dropped, with a warning
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(p) + "\n" for p in problems[:5]))
+    rows = CodeJsonl(str(data), heldout_path=str(held)).rows("train")
+    assert len(rows) == 70 and "dropped 10 train rows that also appear in" in capsys.readouterr().err
+    with pytest.raises(UserError, match="every train row of .* also appears in"):
+        CodeJsonl(str(held), heldout_path=str(held)).rows("train")
 
 
 def test_registered():

@@ -58,6 +58,44 @@ def test_heldout_split_of_a_datasets_dict(local_copies):
         GSM8K(path=str(local_copies["dd"]), split="validation").rows("train")
 
 
+def test_json_lines_named_json_and_gzipped_jsonl(tmp_path):
+    import gzip
+
+    import datasets
+
+    named_json = tmp_path / "lines.json"
+    datasets.Dataset.from_list(RECORDS).to_json(str(named_json))  # datasets writes JSON Lines
+    assert read_records(named_json) == RECORDS
+    packed = tmp_path / "x.jsonl.gz"
+    with gzip.open(packed, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in RECORDS))
+    assert read_records(packed, limit=2) == RECORDS[:2]
+
+
+def test_heldout_path_and_heldout_split_read_the_right_rows(local_copies, tmp_path):
+    fields = {"question": "q", "answer": "sol"}
+    # a DatasetDict as heldout_path: its heldout_split, not the train split's name
+    task = GSM8K(path=str(local_copies["parquet"]), heldout_path=str(local_copies["dd"]), heldout_split="test",
+                 split="train", fields=fields)
+    assert [r["answer"] for r in task.rows("heldout")] == ["14", "16"]
+    assert len(task.rows("train")) == 6  # the two held-out problems left out of training
+    with pytest.raises(UserError, match=r"holds splits \['train', 'test'\]; name one with heldout_split="):
+        GSM8K(path=str(local_copies["parquet"]), heldout_path=str(local_copies["dd"]), split="train",
+              fields=fields).rows("train")
+    with pytest.raises(UserError, match="heldout_split names a split of a datasets directory or a hub dataset"):
+        GSM8K(path=str(local_copies["parquet"]), heldout_split="test", fields=fields).rows("train")
+
+
+def test_the_same_question_spaced_differently_stays_on_one_side(tmp_path):
+    records = [{"question": f"What is {i} plus {i}?", "answer": f"#### {2 * i}"} for i in range(60)]
+    spaced = [{**r, "question": r["question"].replace(" ", "  ") + "\n"} for r in records]
+    path = tmp_path / "spaced.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records + spaced))
+    task = GSM8K(path=str(path), heldout_fraction=0.3)
+    sides = [{" ".join(r["prompt"][-1]["content"].split()) for r in task.rows(s)} for s in ("train", "heldout")]
+    assert sides[0] and sides[1] and not sides[0] & sides[1]
+
+
 def test_unreadable_arrow_is_one_line(tmp_path):
     bad = tmp_path / "bad.arrow"
     bad.write_bytes(b"not arrow at all")

@@ -135,3 +135,21 @@ def test_evaluate_precedence():
 def test_arith_bad_args(kwargs, message):
     with pytest.raises(UserError, match=message.replace("{", r"\{").replace("}", r"\}")):
         Arith(**kwargs)
+
+
+def test_arith_stops_when_its_split_runs_out_and_keeps_other_braces(capsys):
+    """2-digit sums/differences/products with 95 % held out: ~1,200 train problems, 2,000 asked for."""
+    rows = Arith(digits=2, operations="+-*", heldout_fraction=0.95).rows("train")
+    assert 0 < len(rows) < 2000 and len({r["prompt"][0]["content"] for r in rows}) == len(rows)
+    assert f"warning: arith: {len(rows)} distinct train problems found, not the 2000 asked for" in capsys.readouterr().err
+    (row, *_) = Arith(template="Put the answer in \\boxed{}: {expression}").rows("train")
+    assert row["prompt"][0]["content"].startswith("Put the answer in \\boxed{}: ")
+    with pytest.raises(UserError, match="train_size and heldout_size must be >= 0"):
+        Arith(train_size=-3)
+
+
+def test_countdown_template_keeps_other_braces():
+    from tasks.countdown import Countdown
+
+    (row, *_) = Countdown(template="Use {numbers} to make {target}; answer in \\boxed{}.", train_size=1).rows("train")
+    assert row["prompt"][0]["content"].endswith("; answer in \\boxed{}.")

@@ -171,6 +171,9 @@ def test_math_reads_json_lists_too(tmp_path):
     ("\\boxed{2} and \\fbox{3}", "3"),
     ("no box", None),
     ("\\boxed{unclosed", None),
+    ("\\boxed{2} so $\\boxed 5$.", "5"),  # MATH's \boxed 5: no braces
+    ("\\boxed {6}", "6"),
+    ("\\boxedx{1}", None),
 ])
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
