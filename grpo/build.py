@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import types
 from typing import Any
 
 from grpo.config import LossConfig, ModelConfig, RolloutConfig, RunConfig, ToolsConfig, vllm_options
@@ -23,6 +24,7 @@ def load_plugins(specs: list[str]) -> None:
 
 def build_task(name: str, args: dict[str, Any]) -> Task:
     obj = TASKS.get(name)
+    _check_argument_types(f"task {name!r}", obj, args, "task.args")
     try:
         task = obj(**args) if (inspect.isclass(obj) or callable(obj)) and not isinstance(obj, Task) else obj
     except TypeError as exc:
@@ -30,6 +32,37 @@ def build_task(name: str, args: dict[str, Any]) -> Task:
     if not hasattr(task, "rows"):
         raise UserError(f"task {name!r} did not produce a Task (an object with rows(split)); got {type(task).__name__}")
     return task
+
+
+_SIMPLE = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+
+
+def _check_argument_types(what: str, obj: Any, args: dict[str, Any], where: str) -> None:
+    """Arguments whose parameter is annotated a plain int, float, str or bool (or that or None) must be
+    one: ``digits=abc`` is a one-line error naming the key, not a comparison failing inside the task."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # unresolvable annotations, builtins, callables without them: nothing to check
+        return
+    for key, value in args.items():
+        hint = hints.get(key)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        simple = [t for t in allowed if t in _SIMPLE]
+        if not simple or len(simple) + (type(None) in allowed) < len(allowed):  # not only simple types: unchecked
+            continue
+        if value is None and type(None) in allowed:
+            continue
+        if not any(_fits(value, t) for t in simple):
+            kinds = " or ".join(_SIMPLE[t] for t in simple)
+            raise UserError(f"{what}: {where}.{key} must be {kinds}, got {value!r}")
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # a bool is an int to isinstance, not to a config
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 def build_task_rows(cfg: RunConfig, rewards: RewardRunner) -> tuple[list[dict], list[dict]]:

@@ -468,7 +468,10 @@ def read_yaml_mapping(path: str | Path, what: str = "config", expected: str = "c
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        text = path.read_bytes().decode("utf-8")
+        if not text.strip():  # a file that says nothing (not even a comment): the wrong file, most likely
+            raise UserError(f"{path} is empty; for every default, put a comment in it (# defaults)")
+        data = yaml.safe_load(text) or {}
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (at byte {exc.start}); convert the file to UTF-8") from exc
     except yaml.YAMLError as exc:

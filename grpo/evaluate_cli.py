@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if s.num_problems:
         rows = rows[:s.num_problems]
     out_dir = Path(s.output) if s.output else default_output(s.task)
+    _check_output_dir(out_dir)  # before the evaluation, not after it
 
     with RewardRunner(s.verifier_args, s.verifier_weights, workers=s.workers) as rewards:
         rewards.check_rows(rows, f"task {s.task!r} {s.split} split")
@@ -99,8 +101,23 @@ def run_eval(args: argparse.Namespace) -> int:
             engine.close()
 
     record = run_record(s, model_path, adapters, len(rows), getattr(args, "config", None))
-    write_outputs(out_dir, record, models, samples, s)
+    try:
+        write_outputs(out_dir, record, models, samples, s)
+    except OSError as exc:
+        from grpo.rundir import describe_os_error
+
+        raise UserError(describe_os_error(exc, f"eval results could not be written to {out_dir}")) from exc
     return 0
+
+
+def _check_output_dir(out_dir: Path) -> None:
+    """The eval directory can be made and written: a file in its place, or an unwritable parent, is an
+    error now rather than after the evaluation."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output {out_dir} is a file, not a directory")
+    parent = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise UserError(f"--output {out_dir}: {parent} is not a writable directory")
 
 
 def _load_model(s: EvalSettings, adapters: list[Path]):

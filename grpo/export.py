@@ -10,6 +10,7 @@ unmerged adapter with vLLM's LoRA support).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -81,6 +82,10 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; choose a new directory")
     adapter = find_adapter(run_dir, checkpoint)
+    task_type = json.loads((adapter / "adapter_config.json").read_text()).get("task_type")
+    if task_type not in (None, "CAUSAL_LM"):  # a reward model's adapter: its score head is not a causal LM's
+        raise UserError(f"{adapter}: a {task_type} adapter (a grpo rm train run?), not a policy's; a reward model "
+                        f"run writes its merged model to RUN/model/ already")
     spec = base_model_spec(run_dir, adapter, model_spec)
     base_path = resolve_model_path(spec)
     model = load_causal_lm(base_path, "float32", "cpu")  # merge in float32, cast once at the end
@@ -100,22 +105,38 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
     tokenizer.save_pretrained(out)
     if not (out / "generation_config.json").is_file():
         merged.generation_config.save_pretrained(out)
+    system_prompt = _run_setting(run_dir, "system_prompt")
     (out / "export.json").write_text(json.dumps({
         "base_model": spec, "base_path": str(base_path), "adapter": str(adapter.resolve()),
         "dtype": str(target).replace("torch.", ""), "merged_with": "peft merge_and_unload",
+        "system_prompt": system_prompt,
     }, indent=2) + "\n")
+    if system_prompt:  # the chat template saved is the tokenizer's own: it does not add it
+        print(f"note: the policy trained with model.system_prompt {system_prompt!r} (in export.json); send it as "
+              "the system message when serving the merged model", file=sys.stderr)
     return out
+
+
+def _run_setting(run_dir: Path, key: str):
+    """``model.<key>`` of the run's config.yaml, None when absent."""
+    config = run_dir / "config.yaml"
+    try:
+        return ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get(key) if config.is_file() else None
+    except yaml.YAMLError:
+        return None
 
 
 def _target_dtype(dtype: str, base_path: str):
     import torch
 
-    if dtype == "auto":
-        config = Path(base_path) / "config.json"
-        name = None
-        if config.is_file():
-            data = json.loads(config.read_text())
-            name = data.get("torch_dtype") or data.get("dtype")
+    if dtype == "auto":  # the base's own dtype, from its config (a local directory or a hub id)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(str(base_path))
+            name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "").replace("torch.", "")
+        except (OSError, ValueError):
+            name = None
         dtype = name if name in DTYPES[1:] else "float32"
     return getattr(torch, dtype)
 

@@ -107,9 +107,12 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                      dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32)
+        except Exception as exc:  # truncated, empty or not GGUF: struct.error, ValueError, ...
+            raise UserError(f"cannot read {gguf} as a GGUF model ({type(exc).__name__}: {_first_line(exc)})") from exc
         config = loaded.config
         if hasattr(config, "quantization_config"):  # dequantised now: a plain float32 model
             del config.quantization_config
@@ -137,7 +140,7 @@ def load_tokenizer(path: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a directory with no tokenizer files it can use
         raise UserError(f"cannot load tokenizer for {path!r}: {_first_line(exc)}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -149,12 +152,16 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype, device)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as exc:
         raise UserError(f"cannot load model {path!r}: {_first_line(exc)} "
                         "(offline? give a local directory, a .gguf file or an embedded name "
                         f"such as {next(iter(EMBEDDED))!r})") from exc
+    except (ValueError, KeyError, SafetensorError) as exc:  # an unknown config, truncated weights, ...
+        raise UserError(f"cannot load model {path!r}: {type(exc).__name__}: {_first_line(exc)}") from exc
     return model.to(device)
 
 
@@ -176,6 +183,10 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available; use device: cpu")
     return device

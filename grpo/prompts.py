@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Sequence
 
 from grpo.errors import UserError
@@ -29,6 +30,8 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: str | None = None,
     if system_prompt is not None and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}] + messages
     if not getattr(tokenizer, "chat_template", None):
+        _warn_once("the tokenizer has no chat template: chat prompts are given to the model as their messages' "
+                   "text, one per line (roles dropped); use a chat model, or text prompts")
         text = "\n".join(m["content"] for m in messages) + "\n"
         return tokenizer(text, add_special_tokens=True).input_ids
     extra = {"tools": tools} if tools else {}
@@ -39,6 +42,15 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: str | None = None,
     except TemplateError as exc:  # e.g. a template that refuses a system message (model.system_prompt)
         raise UserError(f"the tokenizer's chat template refused the prompt: {exc}") from None
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _text(message: dict[str, Any]) -> str:

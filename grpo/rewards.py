@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from grpo.errors import UserError
 from grpo.isolation import WorkerError, inline_deadline, worker_call
 from grpo.registry import VERIFIERS, closest
-from verifiers.base import Score, Verifier, build_verifier
+from verifiers.base import REJECTED, Score, Verifier, build_verifier
 from verifiers.foreign import foreign_verifier, is_foreign_function
 
 CORRECT_THRESHOLD = 1.0 - 1e-6
@@ -105,7 +105,10 @@ class RewardRunner:
             names = row.get("verifiers")
             if not isinstance(names, dict) or not names:
                 raise UserError(f"{source}: row {i} has no 'verifiers' mapping (verifier name -> weight)")
-            for name in names:
+            for name, weight in names.items():
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                    raise UserError(f"{source}: row {i} weighs verifier {name!r} by {weight!r}; a weight is a finite "
+                                    "number")
                 self._names_in_rows.add(name)
                 v = self.verifier(name)
                 check = getattr(v, "missing_fields", None)
@@ -166,7 +169,9 @@ class RewardRunner:
                 for metric, value in s.metrics:
                     logged.setdefault(metric, []).append(value)
             per_verifier[name], reasons[name], errors[name] = values, why, n_err
-        self._watch_failures({n: sum(n in w for w in weights) for n in names}, errors, reasons)
+        # verifiers that weigh in somewhere: one at weight 0 (logged only) succeeding says nothing of the rewards
+        weighing = [n for n in names if any(w.get(n) for w in weights)]
+        self._watch_failures({n: sum(n in w for w in weights) for n in weighing}, errors, reasons)
         total, correct = [], []
         for i in range(B):
             total.append(sum(w * (per_verifier[n][i] or 0.0) for n, w in weights[i].items()))
@@ -319,7 +324,7 @@ def _checked(score: Any) -> Score:
     return score
 
 
-_REJECTED = "error: rejected reward "
+_REJECTED = REJECTED
 
 
 def _is_error(score: Score) -> bool:

@@ -17,6 +17,7 @@ of the file chosen by a hash of the question text (duplicates land in the same s
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -166,6 +167,8 @@ class GSM8K(_TextMath):
         answer = text.rsplit("####", 1)[1].strip().replace(",", "").rstrip(".")
         if not answer:
             raise UserError(f"{where}: nothing after '####' in the answer")
+        if not re.fullmatch(r"[-+]?\d+(\.\d+)?(/\d+)?", answer):  # no completion could ever match it
+            raise UserError(f"{where}: the answer after '####' is not a number: {answer[:40]!r}")
         return question, answer
 
 

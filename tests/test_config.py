@@ -220,3 +220,23 @@ def test_overrides_may_follow_flags_on_the_command_line(capsys):
         with pytest.raises(SystemExit) as exc:
             parse_args(parser, argv)
         assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_an_empty_config_file_is_an_error_and_a_comment_means_defaults(tmp_path):
+    from grpo.config import load_config
+
+    (tmp_path / "empty.yaml").write_text("\n")
+    with pytest.raises(UserError, match="empty.yaml is empty; for every default, put a comment in it"):
+        load_config(tmp_path / "empty.yaml")
+    (tmp_path / "defaults.yaml").write_text("# defaults\n")
+    assert load_config(tmp_path / "defaults.yaml").steps > 0
+
+
+def test_task_arguments_of_the_wrong_type_are_one_line():
+    from grpo.build import build_task
+
+    with pytest.raises(UserError, match=r"task 'arith': task.args.digits must be an integer, got 'abc'"):
+        build_task("arith", {"digits": "abc"})
+    with pytest.raises(UserError, match=r"task 'gsm8k': task.args.path must be text, got 5"):
+        build_task("gsm8k", {"path": 5})
+    assert build_task("arith", {"digits": 2, "heldout_fraction": 0.5}).digits == 2  # an int is a float too

@@ -244,3 +244,16 @@ def test_eval_runs_attention_at_the_training_precision(tiny_model_dir, tmp_path)
     cfg = tmp_path / "train.yaml"
     cfg.write_text("task: {name: arith}\nmodel: {name: smollm2-135m, attention_dtype: model}\n")
     assert resolve_settings(build_parser().parse_args(["eval", "--config", str(cfg)])).attention_dtype == "model"
+
+
+def test_eval_output_and_device_are_checked_before_the_evaluation(tiny_model_dir, plugin, tmp_path, capsys):
+    def run(*extra):
+        return main(["eval", "--task", "evaltest_digits", "--model", str(tiny_model_dir), "--plugins", str(plugin),
+                     "--n", "1", "--limit", "1", "--max-new-tokens", "2", "--workers", "1", *extra])
+
+    taken = tmp_path / "a-file"
+    taken.write_text("x")
+    assert run("--device", "cpu", "--out", str(taken)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --output {taken} is a file, not a directory"
+    assert run("--device", "tpu", "--out", str(tmp_path / "o")) == 2
+    assert "error: unknown device 'tpu'; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err

@@ -70,3 +70,28 @@ def test_export_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     assert "already exists and is not empty" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "o2"), "--checkpoint", "latest"]) == 2
     assert "no checkpoints to export" in capsys.readouterr().err
+
+
+def test_export_refuses_a_reward_models_adapter_and_notes_the_system_prompt(tiny_model_dir, tmp_path, capsys):
+    _fake_run(tiny_model_dir, tmp_path / "run")
+    config = tmp_path / "run" / "adapter" / "adapter_config.json"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": str(tiny_model_dir), "system_prompt": "Answer with a number."}}))
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["system_prompt"] == "Answer with a number."
+    assert "note: the policy trained with model.system_prompt 'Answer with a number.'" in capsys.readouterr().err
+    config.write_text(json.dumps({**json.loads(config.read_text()), "task_type": "SEQ_CLS"}))
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out2")]) == 2
+    assert "a SEQ_CLS adapter (a grpo rm train run?)" in capsys.readouterr().err
+
+
+def test_auto_dtype_is_the_bases_own(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from grpo.export import _target_dtype
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.dtype = torch.bfloat16
+    config.save_pretrained(tmp_path / "bf16")
+    assert _target_dtype("auto", str(tmp_path / "bf16")) == torch.bfloat16
+    assert _target_dtype("auto", str(tmp_path / "no-such-model")) == torch.float32

@@ -139,7 +139,6 @@ def test_missing_column_is_an_early_error(reward_files):
 
 @pytest.mark.parametrize("name, message", [
     ("returns_string", r"returns_string returned str '1.0'; a TRL reward function returns a list"),
-    ("returns_nan", r"returns_nan returned nan for completion 'x'; rewards must be finite"),
     ("too_few", r"too_few returned 2 rewards for 1 completions"),
 ])
 @pytest.mark.parametrize("isolation", ["process", "inline"])
@@ -147,6 +146,20 @@ def test_bad_outputs_are_errors_naming_the_function(reward_files, name, message,
     trl, _ = reward_files
     with pytest.raises(RewardContractError, match=message):
         _score(f"{trl}:{name}", [_row("p")], ["x"], isolation=isolation)
+
+
+def test_a_reward_that_is_not_a_finite_number_costs_that_completion_only(reward_files, tmp_path):
+    trl, _ = reward_files
+    spec = f"{trl}:returns_nan"
+    for isolation in ("process", "inline"):
+        batch = _score(spec, [_row("p")] * 2, ["x", "y"], isolation=isolation)
+        assert batch.per_verifier[spec] == [0.0, 0.0] and batch.errors[spec] == 2
+        assert batch.reasons[spec][0].startswith("error: rejected reward float nan from ")
+    mixed = tmp_path / "mixed.py"
+    mixed.write_text("def f(completions, **kw):\n"
+                     "    return [{'a': 1.0, 'b': 'high', 'c': float('inf'), 'd': None}[c] for c in completions]\n")
+    batch = _score(f"{mixed}:f", [_row("p")] * 4, ["a", "b", "c", "d"])
+    assert batch.per_verifier[f"{mixed}:f"] == [1.0, 0.0, 0.0, None] and batch.errors[f"{mixed}:f"] == 2
 
 
 def test_crash_and_hang_cost_one_reward(reward_files):
@@ -251,13 +264,13 @@ def test_bad_output_stops_training_with_one_error_line(reward_files, tiny_model_
 
     trl, _ = reward_files
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(f'task:\n  name: arith\n  args:\n    verifiers: {{"{trl}:returns_nan": 1.0}}\n')
+    cfg.write_text(f'task:\n  name: arith\n  args:\n    verifiers: {{"{trl}:returns_string": 1.0}}\n')
     overrides = [o for o in tiny_run_config(tiny_model_dir, tmp_path / "run", toy_plugin, steps=1)
                  if not o.startswith("task.name")] + [f"plugins=[{toy_plugin}, {trl}]"]
     assert main(["train", "--no-progress", str(cfg), *overrides]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and err[0].startswith(f"error: reward function {trl}:returns_nan returned nan for completion ")
-    assert err[0].endswith("; rewards must be finite (return None for 'not applicable')")
+    assert err == [f"error: reward function {trl}:returns_string returned str '1.0'; a TRL reward function returns "
+                   "a list of 1 floats or None"]  # process isolation: one completion per call
 
 
 # What TRL's and verl's trainers pass that the two files above do not use (written as their users write

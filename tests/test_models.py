@@ -107,3 +107,23 @@ def test_target_modules_that_match_nothing_are_named(tiny_model_dir, capsys):
     assert "warning" not in capsys.readouterr().err
     with pytest.raises(UserError, match="check model.lora_target_modules"):
         add_lora(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), 4, 8, 0.0, ["qkv_proj"])
+
+
+def test_a_broken_model_file_or_directory_is_one_line(tmp_path):
+    import json
+
+    from grpo.models import load_causal_lm, load_tokenizer, resolve_device
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(16))
+    with pytest.raises(UserError, match=r"cannot read .*bad.gguf as a GGUF model"):
+        resolve_model_path(str(bad))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"foo": 1}))
+    with pytest.raises(UserError, match="cannot load model"):
+        load_causal_lm(str(folder), "float32")
+    with pytest.raises(UserError, match="cannot load tokenizer"):
+        load_tokenizer(str(folder))
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        resolve_device("gpu")

@@ -82,3 +82,13 @@ def test_a_bad_row_stops_a_run_before_training(tiny_model_dir, toy_plugin, tmp_p
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: task gsm8k: ") and "past the model's context" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_no_chat_template_joins_the_messages_and_says_so_once(capsys):
+    class Plain(Tokenizer):
+        chat_template = None
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert encode_prompt(Plain(), messages) == [ord(c) for c in "Be brief.\n2+2?\n"]
+    encode_prompt(Plain(), messages)
+    assert capsys.readouterr().err.count("warning: the tokenizer has no chat template") == 1

@@ -16,6 +16,7 @@ import yaml
 
 from grpo import checkpoint
 from grpo.cli import main
+from grpo.errors import UserError
 from conftest import tiny_run_config
 
 
@@ -352,6 +353,27 @@ def test_a_verifier_that_exits_or_raises_the_unpicklable_costs_its_reward_only(r
     batch = _score("hostile_exits", ["exit", "unpicklable", "ok", "ok"])
     assert batch.per_verifier["hostile_exits"] == [0.0, 0.0, 1.0, 1.0]
     assert batch.reasons["hostile_exits"][:2] == ["error: SystemExit: 3", "error: _TwoArgError: 7: detail"]
+
+
+def test_a_failing_verifier_is_not_hidden_by_one_at_weight_zero(reward_plugin):
+    """configs/rm/grpo_arith.yaml's shape: the learned reward weighs in, a rule check at 0 only measures."""
+    from grpo.rewards import FAILED_BATCHES_LIMIT, RewardRunner
+
+    rows = [{"verifiers": {"always_raises": 1.0, "as_number_inline": 0.0}}] * 2
+    with RewardRunner(workers=1) as runner:
+        for _ in range(FAILED_BATCHES_LIMIT - 1):
+            runner.score(rows, ["1", "0"])
+        with pytest.raises(UserError, match="every verifier call failed in 3 consecutive batches"):
+            runner.score(rows, ["1", "0"])
+
+
+@pytest.mark.parametrize("weight", ["x", float("nan"), True, None])
+def test_a_verifier_weight_must_be_a_finite_number(reward_plugin, weight):
+    from grpo.rewards import RewardRunner
+
+    with RewardRunner(workers=1) as runner, pytest.raises(UserError, match="row 0 weighs verifier 'as_number_inline' "
+                                                                           "by .*; a weight is a finite number"):
+        runner.check_rows([{"verifiers": {"as_number_inline": weight}}], "rows")
 
 
 def test_every_call_failing_warns_each_batch_and_stops_after_three(reward_plugin, capsys):

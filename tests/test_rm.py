@@ -288,6 +288,30 @@ def test_reward_model_verifier_rejects_bad_arguments(tmp_path, tiny_model_dir, t
         RewardModelVerifier(str(tiny_model_dir))  # a causal LM, no scalar head
 
 
+def test_reward_model_verifier_checks_device_and_dtype_at_start(trained_rm):
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        RewardModelVerifier(str(trained_rm), device="gpu")
+    with pytest.raises(UserError, match="unknown dtype 'fp16'"):
+        RewardModelVerifier(str(trained_rm), dtype="fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            RewardModelVerifier(str(trained_rm), device="cuda")
+
+
+@pytest.mark.parametrize("normalize", ["none", "sigmoid", "running"])
+def test_a_non_finite_reward_model_score_is_an_error_not_a_reward(trained_rm, normalize, monkeypatch):
+    verifier = RewardModelVerifier(str(trained_rm), normalize=normalize)
+    scores = iter([[float("nan"), 2.0, 0.0], [1.0, 3.0, float("inf")]])
+    monkeypatch.setattr(verifier, "raw_scores", lambda completions, prompts: next(scores))
+    for _ in range(2):
+        out = verifier.score(["a", "b", "c"], [[{"role": "user", "content": "q"}]] * 3)
+        bad = [s for s in out if s.reason.startswith("error: rejected reward ")]
+        assert len(bad) == 1 and bad[0].reward == 0.0
+        assert all(math.isfinite(s.reward) for s in out)
+    if normalize == "running":
+        assert verifier.stats.mean == pytest.approx((2.0 + 0.0 + 1.0 + 3.0) / 4)
+
+
 def test_rm_train_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     data = _digit_prefs(tmp_path / "prefs.jsonl", n=18)
     common = ["rm", "train", "--data", str(data), "--model", str(tiny_model_dir), "--output", str(tmp_path / "run"),
@@ -302,6 +326,19 @@ def test_rm_train_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
 
 
 # ---------------------------------------------------------------------- build-pairs
+def test_resuming_a_finished_rm_run_evaluates_nothing_again(tmp_path, tiny_model_dir):
+    data = _digit_prefs(tmp_path / "prefs.jsonl", n=18)
+    args = ["rm", "train", "--data", str(data), "--model", str(tiny_model_dir), "--output", str(tmp_path / "run"),
+            "--no-progress", "model.device=cpu", "model.lora_rank=4", "batch_size=8", "threads=1", "--epochs", "1"]
+    assert main(args) == 0
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert main(args + ["--resume"]) == 0
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    again = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["before"] == summary["before"] and again["after"] == summary["after"]
+
+
 def test_build_pairs_then_train_on_them(tmp_path, tiny_model_dir, toy_plugin, capsys):
     out = tmp_path / "pairs.jsonl"
     args = ["rm", "build-pairs", "--task", "toy_digits", "--plugins", str(toy_plugin), "--model", str(tiny_model_dir),

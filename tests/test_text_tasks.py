@@ -177,3 +177,13 @@ def test_math_reads_json_lists_too(tmp_path):
 ])
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
+
+
+def test_gsm8k_answer_must_be_a_number(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "so #### banana"}) + "\n")
+    with pytest.raises(UserError, match="the answer after '####' is not a number: 'banana'"):
+        GSM8K(path=str(path), heldout_fraction=0.0).rows("train")
+    path.write_text(json.dumps({"question": "q", "answer": "#### -1,234."}) + "\n"
+                    + json.dumps({"question": "r", "answer": "#### 3/4"}) + "\n")
+    assert [r["answer"] for r in GSM8K(path=str(path), heldout_fraction=0.0).rows("train")] == ["-1234", "3/4"]

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Sequence
 
 
+# a Score whose reason starts with this is an error (reward 0), counted in errors/<verifier>
+REJECTED = "error: rejected reward "
+
+
 @dataclass(frozen=True)
 class Score:
     """Reward for one completion. ``reward=None`` means 'not applicable'."""

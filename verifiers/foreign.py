@@ -47,9 +47,10 @@ Any kind: ``columns`` maps a name the function reads to the row column that hold
 
 The function runs isolated like any verifier (``isolation: process`` by default: a
 crash or hang costs that completion's reward). A result that breaks the contract (a
-string, a list of the wrong length, NaN or infinity, a dict without ``score``) is a
+string, a list of the wrong length, a dict without ``score``) is a
 ``RewardContractError`` naming the function: the run stops with one ``error:`` line
-instead of training on garbage.
+instead of training on garbage. A single reward that is not a finite number (NaN, a
+string in the list) costs that completion's reward, counted as an error.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from typing import Any, Callable, Sequence
 
 from grpo.errors import UserError
 from grpo.registry import VERIFIERS
-from verifiers.base import Score, Verifier
+from verifiers.base import REJECTED, Score, Verifier
 
 KINDS = ("trl", "verl", "verifiers")
 # Keyword arguments TRL's trainer adds beside the dataset columns.
@@ -230,8 +231,8 @@ class ForeignRewardVerifier(Verifier):
             raise RewardContractError(f"reward function {self.spec} returned {len(out)} rewards for "
                                       f"{len(completions)} completions")
         logged = tuple((name, sum(v) / len(v)) for name, v in metrics.items() if v)
-        return [Score(None if x is None else self._number(x, c), _extras_reason(extras, i), logged)
-                for i, (x, c) in enumerate(zip(out, completions))]
+        return [Score(None, _extras_reason(extras, i), logged) if x is None
+                else self._scored(x, _extras_reason(extras, i), logged) for i, x in enumerate(out)]
 
     def _verl_one(self, completion: str, row: dict[str, Any], _ids: Sequence[int] | None) -> Score:
         field = self.ground_truth_field
@@ -246,8 +247,8 @@ class ForeignRewardVerifier(Verifier):
                 raise RewardContractError(f"reward function {self.spec} returned a dict without a 'score' key "
                                           f"(keys: {sorted(out)[:8]})")
             extra = ", ".join(f"{k}={v}" for k, v in out.items() if k != "score")[:160]
-            return Score(self._number(out["score"], completion), extra)
-        return Score(self._number(out, completion), "")
+            return self._scored(out["score"], extra)
+        return self._scored(out)
 
     def _verifiers_one(self, completion: str, row: dict[str, Any], ids: Sequence[int] | None) -> Score:
         prompt = row.get("prompt")
@@ -259,19 +260,18 @@ class ForeignRewardVerifier(Verifier):
         kwargs.update(self.reward_kwargs)
         if not self._takes_var_kw:
             kwargs = {k: v for k, v in kwargs.items() if k in self._params}
-        return Score(self._number(_resolved(self.fn(**kwargs)), completion), "")
+        return self._scored(_resolved(self.fn(**kwargs)))
 
-    def _number(self, x: Any, completion: str) -> float:
+    def _scored(self, x: Any, reason: str = "", logged: tuple[tuple[str, float], ...] = ()) -> Score:
+        """One completion's reward; one that is not a finite number is an error for that completion (reward 0,
+        counted in errors/<name>) as for any verifier: the run stops only when every call fails, three
+        batches running."""
         if hasattr(x, "item") and not isinstance(x, (str, bytes)):  # numpy / torch scalars
             x = x.item()
-        which = f"for completion {completion[:30]!r}{'...' if len(completion) > 30 else ''}"
-        if not isinstance(x, (int, float)):  # bools count as 0 / 1, as in TRL
-            raise RewardContractError(f"reward function {self.spec} returned {_show(x)} {which}; "
-                                      "expected a number (or None)")
-        if not math.isfinite(x):
-            raise RewardContractError(f"reward function {self.spec} returned {x} {which}; "
-                                      "rewards must be finite (return None for 'not applicable')")
-        return float(x)
+        if isinstance(x, (int, float)) and math.isfinite(x):  # bools count as 0 / 1, as in TRL
+            return Score(float(x), reason, logged)
+        return Score(0.0, f"{REJECTED}{_show(x)} from {self.spec} (a reward is a finite number, or None for "
+                          "'not applicable')", logged)
 
 
 _MISSING = object()

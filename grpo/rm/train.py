@@ -184,10 +184,18 @@ class RewardModelTrainer:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         summary: dict[str, Any] = {"train_pairs": len(self.train_set), "heldout_pairs": len(self.eval_set)}
-        if cfg.eval_at_start and self.step == 0 and self.eval_set:
-            summary["before"] = self.evaluate()
+        # resumed: the evaluations already logged (a finished run resumed evaluates nothing again)
+        logged = {r["step"]: {k: v for k, v in r.items() if k != "step"}
+                  for r in self.metrics.records() if "heldout/accuracy" in r}
+        if cfg.eval_at_start and self.eval_set:
+            if self.step == 0:
+                summary["before"] = self.evaluate()
+            elif 0 in logged:
+                summary["before"] = logged[0]
         bar = progress_bar(self.progress, self.total_steps, self.step, "rm")
-        last_eval = -1
+        last_eval = self.step if self.step and self.step in logged else -1
+        if last_eval > 0:
+            summary["after"] = logged[self.step]
         while self.step < self.total_steps:
             epoch, k = divmod(self.step, self.steps_per_epoch)
             order = epoch_order(len(self.train_set), cfg.seed, epoch)

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from grpo.errors import UserError
 from grpo.registry import VERIFIERS
-from verifiers.base import Score, Verifier
+from verifiers.base import REJECTED, Score, Verifier
 
 NORMALIZATIONS = ("none", "running", "sigmoid")
 
@@ -94,6 +94,11 @@ class RewardModelVerifier(Verifier):
         if max_length is not None and (not isinstance(max_length, int) or max_length < 8):
             raise UserError(f"reward_model: max_length must be an integer >= 8, got {max_length!r}")
         self.path = check_reward_model(str(path))  # fails now (config only), not at the first step
+        from grpo.models import resolve_device, resolve_dtype
+
+        resolve_device(device)  # an unknown device, or CUDA where there is none: now, not at the first step
+        if dtype != "auto":
+            resolve_dtype(dtype, "cpu")
         self.device, self.dtype, self.batch_size, self.normalize = device, dtype, batch_size, normalize
         self._max_length, self._system_prompt = max_length, system_prompt
         self.stats = RunningStats()
@@ -129,15 +134,18 @@ class RewardModelVerifier(Verifier):
         if not completions:
             return []
         raw = self.raw_scores(completions, prompt)
+        finite = [r for r in raw if math.isfinite(r)]  # a NaN (fp16 overflow) must not enter the running stats
         if self.normalize == "sigmoid":
             values = [1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, r)))) for r in raw]
         elif self.normalize == "running":
-            self.stats.update(raw)
+            self.stats.update(finite)
             std = self.stats.std if self.stats.std > 1e-6 else 1.0
             values = [(r - self.stats.mean) / std for r in raw]
         else:
             values = list(raw)
-        return [Score(v, f"rm score {r:+.3f}") for v, r in zip(values, raw)]
+        # a non-finite score is an error for that completion (reward 0, counted), never a reward
+        return [Score(v, f"rm score {r:+.3f}") if math.isfinite(r)
+                else Score(0.0, f"{REJECTED}{r} (the reward model's score)") for v, r in zip(values, raw)]
 
     def close(self) -> None:
         self._model = self._tokenizer = None
