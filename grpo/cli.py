@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from grpo.errors import UserError
+from grpo.errors import PeerFailed, UserError
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    except PeerFailed:  # under torchrun: another rank failed and said why; this one said so (grpo.dist.fail)
+        code = 1
     dist = sys.modules.get("grpo.dist")  # loaded (with torch) only by commands that can join a group
     return dist.finish(code) if dist else code  # a torchrun rank exits in finish; one process returns
 

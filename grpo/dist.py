@@ -135,21 +135,31 @@ def teardown() -> None:
             tdist.destroy_process_group()
 
 
-def fail(exc: BaseException) -> None:
-    """Report a failure on stderr with this rank's number and leave the process group at once.
+# how a collective says its peer went away (gloo; NCCL's watchdog aborts the process itself)
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def fail(exc: BaseException) -> bool:
+    """Report a failure on stderr with this rank's number and leave the process group at once;
+    True when the failure is another rank's (a collective lost its peer), reported as such.
 
     No barrier: the other ranks may be waiting in a collective. The launcher sees this
     process exit non-zero and stops the others, so the job ends instead of hanging.
     """
     me = info()
     if not me.enabled:
-        return
-    if not isinstance(exc, UserError):  # a UserError gets its one `error:` line from the CLI
+        return False
+    lost = isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_LOST)
+    if lost:
+        print(f"rank {me.rank}/{me.world_size} stopped: another rank failed (its error is above)", file=sys.stderr,
+              flush=True)
+    elif not isinstance(exc, UserError):  # a UserError gets its one `error:` line from the CLI
         print(f"rank {me.rank}/{me.world_size} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     try:
         tdist.destroy_process_group()
     except Exception:  # the group may already be broken; exiting is what matters
         pass
+    return lost
 
 
 def finish(code: int) -> int:

@@ -48,8 +48,20 @@ class RewardBatch:
     reasons: dict[str, list[str]]  # name -> (B,) reason ('' where not applied)
     correct: list[bool]  # (B,) every correctness verifier that applied gave >= 1
     errors: dict[str, int] = field(default_factory=dict)  # name -> crashed/timed-out items
-    correlations: dict[str, float] = field(default_factory=dict)  # "learned~check" -> Pearson r
-    logged: dict[str, float] = field(default_factory=dict)  # metric -> mean of what reward functions logged
+    # (learned, check) verifier pairs whose correlation is reported (RewardRunner._correlated)
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    logged: dict[str, tuple[float, int]] = field(default_factory=dict)  # metric -> (sum, count) reward fns logged
+    calls: dict[str, int] = field(default_factory=dict)  # verifier with a weight -> completions it scored
+
+    @property
+    def correlations(self) -> dict[str, float]:
+        """"learned~check" -> Pearson r over the completions both scored (in this batch as a whole)."""
+        out = {}
+        for a, b in self.pairs:
+            r = pearson(self.per_verifier[a], self.per_verifier[b])
+            if r is not None:
+                out[f"{a}~{b}"] = r
+        return out
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -59,7 +71,7 @@ class RewardBatch:
                 out[f"reward/{name}"] = sum(applied) / len(applied)
             out[f"errors/{name}"] = float(self.errors.get(name, 0))
         out.update({f"reward_corr/{pair}": r for pair, r in self.correlations.items()})
-        out.update({f"reward_metric/{name}": v for name, v in self.logged.items()})
+        out.update({f"reward_metric/{name}": total / n for name, (total, n) in self.logged.items() if n})
         return out
 
 
@@ -76,7 +88,10 @@ def _score_in_worker(verifier: Verifier, completion: str, fields: dict[str, Any]
 
 class RewardRunner:
     def __init__(self, verifier_args: dict[str, dict[str, Any]] | None = None,
-                 weight_overrides: dict[str, float] | None = None, workers: int = 2):
+                 weight_overrides: dict[str, float] | None = None, workers: int = 2, watch: bool = True):
+        """``watch``: each ``score`` call feeds ``watch_failures``; the trainer passes False and watches the
+        batch all ranks gathered, so that every rank decides alike (and evaluations do not count)."""
+        self.watch = watch
         self.verifier_args = dict(verifier_args or {})
         self.weight_overrides = dict(weight_overrides or {})
         self.workers = max(1, workers)
@@ -150,7 +165,7 @@ class RewardRunner:
         per_verifier: dict[str, list[float | None]] = {}
         reasons: dict[str, list[str]] = {}
         errors: dict[str, int] = {}
-        logged: dict[str, list[float]] = {}  # what reward functions logged (TRL's log_metric)
+        logged: dict[str, tuple[float, int]] = {}  # (sum, count) of what reward functions logged (log_metric)
         for name in names:
             idx = [i for i in range(B) if name in weights[i]]
             verifier = self.verifier(name)
@@ -167,23 +182,27 @@ class RewardRunner:
             for i, s in zip(idx, scores):
                 values[i], why[i] = s.reward, s.reason
                 for metric, value in s.metrics:
-                    logged.setdefault(metric, []).append(value)
+                    total_n = logged.get(metric, (0.0, 0))
+                    logged[metric] = (total_n[0] + value, total_n[1] + 1)
             per_verifier[name], reasons[name], errors[name] = values, why, n_err
         # verifiers that weigh in somewhere: one at weight 0 (logged only) succeeding says nothing of the rewards
-        weighing = [n for n in names if any(w.get(n) for w in weights)]
-        self._watch_failures({n: sum(n in w for w in weights) for n in weighing}, errors, reasons)
+        calls = {n: sum(n in w for w in weights) for n in names if any(w.get(n) for w in weights)}
         total, correct = [], []
         for i in range(B):
             total.append(sum(w * (per_verifier[n][i] or 0.0) for n, w in weights[i].items()))
             checks = [per_verifier[n][i] for n in weights[i] if self.verifier(n).correctness]
             applied = [c for c in checks if c is not None]
             correct.append(bool(applied) and all(c >= CORRECT_THRESHOLD for c in applied))
-        return RewardBatch(total, per_verifier, reasons, correct, errors, self._correlations(names, per_verifier),
-                           {k: sum(v) / len(v) for k, v in logged.items()})
+        batch = RewardBatch(total, per_verifier, reasons, correct, errors, self._correlated(names), logged, calls)
+        if self.watch:
+            self.watch_failures(batch)
+        return batch
 
-    def _watch_failures(self, calls: dict[str, int], errors: dict[str, int], reasons: dict[str, list[str]]) -> None:
+    def watch_failures(self, batch: RewardBatch) -> None:
         """Warn for each verifier whose every call failed in this batch; stop after FAILED_BATCHES_LIMIT
-        consecutive batches in which every call of every verifier failed (the rewards carry no signal)."""
+        consecutive batches in which every call of every verifier with a weight failed (the rewards
+        carry no signal)."""
+        calls, errors, reasons = batch.calls, batch.errors, batch.reasons
         failed = [n for n in calls if calls[n] and errors.get(n, 0) == calls[n]]
         for name in failed:
             first = next(r for r in reasons[name] if r.startswith("error"))
@@ -196,20 +215,12 @@ class RewardRunner:
                             f"carry no signal (verifier {name!r}: {next(r for r in reasons[name] if r)}); check it "
                             f"with `grpo verify --verifier {name} --input ROWS.jsonl`")
 
-    def _correlations(self, names: list[str], per_verifier: dict[str, list[float | None]]) -> dict[str, float]:
-        """Pearson r between each verifier that asks for it (``report_correlation``, e.g. a
-        learned reward model) and each correctness verifier, over the completions both scored:
-        a learned reward that rises while this falls is being gamed (reward hacking)."""
-        out = {}
-        for a in names:
-            if not getattr(self.verifier(a), "report_correlation", False):
-                continue
-            for b in names:
-                if b != a and self.verifier(b).correctness:
-                    r = pearson(per_verifier[a], per_verifier[b])
-                    if r is not None:
-                        out[f"{a}~{b}"] = r
-        return out
+    def _correlated(self, names: list[str]) -> list[tuple[str, str]]:
+        """(a, b): each verifier that asks for it (``report_correlation``, e.g. a learned reward model)
+        with each correctness verifier; their Pearson r is logged (``RewardBatch.correlations``): a
+        learned reward that rises while a check falls is being gamed (reward hacking)."""
+        return [(a, b) for a in names if getattr(self.verifier(a), "report_correlation", False)
+                for b in names if b != a and self.verifier(b).correctness]
 
     def _run(self, verifier: Verifier, name: str, completions: list[str],
              fields: list[dict[str, Any]]) -> tuple[list[Score], int]:

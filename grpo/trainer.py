@@ -28,7 +28,7 @@ from grpo.algorithms import (group_advantages, masked_mean, overlong_penalty, po
 from grpo.config import RunConfig, to_dict
 from grpo.dynamic_sampling import Filled, fill_batch, sampling_metrics
 from grpo.engines.base import Completion, SamplingParams, stream_seed
-from grpo.errors import UserError
+from grpo.errors import PeerFailed, UserError
 from grpo.evaluate import EVAL_SEED_OFFSET, evaluate, metrics_from_samples
 from grpo.logprobs import (fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode,
                            use_activation_checkpointing)
@@ -123,7 +123,9 @@ class Trainer:
         check_trackers(cfg.report_to)  # a missing tracker library fails before any model work
         # before any model is loaded or file written; on --resume also reads and checks the checkpoint
         self.run_lock, resumed = self._claim_run_dir()
-        self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers)
+        # watched in _draw_groups, over what every rank scored: every rank stops alike
+        self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers,
+                                    watch=False)
         self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
         self._prompt_cache: dict[str, list[int]] = {}
         self._adapter_moved = False  # the LoRA B weights left zero (then the reference pass always runs)
@@ -292,9 +294,11 @@ class Trainer:
                                    self._max_completion_tokens(), loss.overlong_buffer, loss.overlong_penalty)
         total = (torch.tensor(scored.total, dtype=torch.float32) + penalty).tolist()
         total = with_episode_terms(total, completions)  # + per-episode terms (tool-error penalty)
-        return dist.all_gather_concat(
+        gathered = dist.all_gather_concat(
             [ScoredGroup(prompt_ids[p], groups[p], total[p * G:(p + 1) * G], slice_scores(scored, p * G, G))
              for p in range(len(rows))])
+        self.rewards.watch_failures(concat_scores([g.scores for g in gathered]))  # the same on every rank
+        return gathered
 
     def _advantages(self, groups: list[ScoredGroup]) -> Rollout:
         """Advantages over the whole batch (every rank's groups: batch std etc. as in one process);
@@ -681,32 +685,34 @@ def _rewards_differ(group: ScoredGroup) -> bool:
 
 
 def slice_scores(scores: RewardBatch, start: int, count: int) -> RewardBatch:
-    """Rows ``start:start + count`` of a RewardBatch (error counts, correlations and logged metrics stay with
-    the first slice)."""
+    """Rows ``start:start + count`` of a RewardBatch (error and call counts and logged metrics stay with
+    the first slice, so that concatenating the slices again counts them once)."""
     end, first = start + count, start == 0
     return RewardBatch(scores.total[start:end], {k: v[start:end] for k, v in scores.per_verifier.items()},
                        {k: v[start:end] for k, v in scores.reasons.items()}, scores.correct[start:end],
-                       dict(scores.errors) if first else {}, dict(scores.correlations) if first else {},
-                       dict(scores.logged) if first else {})
+                       dict(scores.errors) if first else {}, list(scores.pairs),
+                       dict(scores.logged) if first else {}, dict(scores.calls) if first else {})
 
 
 def concat_scores(parts: list[RewardBatch]) -> RewardBatch:
-    """RewardBatches one after another; a verifier missing from a part reads None there."""
+    """RewardBatches one after another (every rank's, every draw's); a verifier missing from a part reads
+    None there. Counts and logged sums add up; correlations are over the whole (as in one process)."""
     names = list(dict.fromkeys(k for p in parts for k in p.per_verifier))
     per_verifier = {k: [v for p in parts for v in p.per_verifier.get(k, [None] * len(p.total))] for k in names}
     reasons = {k: [v for p in parts for v in p.reasons.get(k, [""] * len(p.total))] for k in names}
     errors: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    logged: dict[str, tuple[float, int]] = {}
     for p in parts:
         for k, n in p.errors.items():
             errors[k] = errors.get(k, 0) + n
-    correlations = next((p.correlations for p in parts if p.correlations), {})
-    logged: dict[str, list[float]] = {}  # one mean per scored batch (per rank, per dynamic-sampling draw)
-    for p in parts:
-        for k, v in p.logged.items():
-            logged.setdefault(k, []).append(v)
+        for k, n in p.calls.items():
+            calls[k] = calls.get(k, 0) + n
+        for k, (total, n) in p.logged.items():
+            logged[k] = (logged.get(k, (0.0, 0))[0] + total, logged.get(k, (0.0, 0))[1] + n)
+    pairs = list(dict.fromkeys(pair for p in parts for pair in p.pairs))
     return RewardBatch([x for p in parts for x in p.total], per_verifier, reasons,
-                       [x for p in parts for x in p.correct], errors, correlations,
-                       {k: sum(v) / len(v) for k, v in logged.items()})
+                       [x for p in parts for x in p.correct], errors, pairs, logged, calls)
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
@@ -744,7 +750,8 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str
                 raise
             raise UserError(describe_os_error(exc, f"run {cfg.run_dir} stopped, a file could not be written")) from exc
     except BaseException as exc:
-        dist.fail(exc)  # no hang: leave the group now; torchrun stops the other ranks
+        if dist.fail(exc):  # no hang: leave the group now; torchrun stops the other ranks
+            raise PeerFailed() from None  # another rank's failure: its error is the one to read
         raise
     finally:
         trainer.cleanup(failed)

@@ -312,9 +312,34 @@ def test_a_failing_rank_ends_the_job_with_its_error(tiny_model_dir, toy_plugin, 
     assert proc.returncode != 0
     if failure == "raise":
         assert "rank 1/2 failed: RuntimeError: injected failure on rank 1" in proc.stderr
+        # the healthy rank says whose failure it was (or torchrun stopped it first), never that it failed
+        assert "rank 0/2 failed" not in proc.stderr
     else:  # rank 0 waits in a collective for at most distributed.timeout_s, then fails the job
         assert "rank 0/2 failed" in proc.stderr and "Timed out" in proc.stderr
     assert elapsed < 90
+
+
+def test_rank_batches_concatenate_to_the_one_process_numbers():
+    """What each rank scored, gathered, gives the one-process metrics: logged values weighted by how
+    many there were, correlations over the whole batch, error and call counts summed."""
+    from grpo.rewards import RewardBatch
+    from grpo.trainer import concat_scores, slice_scores
+
+    whole = RewardBatch([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], {"rm": [0.9, 0.1, 0.8, 0.3, 0.2, 0.7],
+                                                        "check": [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]},
+                        {"rm": [""] * 6, "check": [""] * 6}, [True, False, True, True, False, True],
+                        {"check": 1}, [("rm", "check")], {"m": (6.0, 4)}, {"check": 6})
+    rank0 = RewardBatch(whole.total[:2], {k: v[:2] for k, v in whole.per_verifier.items()},
+                        {k: v[:2] for k, v in whole.reasons.items()}, whole.correct[:2], {"check": 1},
+                        [("rm", "check")], {"m": (1.0, 1)}, {"check": 2})
+    rank1 = RewardBatch(whole.total[2:], {k: v[2:] for k, v in whole.per_verifier.items()},
+                        {k: v[2:] for k, v in whole.reasons.items()}, whole.correct[2:], {},
+                        [("rm", "check")], {"m": (5.0, 3)}, {"check": 4})
+    groups = [slice_scores(rank0, 0, 2), slice_scores(rank1, 0, 2), slice_scores(rank1, 2, 2)]
+    gathered = concat_scores(groups)
+    assert gathered.metrics() == pytest.approx(whole.metrics())
+    assert gathered.metrics()["reward_metric/m"] == 1.5  # not (1.0 + 5/3) / 2
+    assert (gathered.errors, gathered.calls) == ({"check": 1}, {"check": 6})
 
 
 def test_vllm_server_mode_other_ranks_adopt_rank_0s_adapter(tmp_path, monkeypatch):

@@ -367,6 +367,20 @@ def test_a_failing_verifier_is_not_hidden_by_one_at_weight_zero(reward_plugin):
             runner.score(rows, ["1", "0"])
 
 
+def test_an_unwatched_runner_counts_only_the_batches_it_is_shown(reward_plugin):
+    """The trainer scores its share unwatched and watches what all ranks gathered (every rank alike)."""
+    from grpo.rewards import FAILED_BATCHES_LIMIT, RewardRunner
+
+    rows = [{"verifiers": {"always_raises": 1.0}}] * 2
+    with RewardRunner(workers=1, watch=False) as runner:
+        for _ in range(FAILED_BATCHES_LIMIT + 1):
+            batch = runner.score(rows, ["1", "0"])  # evaluations, or one rank's share: not counted
+        for _ in range(FAILED_BATCHES_LIMIT - 1):
+            runner.watch_failures(batch)
+        with pytest.raises(UserError, match="every verifier call failed in 3 consecutive batches"):
+            runner.watch_failures(batch)
+
+
 @pytest.mark.parametrize("weight", ["x", float("nan"), True, None])
 def test_a_verifier_weight_must_be_a_finite_number(reward_plugin, weight):
     from grpo.rewards import RewardRunner
