@@ -335,7 +335,8 @@ def run_audit_command(args, read_rows) -> int:
     if not rows:
         raise UserError(f"{source}: no rows to audit")
     name = args.verifier
-    with RewardRunner({name: json_object_arg(args.args, "--args")}, workers=args.workers) as runner:
+    # watch=False: the audit scores one case per call, and failing cases are what it reports, not a reason to stop
+    with RewardRunner({name: json_object_arg(args.args, "--args")}, workers=args.workers, watch=False) as runner:
         report = audit(name, rows, runner, probe_attacks=args.probe_attacks, latency_samples=args.latency_samples)
     report["source"] = source
     report["thresholds"] = {"max_fn_rate": args.max_fn_rate, "max_fp_rate": args.max_fp_rate,

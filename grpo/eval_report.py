@@ -50,7 +50,8 @@ def run_record(s: EvalSettings, model_path: str, adapters: list[Path], num_probl
 def write_outputs(out_dir: Path, record: dict[str, Any], models: list[dict], samples: list[dict],
                    s: EvalSettings) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"run": record, "models": models}, indent=2) + "\n")
+    # strict JSON: a mean over nothing (NaN) is null
+    (out_dir / "results.json").write_text(json.dumps(_no_nan({"run": record, "models": models}), indent=2) + "\n")
     with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
         for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
@@ -66,3 +67,13 @@ def write_outputs(out_dir: Path, record: dict[str, Any], models: list[dict], sam
     print()
     print(table, end="")
     print(f"eval directory: {out_dir}")
+
+
+def _no_nan(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value

@@ -92,6 +92,7 @@ def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str
         g_correct, _ = _score(greedy_groups, rows, rewards, samples, "greedy", first_index)
         mean, stderr = mean_and_stderr([float(c[0]) for c in g_correct])
         metrics[f"{prefix}greedy_accuracy"], metrics[f"{prefix}greedy_accuracy_stderr"] = mean, stderr
+    metrics.update({f"{prefix}errors/{k}": v for k, v in error_counts(samples).items()})
     return EvalResult(metrics, samples)
 
 
@@ -141,7 +142,19 @@ def metrics_from_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int], p
     greedy = [float(s["correct"]) for s in samples if s["mode"] == "greedy"]
     if greedy:
         metrics[f"{prefix}greedy_accuracy"], metrics[f"{prefix}greedy_accuracy_stderr"] = mean_and_stderr(greedy)
+    metrics.update({f"{prefix}errors/{k}": v for k, v in error_counts(samples).items()})
     return metrics
+
+
+def error_counts(samples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per verifier, the samples (sampled and greedy) on which it failed (crashed, timed out, a rejected
+    reward): each counted as incorrect, and reported, so a broken check is not read as a weak model."""
+    out: dict[str, float] = {}
+    for s in samples:
+        for name, reason in s["reasons"].items():
+            if reason.startswith("error"):
+                out[name] = out.get(name, 0.0) + 1
+    return out
 
 
 def _score(groups: list[list[Completion]], rows, rewards: RewardRunner, samples: list, mode: str,
@@ -183,6 +196,7 @@ def summarize(metrics: dict[str, float], ks: Sequence[int], prefix: str = "") ->
                     **{k.removeprefix("reward/"): v for k, v in m.items() if k.startswith("reward/")}},
         "lengths": {"mean": m["completion_length"], "median": m["completion_length_median"],
                     "max": m["completion_length_max"], "truncated_fraction": m["truncated_fraction"]},
+        "verifier_errors": {k.removeprefix("errors/"): int(v) for k, v in m.items() if k.startswith("errors/")},
     }
 
 
@@ -194,6 +208,8 @@ def results_table(models: Sequence[dict[str, Any]], ks: Sequence[int]) -> str:
     header += ["greedy pass@1"] if show_greedy else []
     header += ["reward", *(f"reward/{v}" for v in verifiers), "length mean", "length median", "length max",
                "truncated"]
+    show_errors = any(m.get("verifier_errors") for m in models)
+    header += ["verifier errors"] if show_errors else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in models:
         cells = [m["label"], *(_pm(m["pass_at_k"][str(k)]) for k in ks)]
@@ -203,6 +219,8 @@ def results_table(models: Sequence[dict[str, Any]], ks: Sequence[int]) -> str:
         cells += [_num(m["rewards"]["total"]), *(_num(m["rewards"].get(v, math.nan)) for v in verifiers),
                   f"{lengths['mean']:.1f}", f"{lengths['median']:g}", f"{lengths['max']:g}",
                   _num(lengths["truncated_fraction"])]
+        if show_errors:  # samples a verifier failed on (counted incorrect)
+            cells.append(", ".join(f"{k}: {n}" for k, n in sorted(m.get("verifier_errors", {}).items())) or "0")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

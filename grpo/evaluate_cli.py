@@ -71,6 +71,7 @@ def run_eval(args: argparse.Namespace) -> int:
     labels = (["base"] if s.base else []) + _labels(s.adapter)
     from grpo.build import build_engine, build_task, engine_kind, load_plugins
     from grpo.eval_report import default_output, run_record, write_outputs
+    from grpo.prompts import check_prompts
     from grpo.rewards import RewardRunner
 
     kind = engine_kind(s.engine)
@@ -96,7 +97,11 @@ def run_eval(args: argparse.Namespace) -> int:
         model, tokenizer, model_path = _load_model(s, adapters)
         engine = build_engine(model, tokenizer, *_engine_settings(s, kind), seed=s.seed, tools=_tools_settings(s))
         try:
-            models, samples = _evaluate_rows(s, engine, model, tokenizer, rows, rewards, labels, adapters)
+            # every prompt encodes, and fits the model's context with a whole completion, before any sampling
+            encode = _encoder(s, tokenizer, engine)
+            check_prompts({s.split: rows}, encode, s.task, getattr(model.config, "max_position_embeddings", None),
+                          _completion_tokens(s))
+            models, samples = _evaluate_rows(s, engine, model, encode, rows, rewards, labels, adapters)
         finally:
             engine.close()
 
@@ -192,8 +197,8 @@ def _labels(adapter_specs: list[str]) -> list[str]:
     return labels
 
 
-def _evaluate_rows(s: EvalSettings, engine, model, tokenizer, rows, rewards, labels, adapters):
-    from grpo.evaluate import evaluate, summarize
+def _encoder(s: EvalSettings, tokenizer, engine):
+    """A row's prompt -> token ids (as training encodes it), each distinct prompt once."""
     from grpo.prompts import encode_prompt
 
     cache: dict[str, list[int]] = {}
@@ -203,6 +208,17 @@ def _evaluate_rows(s: EvalSettings, engine, model, tokenizer, rows, rewards, lab
         if key not in cache:
             cache[key] = encode_prompt(tokenizer, prompt, s.system_prompt, getattr(engine, "prompt_tools", None))
         return cache[key]
+
+    return encode
+
+
+def _completion_tokens(s: EvalSettings) -> int:
+    tools = _tools_settings(s)
+    return tools.max_episode_tokens if tools.enabled else s.max_new_tokens
+
+
+def _evaluate_rows(s: EvalSettings, engine, model, encode, rows, rewards, labels, adapters):
+    from grpo.evaluate import evaluate, summarize
 
     adapter_of = dict(zip(labels[1:] if s.base else labels, range(len(adapters))))
     models, samples = [], []
@@ -226,6 +242,9 @@ def _evaluate_rows(s: EvalSettings, engine, model, tokenizer, rows, rewards, lab
         samples.extend({"model": label, **sample} for sample in result.samples)
         passk = ", ".join(f"pass@{k} {row['pass_at_k'][str(k)]['mean']:.3f}" for k in s.k)
         print(f"[eval] {label}: {passk} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+        for name, count in sorted(row["verifier_errors"].items()):
+            print(f"warning: [eval] {label}: verifier {name!r} failed on {count} of {len(result.samples)} samples "
+                  "(counted incorrect; the reasons are in samples.jsonl)", file=sys.stderr)
     return models, samples
 
 

@@ -24,6 +24,15 @@ class ContainsNumber(Verifier):
         return [Score(float(str(a) in c), "") for c, a in zip(completions, answer)]
 
 
+@VERIFIERS.register("always_fails")
+class AlwaysFails(Verifier):
+    """Deliberately broken: raises on every completion (what the audit exists to catch)."""
+    fields = ("answer",)
+
+    def score(self, completions, answer):
+        raise IndexError("no '####' in the text")
+
+
 @VERIFIERS.register("defines_add")
 class DefinesAdd(Verifier):
     """Deliberately weak code check: 1 when the program defines the entry point."""
@@ -180,3 +189,12 @@ def test_last_number_checker_is_caught_by_the_reversed_hedges(tmp_path_factory, 
     assert code == 1 and report["gold"]["false_negatives"] == 0
     assert kinds["hedged_reversed"]["false_positives"] == 1 and kinds["two_boxes_reversed"]["false_positives"] == 1
     assert kinds["hedged"]["false_positives"] == 0 and kinds["two_boxes"]["false_positives"] == 0
+
+
+def test_a_verifier_that_always_fails_gets_its_report(tmp_path, capsys, weak_plugin):
+    """Each latency call is one scoring batch: a failing verifier stopped the audit (exit 2, no report)."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"answer": "15"}) + "\n")
+    code, report, md, _ = _audit(tmp_path, capsys, "--verifier", "always_fails", "--input", str(data),
+                                 "--plugins", str(weak_plugin))
+    assert code == 1 and report["errors"]["n"] > 0 and "## Gate: FAILED" in md

@@ -257,3 +257,33 @@ def test_eval_output_and_device_are_checked_before_the_evaluation(tiny_model_dir
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --output {taken} is a file, not a directory"
     assert run("--device", "tpu", "--out", str(tmp_path / "o")) == 2
     assert "error: unknown device 'tpu'; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_verifier_failures_are_reported_and_results_json_is_strict(tiny_model_dir, plugin, tmp_path, capsys):
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text(
+        "from grpo.registry import TASKS, VERIFIERS\nfrom verifiers.base import Score, Verifier\n\n"
+        "@VERIFIERS.register('evaltest_flaky')\nclass Flaky(Verifier):\n    fields = ()\n"
+        "    def score(self, completions):\n"
+        "        if len(completions[0]) % 2:\n            raise ValueError('odd')\n"
+        "        return [Score(None, 'not applicable')]\n\n"
+        "@VERIFIERS.register('evaltest_never')\nclass Never(Verifier):\n    fields = ()\n"
+        "    def score(self, completions):\n        return [Score(None, 'not applicable')] * len(completions)\n\n"
+        "@TASKS.register('evaltest_flaky_task')\nclass T:\n    def rows(self, split):\n"
+        "        return [{'id': str(i), 'prompt': [{'role': 'user', 'content': f'digit {i}'}],\n"
+        "                 'digit': 'x',\n"
+        "                 'verifiers': {'evaltest_flaky': 1.0, 'evaltest_has_digit': 1.0, 'evaltest_never': 1.0}}\n"
+        "                for i in range(3)]\n")
+    out = tmp_path / "o"
+    assert main(["eval", "--task", "evaltest_flaky_task", "--model", str(tiny_model_dir), "--plugins", str(plugin),
+                 "--plugins", str(flaky), "--n", "4", "--max-new-tokens", "5", "--device", "cpu", "--workers", "1",
+                 "--out", str(out)]) == 0
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text
+    (row,) = json.loads(text)["models"]
+    assert row["rewards"]["evaltest_never"] is None  # a mean over no sample: null, not NaN
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    failed = sum(s["reasons"].get("evaltest_flaky", "").startswith("error") for s in samples)
+    assert 0 < failed < len(samples) and row["verifier_errors"] == {"evaltest_flaky": failed}
+    assert "verifier errors" in (out / "results.md").read_text()
+    assert f"verifier 'evaltest_flaky' failed on {failed} of {len(samples)} samples" in capsys.readouterr().err
