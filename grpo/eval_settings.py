@@ -212,6 +212,8 @@ def _validate(s: EvalSettings) -> None:
         raise UserError(f"--limit/--num-problems must be >= 0 (0 = all), got {s.num_problems}")
     if s.max_batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {s.max_batch_size}")
+    if s.workers < 1 or s.seed < 0 or s.threads < 0:  # as training's verifier_workers, seed and threads
+        raise UserError(f"--workers must be >= 1, --seed and --threads >= 0; got {s.workers}, {s.seed}, {s.threads}")
     validate_tools(from_dict(ToolsConfig, dict(s.tools), "tools."))
     if not s.base and not s.adapter:
         raise UserError("--no-base leaves nothing to evaluate: give at least one --adapter")

@@ -112,6 +112,9 @@ class RewardRunner:
                 self._verifiers[name] = build_verifier(obj, **args)
             except TypeError as exc:
                 raise UserError(f"verifier {name!r}: bad arguments in task.verifier_args.{name}: {exc}") from exc
+            isolation = getattr(self._verifiers[name], "isolation", None)
+            if isolation not in ("process", "inline"):
+                raise UserError(f"verifier {name!r}: isolation must be 'process' or 'inline', got {isolation!r}")
         return self._verifiers[name]
 
     def check_rows(self, rows: Sequence[dict[str, Any]], source: str) -> None:

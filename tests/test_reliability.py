@@ -692,3 +692,20 @@ def test_a_process_verifier_gets_its_memory_mb_beyond_what_the_trainer_maps(tmp_
     finally:
         reserved.close()
     assert batch.total == [1.0, 0.0] and batch.errors == {"allocates_mb": 1}
+
+
+def test_a_verifier_with_an_unknown_isolation_is_refused_up_front():
+    from grpo.registry import VERIFIERS
+    from grpo.rewards import RewardRunner
+    from verifiers.base import Score, Verifier
+
+    @VERIFIERS.register("isolation_typo")
+    class Typo(Verifier):
+        isolation = "proces"
+
+        def score(self, completions):
+            return [Score(1.0)] * len(completions)
+
+    with RewardRunner(workers=1) as runner, pytest.raises(UserError, match="isolation must be 'process' or 'inline', "
+                                                                           "got 'proces'"):
+        runner.check_rows([{"verifiers": {"isolation_typo": 1.0}}], "rows")
