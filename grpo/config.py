@@ -515,6 +515,10 @@ def validate(cfg: RunConfig) -> None:
          "model.lora_dropout > 0 with loss.old_logprobs=rollout: the rollout samples without dropout, the update "
          "with it, so the ratio starts away from 1; use old_logprobs auto/recompute (same dropout masks) or "
          "lora_dropout 0"),
+        (not (cfg.model.lora_dropout > 0 and cfg.loss.tis_cap),
+         "loss.tis_cap with model.lora_dropout > 0: the weight min(pi_trainer / pi_engine, cap) would measure the "
+         "dropout masks (the engine samples without dropout), not the engines' difference; use lora_dropout 0 "
+         "with tis_cap"),
         (cfg.loss.overlong_buffer <= cfg.rollout.max_new_tokens,
          "loss.overlong_buffer must be between 0 and rollout.max_new_tokens"),
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),

@@ -125,6 +125,8 @@ def test_tis_cap_with_rollout_old_logprobs_is_rejected():
     with pytest.raises(UserError, match="twice"):
         load_config(None, ["loss.old_logprobs=rollout", "loss.tis_cap=2"])
     load_config(None, ["loss.old_logprobs=recompute", "loss.tis_cap=2"])
+    with pytest.raises(UserError, match="tis_cap with model.lora_dropout > 0"):  # it would weigh dropout noise
+        load_config(None, ["model.lora_dropout=0.1", "loss.tis_cap=2"])
 
 
 def test_preset_expands_and_conflicts_are_errors():
