@@ -92,7 +92,7 @@ def build_policy(cfg: RunConfig):
     device = resolve_device(cfg.model.device)
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path, cfg.model.dtype, device)
+    model = load_causal_lm(path, _agreed_dtype(cfg.model.dtype, device), device)
     apply_attention_dtype(model, cfg.model.attention_dtype, device)  # engine, reference and update alike
     model.config.use_cache = False
     targets: Any = cfg.model.lora_target_modules
@@ -108,6 +108,19 @@ def build_policy(cfg: RunConfig):
     # with the fused kernel, the RMSNorms' backward written out too (the forward is bit for bit theirs)
     use_rms_norm_function(model, cfg.model.lora_kernel == "fused")
     return model, tokenizer
+
+
+def _agreed_dtype(dtype: str, device: str) -> str:
+    """``model.dtype``; ``auto`` under a launcher resolved on rank 0 and sent to every rank (each rank's
+    own timing probe could decide otherwise, and the ranks' base weights must match)."""
+    from grpo import dist
+
+    if dtype != "auto" or not dist.info().enabled:
+        return dtype
+    from grpo.models import resolve_dtype
+
+    name = str(resolve_dtype("auto", device)).removeprefix("torch.") if dist.info().is_main else None
+    return dist.broadcast_object(name)
 
 
 def engine_kind(engine: str) -> str:

@@ -132,12 +132,23 @@ class Seq(NamedTuple):
     loss_tokens: int
 
 
+_SHAPE_ATTRIBUTES = ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+class ShapeUnknown(UserError):
+    """The memory estimate cannot read this model's shape."""
+
+
 def model_shape(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str],
                 lora_dropout: bool, lora_fused: bool = False) -> ModelShape:
     """``ModelShape`` of an HF decoder config (Llama, Qwen, Mistral, ... attribute names).
 
     Targets are matched by their last name; an unknown name (``all-linear``, another
-    family's projections) counts as every projection, so the estimate stays an upper bound."""
+    family's projections) counts as every projection, so the estimate stays an upper bound.
+    A config without those attribute names (OPT, GPT-2, Falcon) is a ``ShapeUnknown``."""
+    missing = [a for a in _SHAPE_ATTRIBUTES if getattr(config, a, None) is None]
+    if missing:
+        raise ShapeUnknown(f"the model's config ({type(config).__name__}) has no {', '.join(missing)}")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     implementation = getattr(config, "_attn_implementation", None) or "sdpa"
@@ -245,7 +256,9 @@ def estimate(m: ModelShape, s: UpdateSettings, b: Batch) -> Estimate:
         head_transient = 5 * chunk * m.vocab * 4  # a chunk's logits recomputed, and its backward
     else:  # CPU: every chunk's float32 logits kept; a 16-bit head weight's float32 copy lives through the forward
         outside += b.loss_tokens * (4 * m.vocab + 32)
-        head_transient = 4 * chunk * m.vocab * 4  # a chunk's backward: log-softmax and gather gradients
+        # a chunk's backward, measured at one chunk's float32 logits above what is kept (Qwen2.5-0.5B's 152k
+        # vocabulary, 512-token chunks: 318 MiB, with and without checkpointing); counted twice for margin
+        head_transient = 2 * chunk * m.vocab * 4
         head_transient += m.vocab * m.hidden * 4 if m.base_bytes != 4 else 0
     gradients = 2 * tokens * (m.intermediate + m.hidden) * 4  # activation gradients in flight in backward
     transient = (max(unrolled) if s.checkpointing else 0) + gradients + head_transient
@@ -340,10 +353,19 @@ class CheckpointRule:
     settings: UpdateSettings  # with checkpointing=False
     limit: int
     alternatives: tuple[UpdateSettings, ...] = ()  # other paths a micro-batch may take (optim.packing=auto)
+    free: int = 0  # bytes free at setup (this rank's share); 0: unknown
 
     def needed(self, seqs: Sequence[Seq]) -> bool:
         batch = batch_of(seqs)
         return max(estimate(self.shape, s, batch).total for s in (self.settings, *self.alternatives)) > self.limit
+
+    def beyond_free(self, seqs: Sequence[Seq]) -> int:
+        """The micro-batch's estimated need even with checkpointing when that is more than the free
+        memory read at setup (the update would likely be killed for memory), else 0."""
+        batch = batch_of(seqs)
+        need = max(estimate(self.shape, replace(s, checkpointing=True), batch).total
+                   for s in (self.settings, *self.alternatives))
+        return need if self.free and need > self.free else 0
 
 
 def _update_model(config, base_bytes: int, lora_rank: int, lora_targets: Sequence[str], lora_dropout: bool,
@@ -363,8 +385,12 @@ def make_plan(setting: float | str | None, config, base_bytes: int, lora_rank: i
     """The run's ``Plan`` (None without a budget: ``optim.micro_batch_size`` applies)."""
     if setting is None:
         return None
-    shape, settings, alternatives = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout, packing,
-                                                  fast_head, checkpointing, device, chunk_tokens, lora_fused)
+    try:
+        shape, settings, alternatives = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout,
+                                                      packing, fast_head, checkpointing, device, chunk_tokens, lora_fused)
+    except ShapeUnknown as exc:
+        raise UserError(f"optim.memory_budget_gb: {exc}, so the update's memory cannot be estimated; size the "
+                        "micro-batches with optim.micro_batch_size instead") from None
     return Plan(shape, settings, budget_bytes(setting, device, _local_ranks(local_ranks)), setting, alternatives)
 
 
@@ -373,14 +399,18 @@ def make_checkpoint_rule(config, base_bytes: int, lora_rank: int, lora_targets: 
                          local_ranks: int | None = None, lora_fused: bool = False,
                          meminfo: str = "/proc/meminfo") -> CheckpointRule | None:
     """The ``CheckpointRule`` of ``activation_checkpointing: auto``; None where free memory cannot
-    be read (not Linux, not CUDA): every micro-batch is then checkpointed."""
-    shape, settings, alternatives = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout, packing,
-                                                  fast_head, False, device, chunk_tokens, lora_fused)
+    be read (not Linux, not CUDA) or the model's shape cannot (``ShapeUnknown``): every micro-batch
+    is then checkpointed."""
+    try:
+        shape, settings, alternatives = _update_model(config, base_bytes, lora_rank, lora_targets, lora_dropout,
+                                                      packing, fast_head, False, device, chunk_tokens, lora_fused)
+    except ShapeUnknown:
+        return None
     try:
         free = free_bytes(device, _local_ranks(local_ranks), meminfo)
     except UserError:
         return None
-    return CheckpointRule(shape, settings, int(free * CHECKPOINT_FRACTION), alternatives)
+    return CheckpointRule(shape, settings, int(free * CHECKPOINT_FRACTION), alternatives, int(free))
 
 
 def _local_ranks(local_ranks: int | None) -> int:

@@ -43,7 +43,13 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo")).expanduser()
+    root = os.environ.get("GRPO_CACHE")
+    if root is None:
+        try:
+            root = str(Path.home() / ".cache" / "grpo")
+        except RuntimeError:  # no HOME and no passwd entry (some containers)
+            root = str(Path(tempfile.gettempdir()) / "grpo-cache")
+    return Path(root).expanduser()
 
 
 def embedded_gguf_path(name: str) -> Path:

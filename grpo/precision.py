@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -64,24 +65,36 @@ def matmul_gflops(dtype: torch.dtype, threads: int | None = None, shape: tuple[i
         torch.set_num_threads(old)
 
 
+# /proc/cpuinfo lines that tell CPUs apart: x86 (model name, flags), ARM (implementer, part, Features)
+_CPU_LINES = ("model name", "flags", "Features", "CPU implementer", "CPU part", "CPU variant")
+
+
 def machine_key(threads: int) -> str:
-    """Identifies what the probe measured: CPU model and flags, torch version, threads."""
-    cpu, flags = platform.machine(), ""
+    """Identifies what the probe measured: CPU model and flags (ARM: implementer, part and
+    features), torch version, threads."""
+    cpu, seen = platform.machine(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = line.split(":", 1)[1].strip()
-                break
+            name, _, value = line.partition(":")
+            name = name.strip()
+            if name in _CPU_LINES and name not in seen:  # the first processor's
+                seen[name] = value.strip()
     except OSError:
         pass
-    digest = hashlib.sha256(flags.encode()).hexdigest()[:10]
+    cpu = seen.pop("model name", cpu)
+    digest = hashlib.sha256("|".join(f"{k}={v}" for k, v in sorted(seen.items())).encode()).hexdigest()[:10]
     return f"{cpu}|flags={digest}|torch={torch.__version__}|threads={threads}"
 
 
-def cache_path() -> Path:
-    return Path(os.environ.get("GRPO_LORA_CACHE", Path.home() / ".cache" / "grpo-lora")).expanduser() / "precision.json"
+def cache_path() -> Path | None:
+    """Where the probe's results are kept; None where there is no home directory to keep them in."""
+    root = os.environ.get("GRPO_LORA_CACHE")
+    if root is None:
+        try:
+            root = str(Path.home() / ".cache" / "grpo-lora")
+        except RuntimeError:  # no HOME and no passwd entry (some containers): probe each time
+            return None
+    return Path(root).expanduser() / "precision.json"
 
 
 def probe_bf16_speedup(threads: int) -> dict[str, float]:
@@ -95,6 +108,8 @@ def cached_probe(threads: int, probe: Callable[[int], dict[str, float]] = probe_
                  path: Path | None = None) -> dict[str, float]:
     """The probe's result for this machine and thread count, measured once and cached."""
     path = path or cache_path()
+    if path is None:
+        return probe(threads)
     key = machine_key(threads)
     try:
         cache = json.loads(path.read_text())
@@ -103,7 +118,8 @@ def cached_probe(threads: int, probe: Callable[[int], dict[str, float]] = probe_
     except (OSError, ValueError):
         cache = {}
     hit = cache.get(key)
-    if isinstance(hit, dict) and isinstance(hit.get("bf16_speedup"), (int, float)):
+    speedup = hit.get("bf16_speedup") if isinstance(hit, dict) else None
+    if isinstance(speedup, (int, float)) and not isinstance(speedup, bool) and math.isfinite(speedup):
         return hit
     result = probe(threads)
     cache[key] = result

@@ -106,6 +106,8 @@ class Rollout:
 
 
 class Trainer:
+    _warned_memory = False  # the update's estimate beyond free memory was said once (_micro_batches)
+
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.run_dir = cfg.run_dir
@@ -374,6 +376,14 @@ class Trainer:
         rule = self.checkpoint_rule
         checkpointed = [self.checkpoint_layers and (rule is None or rule.needed([seqs[j] for j in part]))
                         for part in parts]
+        if rule is not None and not self._warned_memory:  # no budget set: say so before memory runs out
+            need = max(rule.beyond_free([seqs[j] for j in part]) for part in parts)
+            if need:
+                self._warned_memory = True
+                print(f"warning: a micro-batch of this update needs an estimated {need / memory.GIB:.3g} GiB even with "
+                      f"activation checkpointing, more than the {rule.free / memory.GIB:.3g} GiB free at start: set "
+                      "optim.memory_budget_gb=auto (or lower optim.micro_batch_size)",
+                      file=sys.stderr)
         metrics["update/checkpointed_micro_batches"] = sum(checkpointed)
         return [[order[j] for j in part] for part in parts], checkpointed, metrics
 

@@ -42,18 +42,18 @@ def test_estimate_by_hand_without_checkpointing():
     # completion pass (2 rows, 2 queries, 5 keys): 800 + 320 + 80 = 1200
     # layers: 1932 - layer 0's first norm on 7 tokens (7 * 20) = 1792
     # outside: 7 tokens * (final norm 20 + RoPE cos, sin 2 * 2 * 4) = 252; head: 3 * (4 * 10 + 32) = 216 -> 468
-    # transient: gradients 2 * 7 * (8 + 4) * 4 = 672; a head chunk's backward 4 * 3 * 10 * 4 = 480 -> 1152
+    # transient: gradients 2 * 7 * (8 + 4) * 4 = 672; a head chunk's backward 2 * 3 * 10 * 4 = 240 -> 912
     est = memory.estimate(TINY, memory.UpdateSettings("grouped"), BATCH)
-    assert est == (1792, 468, 1152)
-    assert est.saved == 2260 and est.total == 3412
+    assert est == (1792, 468, 912)
+    assert est.saved == 2260 and est.total == 3172
 
 
 def test_estimate_by_hand_with_checkpointing():
     # layers: each layer's input 7 * 4 * 4 = 112; the prompt K/V read by the completions 2 * 1 * 3 * 1 * 2 * 4 = 48
     # outside: 252 + the masks ((9 + 20) pairs * 4 = 116) + head 216 = 584
-    # transient: one recomputed layer (the completion pass's 1200) + 672 + 480 = 2352
+    # transient: one recomputed layer (the completion pass's 1200) + 672 + 240 = 2112
     est = memory.estimate(TINY, memory.UpdateSettings("grouped", checkpointing=True), BATCH)
-    assert est == (160, 584, 2352)
+    assert est == (160, 584, 2112)
 
 
 def test_estimate_by_hand_packed_and_on_cuda():
@@ -376,6 +376,9 @@ def test_micro_batches_hand_the_split_each_sequence_with_its_model_tokens():
             self.seen.append(list(seqs))
             return len(seqs) > 2
 
+        def beyond_free(self, seqs):
+            return 0
+
     trainer.checkpoint_rule = rule = Rule()
     assert trainer._micro_batches(rollout)[1:] == ([True, False], {"update/checkpointed_micro_batches": 1})
     assert rule.seen == [plan.seqs[:3], plan.seqs[3:]]
@@ -403,3 +406,30 @@ def test_checkpoint_rule_checkpoints_only_what_would_not_fit(tmp_path):
     assert memory.make_checkpoint_rule(config, 2, 16, memory.PROJECTIONS, False, False, True, "cpu", 512,
                                        meminfo=str(tmp_path / "absent")) is None
     assert memory.make_checkpoint_rule(config, 2, 16, memory.PROJECTIONS, False, False, True, "mps", 512) is None
+
+
+def test_checkpoint_rule_says_when_even_checkpointing_would_not_fit(tmp_path):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       8388608 kB\nMemAvailable:   1048576 kB\n")  # 1 GiB free
+    rule = memory.make_checkpoint_rule(config, 2, 16, memory.PROJECTIONS, False, False, True, "cpu", 512,
+                                       local_ranks=1, meminfo=str(meminfo))
+    small, huge = [memory.Seq(0, 40, 64, 64)] * 2, [memory.Seq(g, 40, 4096, 4096) for g in range(16)]
+    assert rule.beyond_free(small) == 0
+    need = rule.beyond_free(huge)
+    checkpointed = dataclasses.replace(rule.settings, checkpointing=True)
+    assert need == memory.estimate(rule.shape, checkpointed, memory.batch_of(huge)).total > 2 ** 30
+
+
+def test_a_config_without_llama_attribute_names(tmp_path):
+    """OPT / GPT-2 / Falcon configs: no estimate; auto checkpoints every micro-batch, a budget is an error."""
+    from transformers import OPTConfig
+
+    config = OPTConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32)
+    assert memory.make_checkpoint_rule(config, 4, 4, memory.PROJECTIONS, False, False, True, "cpu", 512) is None
+    with pytest.raises(UserError, match=r"optim.memory_budget_gb: the model's config \(OPTConfig\) has no "
+                                        r"intermediate_size, so the update's memory cannot be estimated"):
+        memory.make_plan(1.0, config, 4, 4, memory.PROJECTIONS, False, False, True, False, "cpu", 512)

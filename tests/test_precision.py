@@ -49,6 +49,38 @@ def test_probe_result_is_cached_per_machine_and_thread_count(tmp_path, probing):
     assert precision.auto_dtype("cpu", 2, _probe(0.5, calls), path) == torch.float32
 
 
+def test_a_cached_value_that_is_not_a_number_is_measured_again(tmp_path, probing):
+    path, calls = tmp_path / "precision.json", []
+    for bad in (float("nan"), True, "2"):
+        path.write_text(json.dumps({precision.machine_key(1): {"bf16_speedup": bad}}))
+        assert precision.auto_dtype("cpu", 1, _probe(2.0, calls), path) == torch.bfloat16
+    assert calls == [1, 1, 1]
+
+
+def test_arm_cpus_with_other_parts_get_other_keys(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def key(cpuinfo):
+        real = Path.read_text
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: cpuinfo if str(self) == "/proc/cpuinfo"
+                            else real(self, *a, **k))
+        return precision.machine_key(1)
+
+    graviton = "processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n"
+    altra = "processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+    assert key(graviton) != key(altra) and key(graviton) == key(graviton + "processor\t: 1\n")
+
+
+def test_no_home_directory_means_no_cache_not_a_crash(monkeypatch, probing):
+    from pathlib import Path
+
+    monkeypatch.delenv("GRPO_LORA_CACHE", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert precision.cache_path() is None
+    calls = []
+    assert precision.auto_dtype("cpu", 1, _probe(2.0, calls)) == torch.bfloat16 and calls == [1]
+
+
 def test_env_pins_cpu_auto_without_probing(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setenv(precision.CPU_AUTO_ENV, "bfloat16")
