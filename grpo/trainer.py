@@ -377,7 +377,7 @@ class Trainer:
         checkpointed = [self.checkpoint_layers and (rule is None or rule.needed([seqs[j] for j in part]))
                         for part in parts]
         if rule is not None and not self._warned_memory:  # no budget set: say so before memory runs out
-            need = max(rule.beyond_free([seqs[j] for j in part]) for part in parts)
+            need = max((rule.beyond_free([seqs[j] for j in part]) for part in parts), default=0)  # none: no rows
             if need:
                 self._warned_memory = True
                 print(f"warning: a micro-batch of this update needs an estimated {need / memory.GIB:.3g} GiB even with "
