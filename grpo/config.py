@@ -519,6 +519,11 @@ def validate(cfg: RunConfig) -> None:
          "loss.tis_cap with model.lora_dropout > 0: the weight min(pi_trainer / pi_engine, cap) would measure the "
          "dropout masks (the engine samples without dropout), not the engines' difference; use lora_dropout 0 "
          "with tis_cap"),
+        (not (cfg.loss.advantage_scale == "reinforce_pp"
+              and (cfg.loss.drop_zero_variance or cfg.rollout.dynamic_sampling)),
+         "loss.advantage_scale=reinforce_pp normalises over the batch, so a group whose rewards are all equal still "
+         "has advantages; loss.drop_zero_variance and rollout.dynamic_sampling would drop that signal: use them "
+         "with group, rloo or reinforce_pp_baseline"),
         (cfg.loss.overlong_buffer <= cfg.rollout.max_new_tokens,
          "loss.overlong_buffer must be between 0 and rollout.max_new_tokens"),
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),

@@ -242,3 +242,12 @@ def test_task_arguments_of_the_wrong_type_are_one_line():
     with pytest.raises(UserError, match=r"task 'gsm8k': task.args.path must be text, got 5"):
         build_task("gsm8k", {"path": 5})
     assert build_task("arith", {"digits": 2, "heldout_fraction": 0.5}).digits == 2  # an int is a float too
+
+
+def test_reinforce_pp_keeps_the_groups_with_equal_rewards():
+    from grpo.config import load_config
+
+    for option in ("loss.drop_zero_variance=true", "rollout.dynamic_sampling=true"):
+        with pytest.raises(UserError, match="advantage_scale=reinforce_pp normalises over the batch"):
+            load_config(None, ["loss.advantage_scale=reinforce_pp", option])
+    load_config(None, ["loss.advantage_scale=reinforce_pp_baseline", "loss.drop_zero_variance=true"])
