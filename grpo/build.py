@@ -92,7 +92,7 @@ def build_policy(cfg: RunConfig):
     device = resolve_device(cfg.model.device)
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path, _agreed_dtype(cfg.model.dtype, device), device)
+    model = load_causal_lm(path, _auto_dtype(path, cfg.model.dtype, device), device)
     apply_attention_dtype(model, cfg.model.attention_dtype, device)  # engine, reference and update alike
     model.config.use_cache = False
     targets: Any = cfg.model.lora_target_modules
@@ -110,17 +110,52 @@ def build_policy(cfg: RunConfig):
     return model, tokenizer
 
 
-def _agreed_dtype(dtype: str, device: str) -> str:
-    """``model.dtype``; ``auto`` under a launcher resolved on rank 0 and sent to every rank (each rank's
-    own timing probe could decide otherwise, and the ranks' base weights must match)."""
-    from grpo import dist
+WEIGHTS_MAX_SHARE = 0.6  # of this rank's MemAvailable, for model.dtype: auto choosing float32 on CPU
 
-    if dtype != "auto" or not dist.info().enabled:
-        return dtype
+
+def _auto_dtype(path: str, setting: str, device: str) -> str:
+    """``model.dtype`` with ``auto`` decided: the measured choice (``grpo.precision``), made on rank 0
+    under a launcher and sent to every rank (each rank's own probe could decide otherwise, and the
+    ranks' base weights must match), and bf16 where float32 weights would not fit (``_fitting``)."""
+    from grpo import dist
     from grpo.models import resolve_dtype
 
-    name = str(resolve_dtype("auto", device)).removeprefix("torch.") if dist.info().is_main else None
-    return dist.broadcast_object(name)
+    if setting != "auto":
+        return setting
+
+    def decide() -> str:
+        return _fitting(path, str(resolve_dtype("auto", device)).removeprefix("torch."), device)
+
+    if not dist.info().enabled:
+        return decide()
+    return dist.broadcast_object(decide() if dist.info().is_main else None)
+
+
+def _fitting(path: str, dtype: str, device: str) -> str:
+    """float32 chosen on CPU (bf16 not measured faster) but the float32 weights would take more than
+    WEIGHTS_MAX_SHARE of the free memory: bf16 instead, with a line saying so (a 7B model at 28 GB on a
+    24 GB machine was killed while loading, without a word). Weight bytes from the model directory's
+    safetensors files and its config's dtype; anything unknown keeps ``dtype``."""
+    import json
+    from pathlib import Path
+
+    from grpo.memory import free_bytes
+
+    files = list(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if dtype != "float32" or device != "cpu" or not files:
+        return dtype
+    try:
+        stored = json.loads((Path(path) / "config.json").read_text())
+        width = {"float32": 4, "bfloat16": 2, "float16": 2}[str(stored.get("torch_dtype") or stored.get("dtype"))]
+        free = free_bytes("cpu", int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    except (OSError, ValueError, KeyError, UserError):
+        return dtype
+    fp32 = sum(f.stat().st_size for f in files) * 4 // width
+    if fp32 <= WEIGHTS_MAX_SHARE * free:
+        return dtype
+    print(f"model.dtype auto: float32 weights would take {fp32 / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB free; "
+          "loading them in bfloat16 (set model.dtype to choose)", file=sys.stderr)
+    return "bfloat16"
 
 
 def engine_kind(engine: str) -> str:

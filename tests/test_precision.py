@@ -132,3 +132,19 @@ def test_bf16_base_keeps_lora_optimizer_and_logprobs_in_float32(tiny_model_dir, 
     (-lp.sum()).backward()
     opt.step()
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+
+
+def test_auto_loads_bf16_where_float32_weights_would_not_fit(tmp_path, capsys):
+    from grpo.build import _fitting
+    from grpo.memory import mem_available
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    with open(tmp_path / "model.safetensors", "wb") as f:  # sparse: the size of a model that would not fit
+        f.truncate(mem_available() // 2)
+    assert _fitting(str(tmp_path), "float32", "cpu") == "bfloat16"  # fp32 = 2x the bf16 file > free
+    assert "float32 weights would take" in capsys.readouterr().err
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(1 << 20)
+    assert _fitting(str(tmp_path), "float32", "cpu") == "float32"
+    assert _fitting(str(tmp_path), "bfloat16", "cpu") == "bfloat16"
+    assert _fitting("HuggingFaceTB/SmolLM2-135M", "float32", "cpu") == "float32"  # a hub id: unknown, kept
