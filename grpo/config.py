@@ -156,7 +156,8 @@ class RolloutConfig:
     top_p: float = opt(1.0, "nucleus sampling threshold", gt=0, le=1)
     top_k: int = opt(0, "top-k sampling (0 = off)", ge=0)
     ignore_eos: bool = opt(False, "always generate max_new_tokens tokens (fixed-length benchmarks)")
-    max_batch_size: int = opt(256, "most sequences decoded at once by the hf engine", ge=1)
+    max_batch_size: int = opt(256, "most sequences decoded at once by the hf engine (at least one prompt's whole "
+                                   "group: G, +1 with a greedy row)", ge=1)
     packed_weights: bool | Literal["auto"] = opt(
         "auto", "hf engine on CPU: decode through a copy of the LoRA layers' base weights (float32 or bf16) kept in "
                 "oneDNN's packed layout (faster small-batch products, same tokens to float rounding; one more copy of "

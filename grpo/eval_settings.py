@@ -51,7 +51,8 @@ class EvalSettings:
     attention_dtype: Literal["auto", "float32", "model"] = opt(
         _MODEL.attention_dtype, "attention precision, as model.attention_dtype (match training)")
     lora_kernel: Literal["fused", "peft"] = opt(_MODEL.lora_kernel, "LoRA forward, as model.lora_kernel (match training)")
-    max_batch_size: int = opt(_ROLLOUT.max_batch_size, "most sequences decoded at once by the hf engine")
+    max_batch_size: int = opt(_ROLLOUT.max_batch_size, "most sequences decoded at once by the hf engine "
+                                                                 "(at least one problem's n samples, +1 greedy)")
     workers: int = opt(2, "worker processes for isolated verifiers")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
     tools: dict[str, Any] = opt({}, "multi-turn tool episodes, the keys of a training config's tools section "
