@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
 
     p = sub.add_parser("verify", help="score completions from a JSONL file with a verifier (JSON lines out)")
-    p.add_argument("--verifier", required=True, help="verifier name (grpo list verifiers), module:attr, or a TRL/verl reward "
+    p.add_argument("--verifier", required=True, help="verifier name (grpo list verifiers), module:attr, or a TRL/verl/prime-rl reward "
                                                            "function as file.py:function")
     p.add_argument("--input", help="JSONL rows: completion + the verifier's fields ('-' = stdin)")
-    p.add_argument("--args", default="{}", help="verifier constructor arguments as JSON, e.g. '{\"tolerance\": 1e-6}'")
+    p.add_argument("--args", default="{}", help="verifier constructor arguments as JSON, e.g. '{\"rel_tol\": 1e-6}'")
     p.add_argument("--workers", type=int, default=2, help="worker processes for isolated verifiers")
     p.add_argument("--plugins", action="append", default=[],
                    help="python file or module name to import (registers tasks/verifiers)")

@@ -73,9 +73,11 @@ DEVICE_PATTERN, DEVICE_EXPECT = r"auto|cpu|mps|cuda(:[0-9]+)?", "a device: auto,
 @dataclass
 class ModelConfig:
     name: str = opt("smollm2-135m", "model spec: embedded name (smollm2-135m), a .gguf file, a local HF directory or a hub id")
-    dtype: str = opt("auto", "dtype of the frozen base weights: auto (bf16 on CUDA when supported; on CPU bf16 "
-                             "only where a cached matmul probe measures it faster, see grpo/precision.py), "
-                             "float32, bfloat16, float16; LoRA weights and log-probs stay float32")
+    dtype: str = opt("auto", "dtype of the frozen base weights: auto (bf16 on CUDA when supported natively; on "
+                             "CPU bf16 where a cached matmul probe measures it faster, or where float32 weights "
+                             "would take over 60 % of the free memory; grpo/precision.py, GRPO_CPU_AUTO_DTYPE "
+                             "pins it, GRPO_LORA_CACHE moves the cache), float32, bfloat16, float16; LoRA "
+                             "weights and log-probs stay float32")
     attention_dtype: Literal["auto", "float32", "model"] = opt(
         "auto", "precision of attention (q, k, v, softmax) under a bf16/fp16 base, the same in rollout, reference "
                 "and update: float32 (upcast for SDPA, output cast back), model (the weights' dtype), auto (float32 on "
@@ -103,7 +105,7 @@ class ModelConfig:
 class TaskConfig:
     name: str = opt("arith", "registered task name (`grpo list tasks`) or module:attr")
     args: dict[str, Any] = opt({}, "keyword arguments for the task (see its docstring)")
-    verifier_args: dict[str, dict[str, Any]] = opt({}, "per-verifier constructor arguments, e.g. {math: {tolerance: 1e-6}}")
+    verifier_args: dict[str, dict[str, Any]] = opt({}, "per-verifier constructor arguments, e.g. {math: {rel_tol: 1e-6}}")
     verifier_weights: dict[str, float] = opt({}, "override the rows' verifier weights, e.g. {format: 0.1}")
 
 
@@ -247,8 +249,11 @@ class OptimConfig:
                 "more update time; works with the shared-prompt cache and packing): true, false, or auto: "
                 "a micro-batch is checkpointed when its update without it is estimated (grpo/memory.py) above a "
                 "quarter of the free memory read at setup (CUDA: the device's; CPU: MemAvailable shared by this "
-                "machine's ranks), and every micro-batch is where free memory cannot be read or with "
-                "optim.memory_budget_gb (SmolLM2 on CPU: peak -39..51 %, step time +7..9 %, docs/benchmarks.md)")
+                "machine's ranks), and every micro-batch is where free memory or the model's shape cannot be "
+                "read (OPT, GPT-2, Falcon configs; there a memory budget is an error) or with "
+                "optim.memory_budget_gb; without a budget a warning says when a micro-batch needs more than the "
+                "free memory even checkpointed (SmolLM2 on CPU: peak -39..51 %, step time +7..9 %, "
+                "docs/benchmarks.md)")
 
 
 @dataclass

@@ -95,12 +95,12 @@ def run_eval(args: argparse.Namespace) -> int:
         rewards.check_rows(rows, f"task {s.task!r} {s.split} split")
         rewards.check_settings_names("")
         model, tokenizer, model_path = _load_model(s, adapters)
-        engine = build_engine(model, tokenizer, *_engine_settings(s, kind), seed=s.seed, tools=_tools_settings(s))
+        engine = build_engine(model, tokenizer, *_engine_settings(s, kind, adapters), seed=s.seed,
+                              tools=_tools_settings(s))
         try:
             # every prompt encodes, and fits the model's context with a whole completion, before any sampling
             encode = _encoder(s, tokenizer, engine)
-            check_prompts({s.split: rows}, encode, s.task, getattr(model.config, "max_position_embeddings", None),
-                          _completion_tokens(s))
+            check_prompts({s.split: rows}, encode, s.task, *_context(model, engine, s))
             models, samples = _evaluate_rows(s, engine, model, encode, rows, rewards, labels, adapters)
         finally:
             engine.close()
@@ -174,9 +174,15 @@ def _warn_if_other_base(adapter: Path, spec: str, path: str) -> None:
     print(f"warning: adapter {adapter} was trained on {base}, evaluating it on {spec}", file=sys.stderr)
 
 
-def _engine_settings(s: EvalSettings, kind: str) -> tuple[ModelConfig, RolloutConfig]:
-    """The model and rollout settings the engine is built from, as in training."""
-    return (ModelConfig(name=s.model, dtype=s.dtype, device=s.device, system_prompt=s.system_prompt),
+def _engine_settings(s: EvalSettings, kind: str, adapters: list[Path] = ()) -> tuple[ModelConfig, RolloutConfig]:
+    """The model and rollout settings the engine is built from, as in training; the LoRA rank is the
+    largest of the adapters' (vLLM reserves its LoRA slots for it: a rank-32 adapter failed at 16)."""
+    ranks = [16]
+    for adapter in adapters:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        ranks += [int(config.get("r") or 0), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
+    return (ModelConfig(name=s.model, dtype=s.dtype, device=s.device, system_prompt=s.system_prompt,
+                        lora_rank=max(ranks)),
             RolloutConfig(engine=kind,  # type: ignore[arg-type]
                           max_batch_size=s.max_batch_size, top_p=s.top_p, top_k=s.top_k,
                           max_new_tokens=s.max_new_tokens, temperature=s.temperature, vllm=dict(s.vllm)))
@@ -210,6 +216,14 @@ def _encoder(s: EvalSettings, tokenizer, engine):
         return cache[key]
 
     return encode
+
+
+def _context(model, engine, s: EvalSettings) -> tuple[int | None, int, str]:
+    """check_prompts' context, completion tokens and the context's name."""
+    from grpo.prompts import context_of
+
+    context, name = context_of(model, engine)
+    return context, _completion_tokens(s), name
 
 
 def _completion_tokens(s: EvalSettings) -> int:

@@ -139,7 +139,10 @@ def auto_dtype(device: str, threads: int | None = None,
     """``model.dtype: auto``: bf16 on CUDA when supported; on CPU bf16 only where the cached
     probe measured it at least ``BF16_MIN_SPEEDUP`` times faster than fp32, else fp32."""
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        # without emulation: compute capability 7.x (T4, V100) reports emulated bf16, which vLLM refuses
+        # and the HF engine runs slowly
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
     if device != "cpu":
         return torch.float32
     forced = os.environ.get(CPU_AUTO_ENV, "probe")

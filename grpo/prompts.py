@@ -67,8 +67,18 @@ def _text(message: dict[str, Any]) -> str:
                     f"{{type: text, text}} parts), got {str(content)[:60]!r}")
 
 
+def context_of(model, engine) -> tuple[int | None, str]:
+    """The positions a prompt + completion may take, and what sets them: the model's
+    ``max_position_embeddings``, or the engine's own limit where smaller (vLLM's max_model_len)."""
+    model_limit = getattr(model.config, "max_position_embeddings", None)
+    engine_limit = getattr(engine, "context_limit", None)
+    if isinstance(engine_limit, int) and (not isinstance(model_limit, int) or engine_limit < model_limit):
+        return engine_limit, "vLLM's max_model_len (rollout.vllm.max_model_len)"
+    return model_limit, "the model's context"
+
+
 def check_prompts(splits: dict[str, Sequence[dict[str, Any]]], encode: Callable[[Any], list[int]], task: str,
-                  context: int | None, completion_tokens: int) -> int:
+                  context: int | None, completion_tokens: int, context_name: str = "the model's context") -> int:
     """Encode every row's prompt (``encode``, which may cache), so a bad one is a one-line error naming
     its split, row and id before any training rather than a crash when it is first drawn; check the
     longest plus ``completion_tokens`` fits the model's ``context`` (positions). The longest's length."""
@@ -83,6 +93,6 @@ def check_prompts(splits: dict[str, Sequence[dict[str, Any]]], encode: Callable[
                 longest, where = n, f"{split} row {i} (id {row.get('id')!r})"
     if isinstance(context, int) and longest + completion_tokens > context:
         raise UserError(f"task {task}: {where} has a {longest}-token prompt; with {completion_tokens} completion "
-                        f"tokens that is past the model's context of {context} positions: shorten or drop the "
+                        f"tokens that is past {context_name} of {context} positions: shorten or drop the "
                         "longest prompts, or lower rollout.max_new_tokens (tools.max_episode_tokens for episodes)")
     return longest

@@ -38,7 +38,7 @@ from grpo.packing import TreeBatch, pack_tree, packs, tree_logprobs, use_packing
 from grpo.parallel import (Policy, full_adapter_state, generation_mode, load_optimizer_state, optimizer_state,
                            reduce_update_stats, set_gradient_sync, wrap_policy)
 from grpo.trackers import check_available as check_trackers
-from grpo.prompts import check_prompts, encode_prompt
+from grpo.prompts import check_prompts, context_of, encode_prompt
 from grpo.rewards import RewardBatch, RewardRunner
 from grpo.training import (claim_run_dir, clip_gradients, make_optimizer, progress_bar, resume_training,
                            save_training, seed_everything)
@@ -182,9 +182,9 @@ class Trainer:
         the longest prompt's length (``grpo.prompts.check_prompts``)."""
         e = self.cfg.eval
         heldout = self.heldout_rows[:e.num_problems] if e.num_problems else self.heldout_rows
+        context, name = context_of(self.model, self.engine)
         return check_prompts({"train": self.train_rows, "heldout": heldout}, self._encode, self.cfg.task.name,
-                             getattr(self.model.config, "max_position_embeddings", None),
-                             self._max_completion_tokens())
+                             context, self._max_completion_tokens(), name)
 
     def _check_fast_head(self) -> bool:
         """Use the chunked LM head only if it reproduces the model's own logits (scaled/capped heads do not)."""

@@ -84,11 +84,50 @@ def test_a_failed_server_request_cancels_the_queued_ones():
         return {"choices": []}
 
     backend._call = call
+    backend.url = "http://127.0.0.1:8000"
     request = {"n": 1, "max_tokens": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
-    with pytest.raises(engine.ServerError):
+    with pytest.raises(UserError, match=r"^the vLLM server at http://127.0.0.1:8000 failed a completion request "
+                                        r"\(HTTP 500: boom\); restart it, then continue the run with --resume$"):
         backend.sample([[1], [2], [3], [4]], request, [0, 1, 2, 3], None)
     backend.pool.shutdown(wait=True)
     assert ran[0] == 0 and 2 not in ran and 3 not in ran  # cancelled, not sent (1 may have started already)
+    assert backend.failed  # close() will not wait on a stuck server
+
+
+def test_server_url_mistakes_are_one_line(monkeypatch):
+    with pytest.raises(UserError, match="give the server's root, without /v1"):
+        engine.ServerBackend("http://127.0.0.1:8000/v1", 5.0, 2)
+    for answer, message in [(engine.ServerError(401, "unauthorized"), "--api-key is not supported"),
+                            (engine.ServerError(404, "not found"), "is it a vLLM OpenAI-compatible server"),
+                            ("<html>hello</html>", "did not answer GET /v1/models as a vLLM server does")]:
+        def call(self, method, path, body=None, answer=answer):
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        monkeypatch.setattr(engine.ServerBackend, "_call", call)
+        with pytest.raises(UserError, match=message):
+            engine.ServerBackend("http://127.0.0.1:8000", 5.0, 2)
+    monkeypatch.setattr(engine.ServerBackend, "_call", lambda self, method, path, body=None: {
+        "data": [{"id": "base", "max_model_len": 2048}, {"id": "lora-1", "parent": "base"}]})
+    backend = engine.ServerBackend("http://127.0.0.1:8000", 5.0, 2)
+    assert backend.max_model_len == 2048
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=2))
+    vllm_engine = engine.VLLMEngine(backend=backend, model=model, tokenizer=types.SimpleNamespace(eos_token_id=2))
+    assert vllm_engine.context_limit == 2048
+    backend.close()
+
+
+def test_the_engines_context_limit_is_checked_with_every_prompt():
+    from grpo.prompts import check_prompts, context_of
+
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=8192))
+    context, name = context_of(model, types.SimpleNamespace(context_limit=64))
+    assert (context, name) == (64, "vLLM's max_model_len (rollout.vllm.max_model_len)")
+    assert context_of(model, object()) == (8192, "the model's context")
+    rows = [{"id": "a", "prompt": "x" * 40}]
+    with pytest.raises(UserError, match=r"past vLLM's max_model_len \(rollout.vllm.max_model_len\) of 64"):
+        check_prompts({"train": rows}, lambda p: list(range(len(p))), "t", context, 32, name)
 
 
 def test_adapter_dir_is_absolute_for_a_server_in_another_directory(tmp_path, monkeypatch):
@@ -97,3 +136,28 @@ def test_adapter_dir_is_absolute_for_a_server_in_another_directory(tmp_path, mon
     vllm_engine = engine.VLLMEngine(backend=None, model=model, tokenizer=types.SimpleNamespace(eos_token_id=2),
                                     adapter_dir="adapters")
     assert vllm_engine.adapter_dir == tmp_path / "adapters" and vllm_engine.adapter_dir.is_dir()
+
+
+def test_eval_reserves_vllm_lora_slots_for_the_largest_adapter_rank(tmp_path):
+    import json
+
+    from grpo.eval_settings import EvalSettings
+    from grpo.evaluate_cli import _engine_settings
+
+    for name, config in (("a", {"r": 32}), ("b", {"r": 8, "rank_pattern": {"q_proj": 64}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+    s = EvalSettings(task="arith", model="smollm2-135m")
+    assert _engine_settings(s, "vllm", [tmp_path / "a"])[0].lora_rank == 32
+    assert _engine_settings(s, "vllm", [tmp_path / "a", tmp_path / "b"])[0].lora_rank == 64
+    assert _engine_settings(s, "vllm")[0].lora_rank == 16
+
+
+def test_auto_dtype_is_float32_where_cuda_bf16_is_only_emulated(monkeypatch):
+    from grpo import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert precision.auto_dtype("cuda") == torch.float32  # a T4 / V100: emulated bf16 only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert precision.auto_dtype("cuda") == torch.bfloat16

@@ -110,6 +110,9 @@ class VLLMEngine:
 
     def __init__(self, backend: Backend, model, tokenizer, *, seed: int = 0, adapter_dir: str = ""):
         self.backend = backend
+        limit = getattr(backend, "max_model_len", None)
+        # prompt + completion positions vLLM serves (checked at start with every prompt: grpo.prompts)
+        self.context_limit = limit if isinstance(limit, int) and limit > 0 else None
         self.model, self.tokenizer, self.seed = model, tokenizer, seed
         self.calls = 0  # generate() calls without an explicit seed: the checkpointed sampling stream
         self.version = 0
@@ -352,6 +355,8 @@ class ColocatedBackend:
         kwargs.update(opts.engine_args)
         try:
             self.llm = LLM(**kwargs)
+            # the longest prompt + completion it serves (rollout.vllm.max_model_len, or what fit the memory)
+            self.max_model_len = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
         except (ValueError, TypeError) as exc:  # vLLM's argument / config validation
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"vllm engine: {first} (check rollout.vllm.*)") from exc
@@ -440,21 +445,36 @@ class ServerBackend:
 
     def __init__(self, url: str, timeout_s: float, max_concurrent: int):
         self.url, self.timeout_s, self.max_concurrent = url.rstrip("/"), timeout_s, max_concurrent
+        if self.url.endswith("/v1"):  # OpenAI's base-URL habit: this client adds /v1 itself
+            raise UserError(f"rollout.vllm.server_url={url!r}: give the server's root, without /v1 "
+                            f"({self.url[:-3]})")
         try:
-            models = self._call("GET", "/v1/models")["data"]
+            listing = self._call("GET", "/v1/models")
+            models = listing["data"]
         except ConnectionError as exc:
             raise UserError(f"cannot reach the vLLM server at {self.url} ({exc}); start it first "
                             "(launch command in docs/vllm.md) or set rollout.vllm.server_url") from None
+        except ServerError as exc:
+            auth = " (a server started with --api-key is not supported)" if exc.status in (401, 403) else ""
+            raise UserError(f"the server at {self.url} answered GET /v1/models with {exc}{auth}; is it a vLLM "
+                            "OpenAI-compatible server?") from None
+        except (TypeError, KeyError):
+            raise UserError(f"the server at {self.url} did not answer GET /v1/models as a vLLM server does "
+                            "(no model list): is rollout.vllm.server_url the vLLM server?") from None
         bases = [m["id"] for m in models if not m.get("parent")]
         if not bases:
             raise UserError(f"the vLLM server at {self.url} lists no base model")
         self.base_model = bases[0]
+        # vLLM lists the model's served context (--max-model-len) beside its id
+        self.max_model_len = next((m.get("max_model_len") for m in models if m["id"] == self.base_model), None)
         self.loaded: list[str] = []
         self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrent, thread_name_prefix="grpo-vllm-http")
 
     def activate(self, adapter: Adapter, previous: Adapter | None) -> None:
         try:
             self._call("POST", "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": str(adapter.path)})
+        except ConnectionError as exc:
+            raise self.fail("loading the adapter", exc) from None
         except ServerError as exc:
             hint = ""
             if exc.status == 404 and "lora" not in exc.message.lower():
@@ -465,7 +485,10 @@ class ServerBackend:
             raise UserError(f"vLLM server {self.url} could not load adapter {adapter.path}: {exc.message}{hint}") from None
         self.loaded.append(adapter.name)
         if previous is not None and previous.name in self.loaded:
-            self._call("POST", "/v1/unload_lora_adapter", {"lora_name": previous.name})
+            try:
+                self._call("POST", "/v1/unload_lora_adapter", {"lora_name": previous.name})
+            except (ConnectionError, ServerError) as exc:
+                raise self.fail("unloading the previous adapter", exc) from None
             self.loaded.remove(previous.name)
 
     def sample(self, prompts, request, seeds, adapter):
@@ -478,15 +501,20 @@ class ServerBackend:
         for n, future in enumerate(futures):
             try:
                 result = future.result()
-            except BaseException:
+            except BaseException as exc:
                 for queued in futures[n + 1:]:  # the error ends this call: queued requests need not run
                     queued.cancel()
+                if isinstance(exc, (ConnectionError, ServerError)):
+                    raise self.fail("a completion request", exc) from None
                 raise
             choices = sorted(result["choices"], key=lambda c: c["index"])
             group = []
             for c in choices:
                 if c["finish_reason"] not in ("stop", "length"):
                     raise RuntimeError(f"vLLM server request ended with finish_reason={c['finish_reason']!r}")
+                if "token_ids" not in c:
+                    raise UserError(f"the vLLM server at {self.url} returned no token_ids: it ignores "
+                                    "return_token_ids (a vLLM older than 0.10.2?); upgrade the server")
                 lps = [float(x) for x in c["logprobs"]["token_logprobs"]]
                 group.append(Sample(list(c["token_ids"]), lps, c["finish_reason"]))
             groups.append(group)
@@ -496,13 +524,22 @@ class ServerBackend:
         pool, self.pool = getattr(self, "pool", None), None
         if pool is None:
             return
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=not self.failed, cancel_futures=True)  # after a failure: no wait on a stuck server
+        self.timeout_s = min(self.timeout_s, 10.0)  # unloading is a courtesy: do not hang the exit on it
         for name in list(self.loaded):
             try:
                 self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
             except (ServerError, ConnectionError):
                 pass  # the server may be gone already; nothing to release then
         self.loaded.clear()
+
+    failed = False  # a request failed: close() does not wait for the rest
+
+    def fail(self, what: str, exc: BaseException) -> UserError:
+        """A request to the server failed mid-run: one line to act on, and a quick close."""
+        self.failed = True
+        return UserError(f"the vLLM server at {self.url} failed {what} ({exc}); restart it, then continue the "
+                         "run with --resume")
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None

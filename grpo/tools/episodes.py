@@ -103,6 +103,10 @@ class EpisodeEngine:
         self.prompt_tools = getattr(environment, "prompt_tools", None)
 
     @property
+    def context_limit(self) -> int | None:  # the wrapped engine's (vLLM's max_model_len), if it has one
+        return getattr(self.engine, "context_limit", None)
+
+    @property
     def samples_from_trainer_module(self) -> bool:  # FSDP2: the trainer gathers the weights around generate()
         return getattr(self.engine, "samples_from_trainer_module", False)
 
