@@ -125,7 +125,9 @@ def _verify(args: argparse.Namespace) -> int:
     with RewardRunner({name: vargs}, workers=args.workers) as runner:
         verifier = runner.verifier(name)
         for i, row in enumerate(rows, 1):
-            missing = [f for f in getattr(verifier, "required_fields", verifier.fields) if f not in row]
+            check = getattr(verifier, "missing_fields", None)  # a verl function: its ground truth's sources
+            missing = check(row) if check else [f for f in getattr(verifier, "required_fields", verifier.fields)
+                                                 if f not in row]
             if "completion" not in row or missing:
                 raise UserError(f"{args.input}:{i}: row needs 'completion' and {list(verifier.fields)}; missing "
                                 f"{(['completion'] if 'completion' not in row else []) + missing}")

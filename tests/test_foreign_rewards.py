@@ -223,6 +223,12 @@ def test_grpo_verify_runs_trl_and_verl_files(reward_files, tmp_path):
         assert [json.loads(line)["reward"] for line in proc.stdout.splitlines()] == [1.0, 0.0]
 
 
+def test_grpo_verify_names_a_verl_row_without_a_ground_truth(reward_files, tmp_path):
+    _, verl = reward_files
+    proc = _verify(["--verifier", f"{verl}:compute_score"], [{"completion": "4", "prompt": "2+2?"}], tmp_path)
+    assert proc.returncode == 2 and "ground_truth, reward_model.ground_truth or answer" in proc.stderr
+
+
 def test_grpo_verify_bad_output_is_one_error_line(reward_files, tmp_path):
     trl, _ = reward_files
     proc = _verify(["--verifier", f"{trl}:returns_string"], [{"completion": "x", "prompt": "p"}], tmp_path)
