@@ -161,3 +161,23 @@ def test_auto_dtype_is_float32_where_cuda_bf16_is_only_emulated(monkeypatch):
     assert precision.auto_dtype("cuda") == torch.float32  # a T4 / V100: emulated bf16 only
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert precision.auto_dtype("cuda") == torch.bfloat16
+
+
+def test_a_request_never_asks_past_the_servers_context():
+    """A tool episode's later turn asks for the largest budget left among the waiting episodes; a long
+    episode's request is capped at what its context leaves (a server answered HTTP 400)."""
+    backend = object.__new__(engine.ServerBackend)
+    backend.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    backend.base_model, backend.url, backend.max_model_len = "base", "http://127.0.0.1:8000", 50
+    asked = {}
+
+    def call(method, path, body):
+        asked[len(body["prompt"])] = body["max_tokens"]
+        return {"choices": [{"index": 0, "finish_reason": "length", "token_ids": [5],
+                             "logprobs": {"token_logprobs": [-0.5]}}]}
+
+    backend._call = call
+    request = {"n": 1, "max_tokens": 32, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    backend.sample([[1] * 40, [1] * 10], request, [0, 1], None)
+    backend.pool.shutdown(wait=True)
+    assert asked == {40: 10, 10: 32}

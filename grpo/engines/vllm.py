@@ -379,10 +379,12 @@ class ColocatedBackend:
         from vllm.lora.request import LoRARequest
 
         lora = LoRARequest(adapter.name, adapter.int_id, str(adapter.path)) if adapter is not None else None
-        params = [VSamplingParams(**request, seed=s, logprobs=0, skip_special_tokens=True,
+        limit = getattr(self, "max_model_len", None)
+        params = [VSamplingParams(**{**request, "max_tokens": _fitting_tokens(request, p, limit)},
+                                  seed=s, logprobs=0, skip_special_tokens=True,
                                   detokenize=bool(request.get("stop")),  # vLLM matches stop strings on text
                                   repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0)
-                  for s in seeds]
+                  for p, s in zip(prompts, seeds)]
         if self.asleep:
             # the update's freed blocks stay in torch's CUDA cache: hand them back first, or
             # re-mapping vLLM's weights and KV cache can run out of memory (TRL does the same)
@@ -495,7 +497,9 @@ class ServerBackend:
         model = adapter.name if adapter is not None else self.base_model
         body = {"model": model, **request, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True,
                 "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
-        futures = [self.pool.submit(self._call, "POST", "/v1/completions", {**body, "prompt": list(p), "seed": s})
+        limit = getattr(self, "max_model_len", None)
+        futures = [self.pool.submit(self._call, "POST", "/v1/completions", {
+            **body, "prompt": list(p), "seed": s, "max_tokens": _fitting_tokens(request, p, limit)})
                    for p, s in zip(prompts, seeds)]
         groups = []
         for n, future in enumerate(futures):
@@ -556,6 +560,15 @@ class ServerBackend:
             return json.loads(raw)
         except ValueError:
             return raw.decode(errors="replace")
+
+
+def _fitting_tokens(request: dict[str, Any], prompt: Sequence[int], max_model_len: int | None) -> int:
+    """The request's max_tokens, capped where this prompt would pass vLLM's context with it: a tool
+    episode's later turn asks for the largest budget left among the waiting episodes, more than a long
+    one has (its turn is cut to its own budget anyway); a server answers such a request with HTTP 400."""
+    if not isinstance(max_model_len, int):
+        return request["max_tokens"]
+    return max(1, min(request["max_tokens"], max_model_len - len(prompt)))
 
 
 class ServerError(RuntimeError):
