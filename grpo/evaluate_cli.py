@@ -29,7 +29,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from grpo.config import ModelConfig, RolloutConfig, ToolsConfig, from_dict
 from grpo.errors import UserError
@@ -71,7 +70,7 @@ def run_eval(args: argparse.Namespace) -> int:
     labels = (["base"] if s.base else []) + _labels(s.adapter)
     from grpo.build import build_engine, build_task, engine_kind, load_plugins
     from grpo.eval_report import default_output, run_record, write_outputs
-    from grpo.prompts import check_prompts
+    from grpo.prompts import cached_encoder, check_prompts
     from grpo.rewards import RewardRunner
 
     kind = engine_kind(s.engine)
@@ -99,7 +98,7 @@ def run_eval(args: argparse.Namespace) -> int:
                               tools=_tools_settings(s))
         try:
             # every prompt encodes, and fits the model's context with a whole completion, before any sampling
-            encode = _encoder(s, tokenizer, engine)
+            encode = cached_encoder(tokenizer, s.system_prompt, engine)
             check_prompts({s.split: rows}, encode, s.task, *_context(model, engine, s))
             models, samples = _evaluate_rows(s, engine, model, encode, rows, rewards, labels, adapters)
         finally:
@@ -201,21 +200,6 @@ def _labels(adapter_specs: list[str]) -> list[str]:
         labels.append(label)
         seen.add(label)
     return labels
-
-
-def _encoder(s: EvalSettings, tokenizer, engine):
-    """A row's prompt -> token ids (as training encodes it), each distinct prompt once."""
-    from grpo.prompts import encode_prompt
-
-    cache: dict[str, list[int]] = {}
-
-    def encode(prompt: Any) -> list[int]:
-        key = json.dumps(prompt, sort_keys=True)
-        if key not in cache:
-            cache[key] = encode_prompt(tokenizer, prompt, s.system_prompt, getattr(engine, "prompt_tools", None))
-        return cache[key]
-
-    return encode
 
 
 def _context(model, engine, s: EvalSettings) -> tuple[int | None, int, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, Callable, Sequence
 
@@ -42,6 +43,20 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: str | None = None,
     except TemplateError as exc:  # e.g. a template that refuses a system message (model.system_prompt)
         raise UserError(f"the tokenizer's chat template refused the prompt: {exc}") from None
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def cached_encoder(tokenizer, system_prompt: str | None, engine) -> Callable[[Any], list[int]]:
+    """``encode_prompt`` for a run (training or eval), each distinct prompt encoded once; the engine's
+    tool definitions (``prompt_tools``, chat-format tool episodes) go into the prompt."""
+    cache: dict[str, list[int]] = {}
+
+    def encode(prompt: Any) -> list[int]:
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in cache:
+            cache[key] = encode_prompt(tokenizer, prompt, system_prompt, getattr(engine, "prompt_tools", None))
+        return cache[key]
+
+    return encode
 
 
 _warned: set[str] = set()

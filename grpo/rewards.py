@@ -185,8 +185,7 @@ class RewardRunner:
             for i, s in zip(idx, scores):
                 values[i], why[i] = s.reward, s.reason
                 for metric, value in s.metrics:
-                    total_n = logged.get(metric, (0.0, 0))
-                    logged[metric] = (total_n[0] + value, total_n[1] + 1)
+                    add_logged(logged, metric, value, 1)
             per_verifier[name], reasons[name], errors[name] = values, why, n_err
         # verifiers that weigh in somewhere: one at weight 0 (logged only) succeeding says nothing of the rewards
         calls = {n: sum(n in w for w in weights) for n in names if any(w.get(n) for w in weights)}
@@ -303,6 +302,12 @@ def _wanted_fields(verifier: Verifier, rows: Sequence[dict[str, Any]]) -> list[s
     return sorted({k for row in rows for k in row if k != "verifiers"})
 
 
+def add_logged(into: dict[str, tuple[float, int]], metric: str, total: float, count: int) -> None:
+    """Add ``count`` values summing to ``total`` to ``into[metric]`` (a (sum, count) pair)."""
+    old_total, old_count = into.get(metric, (0.0, 0))
+    into[metric] = (old_total + total, old_count + count)
+
+
 def pearson(xs: Sequence[float | None], ys: Sequence[float | None]) -> float | None:
     """Pearson correlation over positions where both are scored; None when undefined
     (fewer than 2 such positions, or either side constant)."""
@@ -334,15 +339,12 @@ def _checked(score: Any) -> Score:
 
         score = as_score(score)
     if score.reward is not None and not (math.isfinite(score.reward) and abs(score.reward) <= REWARD_LIMIT):
-        return Score(0.0, _REJECTED + f"{score.reward!r} (rewards must be finite, |r| <= {REWARD_LIMIT:g})")
+        return Score(0.0, REJECTED + f"{score.reward!r} (rewards must be finite, |r| <= {REWARD_LIMIT:g})")
     return score
 
 
-_REJECTED = REJECTED
-
-
 def _is_error(score: Score) -> bool:
-    return score.reason.startswith(_REJECTED)
+    return score.reason.startswith(REJECTED)
 
 
 def _warn(message: str) -> None:

@@ -38,8 +38,8 @@ from grpo.packing import TreeBatch, pack_tree, packs, tree_logprobs, use_packing
 from grpo.parallel import (Policy, full_adapter_state, generation_mode, load_optimizer_state, optimizer_state,
                            reduce_update_stats, set_gradient_sync, wrap_policy)
 from grpo.trackers import check_available as check_trackers
-from grpo.prompts import check_prompts, context_of, encode_prompt
-from grpo.rewards import RewardBatch, RewardRunner
+from grpo.prompts import cached_encoder, check_prompts, context_of
+from grpo.rewards import RewardBatch, RewardRunner, add_logged
 from grpo.training import (claim_run_dir, clip_gradients, make_optimizer, progress_bar, resume_training,
                            save_training, seed_everything)
 from grpo.tools.episodes import episode_metrics, with_episode_terms
@@ -129,13 +129,13 @@ class Trainer:
         self.rewards = RewardRunner(cfg.task.verifier_args, cfg.task.verifier_weights, cfg.verifier_workers,
                                     watch=False)
         self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
-        self._prompt_cache: dict[str, list[int]] = {}
         self._adapter_moved = False  # the LoRA B weights left zero (then the reference pass always runs)
         self.model, self.tokenizer = build_policy(cfg)
         self.device = next(self.model.parameters()).device
         sharded = self.dist.enabled and cfg.distributed.strategy == "fsdp2"
         self.engine = build_engine(self.model, self.tokenizer, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss,
                                    tools=cfg.tools, sharded=sharded)
+        self._encode = cached_encoder(self.tokenizer, cfg.model.system_prompt, self.engine)
         self.longest_prompt = self._check_prompts()  # after the engine: prompts may carry its tool definitions
         self.fast_head = self._check_fast_head()
         r = cfg.rollout
@@ -256,13 +256,6 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _encode(self, prompt: Any) -> list[int]:
-        key = json.dumps(prompt, sort_keys=True)
-        if key not in self._prompt_cache:
-            self._prompt_cache[key] = encode_prompt(self.tokenizer, prompt, self.cfg.model.system_prompt,
-                                                    getattr(self.engine, "prompt_tools", None))
-        return self._prompt_cache[key]
-
     def _collect(self, sampling: SamplingParams) -> Filled:
         """P scored groups; with dynamic sampling, further rounds until P of them have differing rewards."""
         r = self.cfg.rollout
@@ -377,7 +370,9 @@ class Trainer:
         checkpointed = [self.checkpoint_layers and (rule is None or rule.needed([seqs[j] for j in part]))
                         for part in parts]
         if rule is not None and not self._warned_memory:  # no budget set: say so before memory runs out
-            need = max((rule.beyond_free([seqs[j] for j in part]) for part in parts), default=0)  # none: no rows
+            # only a micro-batch the rule checkpoints can be past free memory (the others fit a quarter of it)
+            need = max((rule.beyond_free([seqs[j] for j in part]) for part, c in zip(parts, checkpointed) if c),
+                       default=0)
             if need:
                 self._warned_memory = True
                 print(f"warning: a micro-batch of this update needs an estimated {need / memory.GIB:.3g} GiB even with "
@@ -719,7 +714,7 @@ def concat_scores(parts: list[RewardBatch]) -> RewardBatch:
         for k, n in p.calls.items():
             calls[k] = calls.get(k, 0) + n
         for k, (total, n) in p.logged.items():
-            logged[k] = (logged.get(k, (0.0, 0))[0] + total, logged.get(k, (0.0, 0))[1] + n)
+            add_logged(logged, k, total, n)
     pairs = list(dict.fromkeys(pair for p in parts for pair in p.pairs))
     return RewardBatch([x for p in parts for x in p.total], per_verifier, reasons,
                        [x for p in parts for x in p.correct], errors, pairs, logged, calls)
