@@ -172,7 +172,7 @@ def test_tolerance_only_when_a_decimal_is_written():
     (r"\boxed{3, 4}", "3", 0.0, "hedging: several values"),
     (r"\boxed{\{3, 4\}}", "3", 0.0, "hedging: several values"),
     (r"\boxed{3, 4}", "3, 4", 1.0, "correct"),
-    ("".join(f"\\boxed{{{i}}}" for i in range(9)), "1", 0.0, "hedging: 9 boxed answers"),
+    ("".join(f"\\boxed{{{i}}}" for i in range(9)), "1", 0.0, "hedging: 9 different boxed answers"),
     ("I don't know.", "5", 0.0, "no answer found"),
     (r"\boxed{}", "5", 0.0, "no answer found"),
     (r"\boxed{8}", "7", 0.0, "wrong: got '8', expected '7'"),
@@ -183,6 +183,47 @@ def test_check_rewards_and_reasons(completion, answer, reward, reason):
     score = check(completion, answer)
     assert score.reward == reward
     assert score.reason.startswith(reason), score.reason
+
+
+# ------------------------------------------- audit (session 15): each failed before its fix
+@pytest.mark.parametrize("completion, answer, reward", [
+    # A row break "\\\\" followed by a space was read as the spacing command "\\ ".
+    (r"\boxed{\begin{pmatrix}1\\-2\end{pmatrix}}", r"\begin{pmatrix} 1 \\ -2 \end{pmatrix}", 1.0),
+    (r"\boxed{\begin{pmatrix} 0.5 \\ 0 \end{pmatrix}}", r"\begin{pmatrix} \frac{1}{2} \\ 0 \end{pmatrix}", 1.0),
+    (r"\boxed{\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", 1.0),
+    # Two percentages compare as written (a factor of 100 is the common mistake).
+    (r"\boxed{0.12\%}", r"12\%", 0.0), (r"\boxed{1200\%}", r"12\%", 0.0),
+    (r"\boxed{5\%}", r"0.05\%", 0.0), (r"\boxed{12\%}", r"12\%", 1.0),
+    (r"\boxed{0.12}", r"12\%", 1.0), (r"\boxed{12}", r"12\%", 1.0),
+    # A written ".00" is not a licence to be off by one on a large number.
+    (r"\boxed{1000001.0}", "1000000", 0.0), (r"\boxed{\$1,000,001.00}", "1000000", 0.0),
+    ("#### 2500001.00", "2500000", 0.0), ("The answer is $1,234,568.00", "1234567", 0.0),
+    (r"\boxed{1000000.00}", "1000000", 1.0), (r"\boxed{0.333333}", r"\frac{1}{3}", 1.0),
+    # "the answer is <prose>" leaves the answer to the number that follows.
+    ("3 * 4 = 12. Let me check that the answer is correct.\nSo she has 12 apples.", "12", 1.0),
+    ("Answer: Let's compute step by step. 3 * 4 = 12.\nSo she has 12 apples.", "12", 1.0),
+    ("The final answer is the sum of both.\nTotal = 5 + 7 = 12.", "12", 1.0),
+    ("The answer is (B). Because 3 > 2.", "B", 1.0),
+    # An unbracketed function argument runs over what is glued to it.
+    (r"\boxed{\sin(2x)}", r"\sin 2x", 1.0), (r"\boxed{2\sin x\cos x}", r"\sin 2x", 1.0),
+    (r"\boxed{\sin 2x}", r"x\sin 2", 0.0), (r"\boxed{\cos(2\theta)}", r"\cos 2\theta", 1.0),
+    (r"\boxed{\sin x \cos x}", r"\frac{\sin 2x}{2}", 1.0),
+    # Variables are sampled beyond (0.35, 1.65) too, still positive.
+    (r"\boxed{2-x}", "|x-2|", 0.0), (r"\boxed{5-x}", "|x-5|", 0.0),
+    (r"\boxed{2-x}", r"\sqrt{x^2-4x+4}", 0.0), (r"\boxed{\frac{\pi}{2} - x}", r"\arccos(\sin x)", 0.0),
+    (r"\boxed{x}", r"\sqrt{x^2}", 1.0), (r"\boxed{\sqrt{1-x^2}}", r"\cos(\arcsin x)", 1.0),
+    # \mathrm units are units; scale words are factors; "squared" changes the number.
+    (r"\boxed{5\mathrm{cm}}", "5", 1.0), (r"\boxed{6 \, \mathrm{cm}^2}", "6", 1.0),
+    (r"\boxed{6\mathrm{~cm}^2}", "6", 1.0), (r"\boxed{\mathrm{e}}", "e", 1.0),
+    (r"\boxed{1 million}", "1", 0.0), (r"\boxed{10 \text{ million}}", "10", 0.0),
+    (r"\boxed{2 \text{ dozen}}", "24", 1.0), (r"\boxed{3 squared}", "3", 0.0),
+    ("The answer is 1.5 million dollars.", "1500000", 1.0), (r"\boxed{3 thousand}", "3000", 1.0),
+    # The same box again and again is not hedging.
+    (r"\boxed{3} " * 9, "3", 1.0),
+])
+def test_audit_grading_cases(completion, answer, reward):
+    score = check(completion, answer)
+    assert score.reward == reward, score.reason
 
 
 # ---------------------------------------------------------------------------- guards

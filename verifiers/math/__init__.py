@@ -35,17 +35,19 @@ Pipeline (each step is a pure function, tested on its own)::
   - exact rational arithmetic (``fractions.Fraction``) when both sides are rational;
   - otherwise high-precision numeric evaluation with mpmath (sympy's numeric engine, 50
     digits) at fixed sample points for free variables (a Schwartz-Zippel style identity
-    test: ``(x+1)^2`` equals ``x^2+2x+1``; variables are sampled in (0.35, 1.65), so
-    ``\\sqrt{x^2}`` equals ``x`` as for positive reals);
+    test: ``(x+1)^2`` equals ``x^2+2x+1``; variables are sampled in (0.35, 1.65) and, where
+    both sides are real, in (1.65, 9), so ``\\sqrt{x^2}`` equals ``x`` as for positive reals
+    but ``2-x`` is not ``|x-2|``);
   - **tolerance policy**: if either side is written with a decimal point (or ``1.5e3``),
     values must agree within ``rel_tol`` of the larger magnitude, bound included (default
-    1e-6, so ``0.333333`` = ``1/3`` but ``0.3333`` does not); with no decimal on either side
+    1e-6, so ``0.333333`` = ``1/3`` but ``0.3333`` does not), and an answer that is one plain
+    decimal within half its last written place (``1000001.0`` != ``1000000``); with no decimal on either side
     the comparison is exact for rationals (``1000000`` != ``1000001``) and within 1e-30
     relative at 50 digits otherwise (``\\frac{1393}{985}`` != ``\\sqrt{2}``);
   - ``e`` is Euler's number and ``i`` the imaginary unit (``e^{i\\pi}`` = ``-1``);
     ``\\log``/``\\ln`` are natural logarithms, ``\\lg`` base 10, ``\\log_b`` base b;
     odd roots of negatives are real (``\\sqrt[3]{-8}`` = ``-2``);
-  - ``50\\%`` equals ``50`` and ``0.5``; ``90^\\circ`` equals ``90``;
+  - ``50\\%`` equals ``50`` and ``0.5`` (two percentages compare as written); ``90^\\circ`` equals ``90``;
   - ``x=3`` equals ``3`` (an equation against a value compares its right-hand side, or
     its left when only the right is a bare variable); ``y=2x+3`` equals ``2x-y+3=0``
     (proportional equations);

@@ -148,9 +148,13 @@ def _equiv(a: Node, b: Node, ctx: _Ctx) -> bool:
     # Collections.
     if _is_collection(a) or _is_collection(b):
         return _collections_equal(a, b, ctx)
-    # Scalars; a top-level percentage may be read as its number or as a fraction.
-    alts_a = [a.args[0], a] if a.kind == "pct" else [a]
-    alts_b = [b.args[0], b] if b.kind == "pct" else [b]
+    # Scalars; a top-level percentage against a plain number may be read as its number or
+    # as a fraction ("50%" is 50 or 0.5). Two percentages compare as written: 0.12% is not 12%.
+    if a.kind == "pct" and b.kind == "pct":
+        alts_a, alts_b = [a.args[0]], [b.args[0]]
+    else:
+        alts_a = [a.args[0], a] if a.kind == "pct" else [a]
+        alts_b = [b.args[0], b] if b.kind == "pct" else [b]
     for x in alts_a:
         for y in alts_b:
             try:

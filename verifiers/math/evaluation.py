@@ -15,10 +15,12 @@ from typing import Any
 
 from verifiers.math.limits import (_ABS_FLOOR, _EXACT_TOL, _MAX_EXACT_BITS, _MAX_FACTORIAL_EXACT,
                                    _MAX_FACTORIAL_NUMERIC, _MAX_LOG_MAGNITUDE, _MAX_SECONDS, _MAX_TRIG_ARG)
-from verifiers.math.nodes import Node, _free_symbols, _has_decimal, _Incomparable, _TooLarge, _Undefined
+from verifiers.math.nodes import (Node, _free_symbols, _has_decimal, _Incomparable, _TooLarge, _Undefined,
+                                  _written_half_unit)
 
 
-_SAMPLE_POINTS = 3               # points per identity test when free variables appear
+_SAMPLE_POINTS = 3               # points per identity test when free variables appear, in (0.35, 1.65)
+_WIDE_POINTS = 2                 # and in (1.65, 9), where both sides are real and in range
 
 
 class _NotExact(Exception):
@@ -165,9 +167,32 @@ def _exact(node: Node, ctx: _Ctx) -> Fraction:
 
 
 def _sample(mp, name: str, point: int):
-    """Deterministic pseudo-random value in (0.35, 1.65) for a variable at a sample point."""
+    """Deterministic pseudo-random value for a variable at a sample point: in (0.35, 1.65)
+    for the first ``_SAMPLE_POINTS``, in (1.65, 9) for the wide ones after them (so that
+    ``|x-2|`` is not ``2-x``). Every point is positive: ``\\sqrt{x^2}`` is ``x``."""
     h = int.from_bytes(hashlib.blake2b(f"{name}:{point}".encode(), digest_size=24).digest(), "big")
-    return mp.mpf("0.35") + mp.mpf("1.3") * (mp.mpf(h) / mp.mpf(2) ** 192)
+    low, width = ("0.35", "1.3") if point < _SAMPLE_POINTS else ("1.65", "7.35")
+    return mp.mpf(low) + mp.mpf(width) * (mp.mpf(h) / mp.mpf(2) ** 192)
+
+
+def _sampled_values(a: Node, b: Node, free: list[str], ctx: "_Ctx"):
+    """``(x, y)``: both sides' values at each sample point where both are defined; at the
+    wide points only where both are real and within the size guards."""
+    mp = ctx.mp
+    for point in range(_SAMPLE_POINTS + _WIDE_POINTS if free else 1):
+        env = {name: _sample(mp, name, point) for name in free}
+        wide = point >= _SAMPLE_POINTS
+        try:
+            x, y = _numeric(a, env, ctx), _numeric(b, env, ctx)
+        except _Undefined:
+            continue
+        except _TooLarge:
+            if wide:
+                continue
+            raise
+        if wide and not (_is_real(mp, x) and _is_real(mp, y)):
+            continue
+        yield x, y
 
 
 def _checked(mp, v):
@@ -337,17 +362,16 @@ def _scalar_equal(a: Node, b: Node, ctx: _Ctx) -> bool:
             return False
         else:
             if decimal:
-                return abs(x - y) <= ctx.rel_tol_exact * max(abs(x), abs(y))
+                # Within the relative tolerance, and, for a plain decimal, within the rounding
+                # of its last written place: "1000001.0" is not 1000000, "0.333333" is 1/3.
+                halves = [h for h in (_written_half_unit(a), _written_half_unit(b)) if h is not None]
+                return (abs(x - y) <= ctx.rel_tol_exact * max(abs(x), abs(y))
+                        and (not halves or abs(x - y) <= max(halves)))
             return x == y
     mp = ctx.mp
     tol = mp.mpf(repr(ctx.rel_tol)) if decimal else mp.mpf(_EXACT_TOL)
     compared = 0
-    for point in range(_SAMPLE_POINTS if free else 1):
-        env = {name: _sample(mp, name, point) for name in free}
-        try:
-            x, y = _numeric(a, env, ctx), _numeric(b, env, ctx)
-        except _Undefined:
-            continue
+    for x, y in _sampled_values(a, b, free, ctx):
         if not _close(mp, x, y, tol):
             return False
         compared += 1
@@ -360,12 +384,7 @@ def _proportional(f: Node, g: Node, ctx: _Ctx) -> bool:
     free = sorted(_free_symbols(f) | _free_symbols(g))
     tol = mp.mpf(repr(ctx.rel_tol)) if (_has_decimal(f) or _has_decimal(g)) else mp.mpf(_EXACT_TOL) * 1e6
     ratio = None
-    for point in range(_SAMPLE_POINTS):
-        env = {name: _sample(mp, name, point) for name in free}
-        try:
-            x, y = _numeric(f, env, ctx), _numeric(g, env, ctx)
-        except _Undefined:
-            continue
+    for x, y in _sampled_values(f, g, free, ctx):
         if mp.isinf(x) or mp.isinf(y):
             return False
         if abs(x) <= _ABS_FLOOR and abs(y) <= _ABS_FLOOR:

@@ -71,6 +71,12 @@ _CLAUSE_STOP_WORDS = ("because", "since", "which", "so", "as", "where", "when", 
                       "after", "that", "then", "thus", "therefore", "hence", "but")
 
 
+# What follows "the answer is" in prose that is not an answer ("... the answer is correct").
+_PROSE_WORDS = {"correct", "incorrect", "right", "wrong", "below", "above", "following", "clear",
+                "obvious", "simple", "straightforward", "not", "this", "that", "as", "in", "the",
+                "a", "an", "to", "unknown", "undefined"}
+
+
 def _extract_answer_is(text: str) -> list[str]:
     last = None
     for m in _ANSWER_IS.finditer(text):
@@ -78,7 +84,18 @@ def _extract_answer_is(text: str) -> list[str]:
     if last is None:
         return []
     clause = _take_clause(text, last.end())
+    if clause and _is_prose(clause) and re.search(r"\d", text[last.end() + len(clause):]):
+        return []  # "Answer: let's compute ... = 12": the number that follows is the answer
     return [clause] if clause else []
+
+
+def _is_prose(clause: str) -> bool:
+    """A clause with no digit and no math that reads as a sentence (several words, or one
+    of ``_PROSE_WORDS``); "B", "(C)", "yes" and "\\frac{1}{2}" are answers."""
+    if re.search(r"[\d$\\^=+*/<>]", clause):
+        return False
+    words = re.findall(r"[A-Za-z']+", clause)
+    return len(words) > 2 or bool(words) and words[0].lower() in _PROSE_WORDS
 
 
 def _take_clause(text: str, start: int, limit: int = 300) -> str:

@@ -33,6 +33,16 @@ _PAREN_WORDS = re.compile(r"(?<=\d)\s*\([A-Za-z][A-Za-z ]{2,40}\)$")  # "12 (twe
 _LEADING_WORDS = re.compile(r"^(?:(?:approximately|approx\.?|about|around|roughly|exactly|"
                             r"either|only|just)\s+)+", re.I)
 # Units glued to a number ("5cm") are stripped only when known; spaced words always are.
+# Scale words are a factor, not a unit ("1.5 million" is 1500000, not 1.5); operation and
+# fraction words change the number ("3 squared", "2 halves"), so they stop the stripping.
+_SCALES = {"hundred": "10^{2}", "thousand": "10^{3}", "million": "10^{6}", "billion": "10^{9}",
+           "trillion": "10^{12}", "dozen": "12"}
+_CHANGING_WORDS = {"squared", "cubed", "half", "halves", "third", "thirds", "quarter", "quarters",
+                   "percent", "times", "fold", "less", "more", "hundreds", "thousands", "millions",
+                   "billions", "dozens"}
+# "\mathrm{cm}" at the end is a unit in upright type: read it as "\text{cm}" before the
+# generic rule deletes "\mathrm" (which left "5{cm}"); one letter ("\mathrm{e}") is math.
+_MATHRM_TAIL = re.compile(r"\\mathrm\s*\{(\s*~?\s*[A-Za-z]{2,}[^{}]*)\}((?:\s*\^\s*\{?\s*[23]\s*\}?)?\s*)$")
 _KNOWN_UNITS = {"cm", "mm", "km", "m", "kg", "g", "mg", "lb", "lbs", "oz", "ft", "in", "yd", "mi",
                 "mph", "kmh", "s", "sec", "min", "h", "hr", "hrs", "ml", "l", "cm2", "m2", "usd",
                 "dollars", "cents", "degrees", "units", "inches", "feet", "meters", "percent"}
@@ -50,8 +60,12 @@ def normalize(answer: str) -> str:
         s = s.replace(k, v)
     s = s.replace(r"\$", "")  # before "$": \$5 is five dollars, not the end of math mode
     s = s.replace("$", "").replace(r"\(", "").replace(r"\)", "").replace(r"\[", "").replace(r"\]", "")
+    # A row break "\\\\" is kept whole: "\\\\ 3" is not the spacing command "\\ " before a 3.
+    s = s.replace("\\\\", "\0")
     for old, new in _SIMPLE_REPLACEMENTS:
         s = s.replace(old, new)
+    s = s.replace("\0", "\\\\")
+    s = _MATHRM_TAIL.sub(r"\\text{\1}\2", s)
     s = _HSPACE.sub("", s)
     s = _SIZING.sub("", s)
     s = _DEGREES.sub("", s)
@@ -89,13 +103,23 @@ def _strip_units(s: str) -> str:
         head, tail = s[:-80], s[-80:]
         m = _TEXT_TAIL.search(tail)
         if m and re.search(r"\d", head + tail[:m.start()]):
-            s = (head + tail[:m.start()]).rstrip()
+            prefix = (head + tail[:m.start()]).rstrip()
+            inner = re.findall(r"[A-Za-z]+", m.group(0).split("{", 1)[1])
+            if len(inner) == 1 and inner[0].lower() in _SCALES:
+                return f"{prefix} \\times {_SCALES[inner[0].lower()]}" if re.search(r"\d$", prefix) else s
+            if any(w.lower() in _CHANGING_WORDS for w in inner):
+                return s
+            s = prefix
             continue
         m = _WORD_TAIL.search(tail)
         if not m:
             return s
         words = [w.lower() for w in re.split(r"[\s/.]+", m.group(1)) if w]
         prefix = (head + tail[:m.start()]).rstrip()
+        if len(words) == 1 and words[0] in _SCALES:
+            return f"{prefix} \\times {_SCALES[words[0]]}" if re.search(r"\d$", prefix) else s
+        if any(w in _CHANGING_WORDS for w in words):
+            return s
         glued = not (head + tail[:m.start()]).endswith((" ", "}", ")"))
         if (not prefix or not re.search(r"\d", prefix) or any(w in _MATH_WORDS for w in words)
                 or (glued and not all(w in _KNOWN_UNITS for w in words))

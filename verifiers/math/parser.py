@@ -412,9 +412,25 @@ class _Parser:
         if self.at("op", "(") or self.at("op", "{"):
             arg = self.parse_primary()
         else:
-            arg = self.parse_power()
+            # An unbracketed argument runs over the numbers, letters and symbols glued to
+            # it: \sin 2x is sin(2x), \cos 2\theta is cos(2 theta); an operator or another
+            # function ends it (\sin x \cos x).
+            factors = [self.parse_power()]
+            while self._continues_argument():
+                factors.append(self.parse_power())
+                if len(factors) > _MAX_ITEMS:
+                    raise ParseError("too many factors")
+            arg = factors[0] if len(factors) == 1 else Node("mul", tuple(factors))
         node = Node("func", (arg,) if base is None else (arg, base), fname)
         return node if power is None else Node("pow", (node, power))
+
+    def _continues_argument(self) -> bool:
+        t = self.tok
+        if t.kind == "num":
+            return True
+        if t.kind == "letters":
+            return t.text not in ("or", "and", "either", "U") and not t.text.startswith(tuple(_FUNCS))
+        return t.kind == "cmd" and (t.text in _CONST_CMDS or t.text[1:] in _GREEK)
 
     def parse_bracket(self) -> Node:
         opener = self.take().text

@@ -113,8 +113,9 @@ def _check(completion: str, answer: Any, opts: _Options) -> Score:
     candidates = extract_answer(completion, opts.fallbacks)
     if not candidates:
         return Score(0.0, "no answer found")
+    candidates = list(dict.fromkeys(c.strip() for c in candidates))  # the same box again is no hedge
     if len(candidates) > _MAX_CANDIDATES:
-        return Score(0.0, f"hedging: {len(candidates)} boxed answers")
+        return Score(0.0, f"hedging: {len(candidates)} different boxed answers")
     parsed, problem = _candidate_nodes(candidates, opts)
     if problem:
         return Score(0.0, problem)
