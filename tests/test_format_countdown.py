@@ -26,6 +26,7 @@ def fmt(text, **kw):
 # ------------------------------------------------------------------------- format
 @pytest.mark.parametrize("text, reason", [
     ("<think>a</think><answer>  </answer>", "empty <answer> block"),
+    ("<think>a</think><answer>\u200b\u2060</answer>", "empty <answer> block"),  # zero-width only
     ("<think>a</think><answer>1</answer><answer>2</answer>", "2 <answer> blocks (want exactly 1)"),
     ("<think>a<answer>1</answer></think>", "<answer> nested inside <think>"),
     ("<answer>1</answer><think>a</think>", "<answer> before <think>"),
@@ -85,6 +86,11 @@ def test_format_partial_credit_shares():
     ("no box here", 0.0, "no \\boxed{}"),
     ("\\boxed{1} or \\boxed{2}", 0.0, "2 \\boxed{} found"),
     ("\\boxed{ }", 0.0, "empty \\boxed{}"),
+    ("\\boxed{\\text{ }}", 0.0, "empty \\boxed{}"),        # nothing a reader sees
+    ("\\boxed{\\, \\quad ~}", 0.0, "empty \\boxed{}"),
+    ("\\boxed{\u200b}", 0.0, "empty \\boxed{}"),
+    ("\\boxed {42}", 1.0, "ok"),                           # as the math verifier reads it
+    ("\\boxed{\\text{yes}}", 1.0, "ok"),
     ("\\boxed{\\frac{1}{2}", 0.0, "unbalanced"),
     ("\\boxed 5", 0.0, "not followed by {"),
 ])

@@ -86,12 +86,14 @@ class FormatVerifier(Verifier):
         if n > 1:
             return Score(0.0, f"{n} \\boxed{{}} found (want exactly 1)")
         start = text.index("\\boxed") + len("\\boxed")
+        while start < len(text) and text[start] == " ":  # "\\boxed {5}", as the math verifier reads it
+            start += 1
         if start >= len(text) or text[start] != "{":
             return Score(0.0, "\\boxed not followed by {")
         end = matching_brace(text, start)
         if end < 0:
             return Score(0.0, "unbalanced braces in \\boxed{}")
-        if not text[start + 1:end].strip():
+        if _blank(text[start + 1:end]):
             return Score(0.0, "empty \\boxed{}")
         return Score(1.0, "ok")
 
@@ -159,9 +161,19 @@ class FormatVerifier(Verifier):
         if len(blocks) > 1:
             return False, f"{len(blocks)} <{name}> blocks (want exactly 1)"
         _, content_start, content_end, _ = blocks[0]
-        if not text[content_start:content_end].strip():
+        if _blank(text[content_start:content_end]):
             return False, f"empty <{name}> block"
         return True, ""
+
+
+_INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2060-\u2064\ufeff{}~]|\\(?:[,;:! ]|quad|qquad|"
+                        r"(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|hspace\*?|phantom)(?![A-Za-z]))")
+
+
+def _blank(content: str) -> bool:
+    """Nothing a reader would see: whitespace, zero-width characters, LaTeX spacing and empty
+    text boxes (``\\text{ }``, ``~``, ``\\,``) do not make a box or a block non-empty."""
+    return not _INVISIBLE.sub("", content)
 
 
 def matching_brace(text: str, open_at: int) -> int:
