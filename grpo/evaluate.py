@@ -80,7 +80,7 @@ def evaluate(engine, encode: Callable[[Any], list[int]], rows: Sequence[dict[str
         groups, greedy_groups = [g[:n] for g in groups], [g[n:] for g in groups]
     correct, batch = _score(groups, rows, rewards, samples, "sampled", first_index)
     metrics = {f"{prefix}{k}": v for k, v in sampled_metrics(correct, ks).items()}
-    metrics[f"{prefix}reward"] = _mean(batch.total)
+    metrics[f"{prefix}reward/mean"] = _mean(batch.total)  # not "reward": a path prefix of reward/<name>
     for name, values in batch.per_verifier.items():
         metrics[f"{prefix}reward/{name}"] = _mean([v for v in values if v is not None])
     metrics.update({f"{prefix}{k}": v for k, v in length_stats([c for g in groups for c in g]).items()})
@@ -131,7 +131,7 @@ def metrics_from_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int], p
     for s in sampled:
         per_problem.setdefault(s["problem"], []).append(bool(s["correct"]))
     metrics = {f"{prefix}{k}": v for k, v in sampled_metrics(list(per_problem.values()), ks).items()}
-    metrics[f"{prefix}reward"] = _mean([s["reward"] for s in sampled])
+    metrics[f"{prefix}reward/mean"] = _mean([s["reward"] for s in sampled])
     names = list(dict.fromkeys(name for s in sampled for name in s["rewards"]))
     for name in names:
         metrics[f"{prefix}reward/{name}"] = _mean([s["rewards"][name] for s in sampled if name in s["rewards"]])
@@ -192,8 +192,9 @@ def summarize(metrics: dict[str, float], ks: Sequence[int], prefix: str = "") ->
     return {
         "pass_at_k": {str(k): {"mean": m[f"pass@{k}"], "stderr": m[f"pass@{k}_stderr"]} for k in ks},
         "greedy_pass_at_1": greedy,
-        "rewards": {"total": m["reward"],
-                    **{k.removeprefix("reward/"): v for k, v in m.items() if k.startswith("reward/")}},
+        "rewards": {"total": m["reward/mean"],
+                    **{k.removeprefix("reward/"): v for k, v in m.items()
+                       if k.startswith("reward/") and k != "reward/mean"}},
         "lengths": {"mean": m["completion_length"], "median": m["completion_length_median"],
                     "max": m["completion_length_max"], "truncated_fraction": m["truncated_fraction"]},
         "verifier_errors": {k.removeprefix("errors/"): int(v) for k, v in m.items() if k.startswith("errors/")},

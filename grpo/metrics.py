@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+
+_MAX_TRACKER_FAILURES = 3  # consecutive failed logs before a tracker is dropped
 
 
 class MetricsLogger:
@@ -22,12 +26,15 @@ class MetricsLogger:
             tmp = self.path.with_suffix(".jsonl.tmp")  # a kill mid-rewrite leaves the old file whole
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
-        elif self.path.exists() and not resume_step:
-            self.path.unlink()
+        elif not resume_step:  # a fresh run: nothing of an earlier one in this directory mixes in
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            (run_dir / "trackers.json").unlink(missing_ok=True)
         from grpo.trackers import open_trackers
 
         self.trackers = open_trackers(["tensorboard"] if report_to is None else report_to, run_dir, run_name,
                                       project, config or {}, resume_step)
+        self._failures: dict[str, int] = {}  # consecutive failed logs per tracker
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         from grpo.trackers import finite_numbers
@@ -36,8 +43,20 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         numbers = finite_numbers(record)
-        for tracker in self.trackers:
-            tracker.log(step, numbers)
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(step, numbers)
+            except Exception as exc:  # metrics.jsonl has the record: a tracker costs its copy, not the run
+                name = getattr(tracker, "report_to_name", type(tracker).__name__)
+                failures = self._failures[name] = self._failures.get(name, 0) + 1
+                dropped = failures >= _MAX_TRACKER_FAILURES
+                if dropped:
+                    self.trackers.remove(tracker)
+                print(f"warning: {name} failed to log step {step}: {type(exc).__name__}: {exc}"
+                      + ("; it is dropped for the rest of the run (metrics.jsonl has every step)" if dropped else ""),
+                      file=sys.stderr)
+            else:
+                self._failures.pop(getattr(tracker, "report_to_name", type(tracker).__name__), None)
 
     def records(self, warn: bool = False) -> list[dict[str, Any]]:
         """The logged records; a line that is not a JSON object (a write cut short by a full disk or a
@@ -60,9 +79,17 @@ class MetricsLogger:
     def plot(self) -> Path:
         return plot_rewards(self.records(), self.run_dir / "reward.png")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close every tracker (marking the run failed where the tracker records that); the first
+        tracker that fails to close is raised after the others are closed."""
+        error = None
         for tracker in self.trackers:
-            tracker.close()
+            try:
+                tracker.close(failed)
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
 
 def _plain(value: Any) -> Any:
@@ -95,7 +122,8 @@ def plot_rewards(records: list[dict[str, Any]], out: Path) -> Path:
             ax.plot([r["step"] for r in evals], [r["heldout/greedy_accuracy"] for r in evals], "s--",
                     color="tab:purple", label="held-out accuracy (greedy)")
     ax.set_xlabel("step")
-    ax.set_ylim(-0.02, max(1.02, max((r.get("reward/mean", 0) for r in train), default=1) + 0.05))
+    means = [r["reward/mean"] for r in train]  # rewards may be negative (penalties, a reward model)
+    ax.set_ylim(min(-0.02, min(means, default=0) - 0.05), max(1.02, max(means, default=1) + 0.05))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

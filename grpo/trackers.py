@@ -41,7 +41,7 @@ _MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "trackio
 class Tracker(Protocol):
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 def check_available(names: list[str]) -> None:
@@ -64,7 +64,14 @@ def open_trackers(names: list[str], run_dir: Path, run_name: str, project: str, 
     for name in dict.fromkeys(names):  # each once, in the given order
         cls = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker,
                "mlflow": MLflowTracker}[name]
-        tracker = cls(run_dir, run_name, project, config, resume_step, ids.get(name))
+        try:
+            tracker = cls(run_dir, run_name, project, config, resume_step, ids.get(name))
+        except Exception as exc:  # no login, an unreachable server, a bad URI: one line, not a traceback
+            for done in opened:
+                done.close(failed=True)
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"report_to: {name} failed to start: {type(exc).__name__}: {detail}") from exc
+        tracker.report_to_name = name  # for warnings
         opened.append(tracker)
         if getattr(tracker, "run_id", None):
             ids[name] = tracker.run_id
@@ -93,7 +100,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -110,8 +117,8 @@ class WandbTracker:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # a crashed run shows as failed, not finished
 
 
 class TrackioTracker:
@@ -126,7 +133,7 @@ class TrackioTracker:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.run.finish()
 
 
@@ -177,5 +184,5 @@ class MLflowTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(mlflow_key(k), v, now, step) for k, v in metrics.items()])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")

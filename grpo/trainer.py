@@ -244,7 +244,7 @@ class Trainer:
         t_end = self._now()
         times = reduce_update_stats({"time/generate": self._times["generate"], "time/score": self._times["score"],
                                      "time/update": t_end - t_rollout, "time/step": t_end - t0}, (), TIME_KEYS)
-        return {**self._rollout_metrics(filled), **stats, **times, "lr": self.scheduler.get_last_lr()[0],
+        return {**self._rollout_metrics(filled), **stats, **times, "lr": self.lr_used,
                 "tokens/generated": sum(len(c.token_ids) for g in filled.drawn for c in g.completions)}
 
     # ------------------------------------------------------------- the pieces
@@ -414,6 +414,7 @@ class Trainer:
 
     def _update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.cfg
+        self.lr_used = self.optimizer.param_groups[0]["lr"]  # logged as "lr" (no update: what it would be)
         micro, checkpointed, split_metrics = self._micro_batches(rollout)
         packed = [self._pack(rollout, idx) for idx in micro]
         # whole-batch normalisers (all ranks): the sum of the ranks' micro-batch losses is the batch loss
@@ -443,9 +444,10 @@ class Trainer:
             old = [None] * len(packed)
         t_ref = self._now()
         t_policy = t_opt = 0.0
-        sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "engine_logprob_diff": 0.0, "entropy": 0.0}
+        sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "entropy": 0.0}
         grad_norm = 0.0
-        for _ in range(cfg.loss.update_passes):
+        engine_diff = 0.0  # the engine's log-probs against the policy that sampled: the first pass's
+        for pass_index in range(cfg.loss.update_passes):
             self.optimizer.zero_grad(set_to_none=True)
             sums = dict.fromkeys(sums, 0.0)
             t_pass = time.perf_counter()
@@ -477,7 +479,8 @@ class Trainer:
                 sums["kl"] += masked_mean(out.kl.detach(), mask) * weight
                 sums["clip"] += masked_mean(out.clipped.float(), mask) * weight
                 sums["ratio"] += masked_mean(out.ratio.detach(), mask) * weight
-                sums["engine_logprob_diff"] += masked_mean((engine_lp - logp.detach()).abs(), mask) * weight
+                if pass_index == 0:  # later passes' policy has taken optimizer steps since the rollout
+                    engine_diff += masked_mean((engine_lp - logp.detach()).abs(), mask) * weight
                 sums["entropy"] += masked_mean(entropy, mask) * weight
             t1 = time.perf_counter()
             params = [p for p in self.model.parameters() if p.requires_grad]
@@ -485,13 +488,14 @@ class Trainer:
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"non-finite gradient norm at step {self.step + 1}")
             self.optimizer.step()
+            self.lr_used = self.optimizer.param_groups[0]["lr"]  # this step's, not the scheduler's next one
             self.scheduler.step()
             t2 = self._now()
             t_policy, t_opt = t_policy + (t1 - t_pass), t_opt + (t2 - t1)
         stats = {"time/reference_and_old": t_ref - t0, "time/policy_forward_backward": t_policy,
                  "time/optimizer": t_opt, "tokens/trained": sum(b.num_tokens for b, w in zip(packed, live) if w),
                  "loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip"], "ratio": sums["ratio"],
-                 "grad_norm": grad_norm, "engine_logprob_diff": sums["engine_logprob_diff"], "entropy": sums["entropy"],
+                 "grad_norm": grad_norm, "engine_logprob_diff": engine_diff, "entropy": sums["entropy"],
                  "sequences_in_loss": n_seq, "tokens_in_loss": n_tok, "update/micro_batches": len(micro),
                  "update/packed_micro_batches": sum(isinstance(b, TreeBatch) for b in packed),
                  **split_metrics}
@@ -673,7 +677,7 @@ class Trainer:
                 if obj is None:
                     continue
                 try:
-                    obj.close()
+                    obj.close(failed) if name == "metrics" else obj.close()
                 except Exception as exc:
                     if not failed:  # the run succeeded: the failure to close is the error
                         raise

@@ -221,7 +221,7 @@ def test_two_ranks_log_the_one_process_metrics_once_from_rank_0(two_rank_run):
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two):
         for key in ("reward/mean", "reward/std", "train/accuracy", "completion_length", "zero_variance_groups",
-                    "tokens/generated", "sequences_in_loss", "tokens_in_loss", "heldout/accuracy", "heldout/reward",
+                    "tokens/generated", "sequences_in_loss", "tokens_in_loss", "heldout/accuracy", "heldout/reward/mean",
                     "heldout/greedy_accuracy", "heldout/completion_length", "dynamic_sampling/rounds",
                     "dynamic_sampling/kept_groups"):
             if key in a:

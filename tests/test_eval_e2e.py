@@ -87,6 +87,10 @@ def test_training_logs_pass_at_k_and_writes_before_after(run_dir):
     for r in evals:
         assert 0 <= r["heldout/pass@1"] <= r["heldout/pass@2"] <= r["heldout/pass@4"] <= 1
         assert "heldout/reward/evaltest_brevity" in r and "heldout/greedy_accuracy" in r
+    # No key is a path prefix of another: MLflow's file store keeps "a/b" as a file, so a later
+    # "a/b/c" could not be written (every held-out evaluation crashed with "heldout/reward").
+    keys = {k for r in records for k in r}
+    assert not [(a, b) for a in keys for b in keys if b.startswith(a + "/")]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

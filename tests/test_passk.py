@@ -86,7 +86,7 @@ def test_sampled_metrics_are_monotone_in_k_and_match_the_estimator():
 
 
 def test_summary_and_table_show_every_row_side_by_side():
-    metrics = {**sampled_metrics([[True, False], [False, False]], [1, 2]), "reward": 0.25, "reward/math": 0.25,
+    metrics = {**sampled_metrics([[True, False], [False, False]], [1, 2]), "reward/mean": 0.25, "reward/math": 0.25,
                "completion_length": 10.0, "completion_length_median": 9.0, "completion_length_max": 20.0,
                "truncated_fraction": 0.0, "greedy_accuracy": 1.0, "greedy_accuracy_stderr": 0.0}
     base = {"label": "base", **summarize(metrics, [1, 2])}

@@ -227,6 +227,28 @@ def test_resume_applies_a_changed_lr(tiny_model_dir, toy_plugin, tmp_path, capsy
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.003
 
 
+def test_logged_lr_is_the_one_each_step_used(tiny_model_dir, toy_plugin, tmp_path):
+    """The scheduler steps after the optimizer: reading it then logged the next step's lr
+    (a linear schedule's last step showed 0)."""
+    run_dir = tmp_path / "run"
+    args = _args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2, "optim.schedule": "linear",
+                                                          "optim.warmup_steps": 0, "optim.lr": 0.04})
+    assert main(args) == 0
+    lrs = [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.04, 0.02])
+
+
+def test_engine_logprob_diff_compares_the_policy_that_sampled(tiny_model_dir, toy_plugin, tmp_path):
+    """With two update passes the diff was taken in the last pass, after an optimizer step: it
+    measured the policy's own move (0.08 here), not the engine against the trainer."""
+    run_dir = tmp_path / "run"
+    args = _args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2, "loss.update_passes": 2,
+                                                          "optim.lr": 0.05})
+    assert main(args) == 0
+    diffs = [json.loads(line)["engine_logprob_diff"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(diffs) < 1e-3, diffs
+
+
 def test_config_changes_lists_added_task_args_as_changes():
     from grpo.resume import config_changes
 
@@ -478,7 +500,7 @@ def test_a_close_that_fails_after_the_run_failed_leaves_the_runs_error(tiny_mode
     def full(*a, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "checkpoints"))
 
-    def close(self):
+    def close(self, failed=False):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "events.out.tfevents")
 
     monkeypatch.setattr(checkpoint, "save", full)

@@ -105,3 +105,70 @@ def test_trackio_local(tmp_path, monkeypatch):
     _log(tmp_path, ["trackio"], project="grpo-trackio-test")
     logs = storage.SQLiteStorage.get_logs("grpo-trackio-test", "t")
     assert [(r["step"], r["reward/mean"]) for r in logs] == [(1, 0.25), (2, 0.5)]
+
+
+class _Flaky:
+    """A tracker whose server is unreachable: every log raises; records how it was closed."""
+    closed: list[bool] = []
+
+    def __init__(self, *args):
+        pass
+
+    def log(self, step, metrics):
+        raise ConnectionError("tracker server unreachable")
+
+    def close(self, failed=False):
+        _Flaky.closed.append(failed)
+
+
+def test_a_failing_tracker_costs_its_copy_not_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("grpo.trackers.TensorBoardTracker", _Flaky)
+    logger = MetricsLogger(tmp_path, 0, ["tensorboard"], "t", "p", CONFIG)
+    for step in range(1, 6):
+        logger.log(step, {"reward/mean": 0.1 * step})
+    err = capsys.readouterr().err
+    assert err.count("warning: tensorboard failed to log step") == 3  # then dropped
+    assert "dropped for the rest of the run" in err and logger.trackers == []
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_close_tells_trackers_whether_the_run_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr("grpo.trackers.TensorBoardTracker", _Flaky)
+    _Flaky.closed = []
+    MetricsLogger(tmp_path, 0, None, "t", "p", CONFIG).close(failed=True)
+    MetricsLogger(tmp_path, 0, None, "t", "p", CONFIG).close()
+    assert _Flaky.closed == [True, False]
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    def no_login(*args):
+        raise RuntimeError("No API key configured.\nRun `wandb login`")
+
+    monkeypatch.setattr("grpo.trackers.TensorBoardTracker", no_login)
+    with pytest.raises(UserError, match=r"^report_to: tensorboard failed to start: RuntimeError: No API key configured\.$"):
+        MetricsLogger(tmp_path, 0, None, "t", "p", CONFIG)
+
+
+def test_a_fresh_run_drops_an_earlier_runs_tensorboard_points(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, 0, None, "t", "p", CONFIG)
+    logger.log(1, {"reward/mean": 0.9})
+    logger.close()
+    _log(tmp_path, None)  # killed before any checkpoint, started again without --resume
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [(1, 0.25), (2, 0.5)]
+
+
+def test_reward_plot_shows_negative_rewards(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from grpo.metrics import plot_rewards
+
+    limits = []
+    real = matplotlib.axes.Axes.set_ylim
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim", lambda ax, *a, **k: limits.append(a) or real(ax, *a, **k))
+    plot_rewards([{"step": 1, "reward/mean": -1.7}, {"step": 2, "reward/mean": 0.4}], tmp_path / "r.png")
+    bottom, top = next(a for a in limits if len(a) == 2)
+    assert bottom < -1.7 and top >= 1.0

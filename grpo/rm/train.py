@@ -241,9 +241,10 @@ class RewardModelTrainer:
         if not math.isfinite(grad_norm):
             raise UserError(f"reward model training diverged (non-finite gradient at step {self.step + 1}); lower lr")
         self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's, not the scheduler's next one
         self.scheduler.step()
         return {"loss": sums["loss"], "train/accuracy": sums["accuracy"], "train/margin": sums["margin"],
-                "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+                "grad_norm": grad_norm, "lr": lr}
 
     def evaluate(self) -> dict[str, float]:
         """Held-out pair accuracy (± binomial stderr), mean margin and loss; logged and printed."""
