@@ -79,6 +79,112 @@ def test_humaneval_style_check_and_helpers(sandbox):
     assert r.ok and r.passed == 3, r.reason
 
 
+POLY_PREFIX = ("import math\n\ndef poly(xs, x):\n    return sum(c * math.pow(x, i) for i, c in enumerate(xs))\n\n"
+               "def root(xs):\n    \"\"\"A root of the line xs.\"\"\"\n")
+POLY_TESTS = ("def check(candidate):\n    for xs in ([1, 2], [-3, 1], [4, 8]):\n"
+              "        assert abs(poly(xs, candidate(xs))) < 1e-9\n\ncheck(root)\n")
+
+
+def test_a_prefix_helper_the_tests_call_cannot_be_redefined(sandbox):
+    """HumanEval/32, /38, /50: the tests call a helper from the prompt; a program that wrote its
+    own `poly` returning 0 passed them with any answer."""
+    hack = POLY_PREFIX + "    return 0.0\n\ndef poly(xs, x):\n    return 0\n"
+    honest = POLY_PREFIX + "    return -xs[0] / xs[1]\n"
+    hacked, good, no_entry_point = sandbox.run_many([
+        TestsJob(hack, POLY_TESTS, prefix=POLY_PREFIX, entry_point="root"),
+        TestsJob(honest, POLY_TESTS, prefix=POLY_PREFIX, entry_point="root"),
+        TestsJob(hack, POLY_TESTS, prefix=POLY_PREFIX),  # root is a stub in the prefix: the program's
+    ])
+    assert not hacked.ok and "assertion 1 failed" in hacked.reason
+    assert good.ok, good.reason
+    assert not no_entry_point.ok
+
+
+def test_a_prefix_class_stays_the_programs(sandbox):
+    """A trusted helper that builds the prefix's class builds the program's: the program can take it."""
+    prefix = ("class Node:\n    def __init__(self, v, nxt=None):\n        self.v, self.nxt = v, nxt\n\n"
+              "def build(values):\n    head = None\n    for v in reversed(values):\n        head = Node(v, head)\n"
+              "    return head\n\ndef total(head):\n")
+    program = prefix + "    return 0 if head is None else head.v + total(head.nxt)\n"
+    (r,) = sandbox.run_many([TestsJob(program, "assert total(build([1, 2, 3])) == 6\n", prefix=prefix,
+                                      entry_point="total")])
+    assert r.ok, r.reason
+
+
+def test_partial_credit_pays_nothing_for_stopping(sandbox):
+    """Exiting, hanging or raising outside an assert after one right answer scored 0.5 with
+    partial credit, above an honest 3 of 10 (0.3)."""
+    tests = "".join(f"assert add({i}, {i}) == {2 * i}\n" for i in range(1, 11))
+    stop = "def add(a, b):\n    if a == 1:\n        return 2\n    {}\n"
+    honest = "def add(a, b):\n    return 2 * a if a <= 3 else 0\n"
+    runs = sandbox.run_many([TestsJob("import os\n" + stop.format("os._exit(0)"), tests, partial=True),
+                             TestsJob(stop.format("raise SystemExit(0)"), tests, partial=True),
+                             TestsJob(stop.format("while True: pass"), tests, partial=True),
+                             TestsJob(stop.format("return 0"), "assert add(1, 1) == 2\nx = 1 / add(2, 2)\n"
+                                      + tests, partial=True),
+                             TestsJob(honest, tests, partial=True)])
+    assert [r.passed for r in runs[:4]] == [0, 0, 0, 0], [r.reason for r in runs]
+    assert (runs[4].passed, runs[4].total) == (3, 10)
+
+
+def test_constant_asserts_earn_no_credit(sandbox):
+    always_raise = "def add(a, b):\n    raise ValueError\n"
+    only_constant = "def add(a, b):\n    return a + b\n"
+    raised, constant = sandbox.run_many([
+        TestsJob(always_raise, "assert True, 'header'\nassert add(1, 2) == 3\n", partial=True),
+        TestsJob(only_constant, "assert True\n"),
+    ])
+    assert (raised.passed, raised.total) == (0, 1)
+    assert constant.ok  # tests with nothing but a constant assert: "ran to completion"
+
+
+def test_subclasses_of_plain_data_return_as_data(sandbox):
+    """Counter, defaultdict, OrderedDict, namedtuple, IntEnum answers compare as plain data;
+    an overridden __eq__ does not travel with them."""
+    program = ("import collections, enum\nP = collections.namedtuple('P', 'a b')\n"
+               "class E(enum.IntEnum):\n    A = 3\n"
+               "class Liar(dict):\n    def __eq__(self, other):\n        return True\n"
+               "def f(k):\n    return {'c': collections.Counter('aab'), 'd': collections.defaultdict(int, x=1),\n"
+               "            'o': collections.OrderedDict(y=2), 'p': P(1, 2), 'e': E.A, 'liar': Liar(z=1)}[k]\n")
+    tests = ("assert f('c') == {'a': 2, 'b': 1}\nassert f('d') == {'x': 1}\nassert f('o') == {'y': 2}\n"
+             "assert f('p') == (1, 2)\nassert f('e') == 3\nassert f('liar') == {'z': 1}\n")
+    liar_tests = "assert f('liar') == {'anything': 0}\n"
+    good, liar = sandbox.run_many([TestsJob(program, tests), TestsJob(program, liar_tests)])
+    assert good.ok, good.reason
+    assert not liar.ok
+
+
+def test_no_namespaces_mounts_or_memfds(sandbox):
+    """In its own user namespace a program mounted an unbounded tmpfs (memory no rlimit
+    counts); memfds are memory outside RLIMIT_AS too. Forks and threads still work."""
+    program = ("import ctypes, os, threading\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               "def probe():\n"
+               "    out = [libc.unshare(0x10000000 | 0x20000) == -1,\n"
+               "           libc.mount(b'tmpfs', b'/tmp', b'tmpfs', 0, b'size=100%') == -1]\n"
+               "    try:\n        os.memfd_create('x')\n        out.append(False)\n"
+               "    except OSError:\n        out.append(True)\n"
+               "    t = threading.Thread(target=lambda: None)\n    t.start()\n    t.join()\n"
+               "    pid = os.fork()\n    if pid == 0:\n        os._exit(7)\n"
+               "    out.append(os.waitpid(pid, 0)[1] >> 8 == 7)\n"
+               "    return out\n")
+    (r,) = sandbox.run_many([TestsJob(program, "assert probe() == [True, True, True, True]\n")])
+    assert r.ok, r.reason
+
+
+def test_processes_together_stay_within_the_budget(sandbox):
+    """RLIMIT_AS and RLIMIT_CPU hold per process: forked children held GBs, or starved the
+    runs beside them. Init sums its namespace's processes and stops them over the budget."""
+    memory = ("import os, time\ndef f():\n    for _ in range(6):\n        if os.fork() == 0:\n"
+              "            b = b'x' * (100 * 2**20)\n            time.sleep(10)\n            os._exit(0)\n"
+              "    time.sleep(10)\n    return 1\n")
+    cpu = ("import os\ndef f():\n    for _ in range(8):\n        if os.fork() == 0:\n"
+           "            os.setsid()\n            while True:\n                pass\n"
+           "    while True:\n        pass\n")
+    mem, spin = sandbox.run_many([TestsJob(memory, "assert f() == 1\n"), TestsJob(cpu, "assert f() == 1\n")])
+    assert not mem.ok and "processes together held" in mem.reason, mem.reason
+    assert not spin.ok and "processes together used" in spin.reason, spin.reason
+
+
 def test_exceptions_mutation_objects_and_iteration(sandbox):
     program = '''
 def sqrt_int(n):

@@ -128,7 +128,8 @@ class PythonTests(Verifier):
             if tests[i]:
                 if not isinstance(tests[i], str):
                     raise UserError("python_tests: 'tests' must be a string of Python code")
-                jobs.append(TestsJob(program, tests[i], partial=self.partial_credit))
+                jobs.append(TestsJob(program, tests[i], partial=self.partial_credit, prefix=prefixes[i] or "",
+                                     entry_point=entry_points[i] or ""))
             elif io_cases[i]:
                 jobs.append(IOJob(program, _check_io_cases(io_cases[i])))
             else:

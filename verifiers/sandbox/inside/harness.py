@@ -170,12 +170,15 @@ def _harness_tests(hdr: dict[str, Any], second: dict[str, Any], ctl: int, rpc: i
     deadline = time.monotonic() + lim["wall_s"]
     try:
         tree = ast.parse(second["tests"], "<tests>")
-        written = sum(isinstance(node, ast.Assert) for node in ast.walk(tree))
+        written = sum(isinstance(node, ast.Assert) and not _constant_true(node) for node in ast.walk(tree))
         code = compile(_AssertCounter().visit(tree), "<tests>", "exec")
     except SyntaxError as exc:
         return _verdict(False, 0, 1, "error", f"error: the tests do not parse: {exc.msg} (line {exc.lineno})")
     remote = Remote(rpc, deadline)
     tally = _Tally(partial)
+    # A run stopped before its tests finished (exit, crash, timeout, an error outside an assert)
+    # keeps no credit: with partial credit, stopping must not pay more than answering wrongly.
+    kept = (lambda: 0) if partial else (lambda: tally.passed)
     try:
         hello = remote.recv()
         if not hello.get("ok"):
@@ -201,10 +204,11 @@ def _harness_tests(hdr: dict[str, Any], second: dict[str, Any], ctl: int, rpc: i
                         pass
                 continue
             ns[name] = remote.decode(enc)
+        _bind_prefix(ns, second.get("prefix") or "", second.get("entry_point") or "", deadline)
         ns["_sandbox_record_"] = tally.record
         _run_with_alarm(code, ns, deadline)
     except Timeout:
-        return _verdict(False, tally.passed, tally.total + 1, "timeout", f"timeout after {lim['wall_s']:g}s"
+        return _verdict(False, kept(), tally.total + 1, "timeout", f"timeout after {lim['wall_s']:g}s"
                         + _after(tally))
     except (ProgramGone, EOFError):
         why = f"program failed: {remote.broken}"
@@ -216,15 +220,16 @@ def _harness_tests(hdr: dict[str, Any], second: dict[str, Any], ctl: int, rpc: i
                     why = describe_exit(info, lim)
             except (Timeout, EOFError, OSError, ProtocolError):
                 pass
-        return _verdict(False, tally.passed, tally.total + 1, "crashed", why + _after(tally))
+        return _verdict(False, kept(), tally.total + 1, "crashed", why + _after(tally))
     except ProtocolError as exc:
-        return _verdict(False, tally.passed, tally.total + 1, "failed", f"program sent bad data: {exc}")
+        return _verdict(False, kept(), tally.total + 1, "failed", f"program sent bad data: {exc}")
     except BaseException as exc:  # noqa: BLE001 - any error in the tests is a failure
         line = "" if isinstance(exc, _AssertFailed) else _test_line(exc)
-        return _verdict(False, tally.passed, tally.total + (0 if isinstance(exc, _AssertFailed) else 1), "failed",
+        stopped = not isinstance(exc, _AssertFailed)
+        return _verdict(False, kept() if stopped else tally.passed, tally.total + stopped, "failed",
                         f"{_exc_text(exc)}{line}"[:200])
     if remote.broken:  # the tests swallowed a protocol error or a vanished program
-        return _verdict(False, tally.passed, tally.total + 1, "crashed", f"program failed: {remote.broken}")
+        return _verdict(False, kept(), tally.total + 1, "crashed", f"program failed: {remote.broken}")
     if tally.total == 0:
         if written:  # e.g. `for x in f(): assert ...` with an empty f(), or check() never called
             return _verdict(False, 0, 1, "failed", "no assertion ran (the tests hold asserts that never executed)")
@@ -314,6 +319,60 @@ class _Tally:
             raise _AssertFailed(msg)
 
 
+def _constant_true(node) -> bool:
+    import ast
+
+    return isinstance(node.test, ast.Constant) and bool(node.test.value)
+
+
+def _bind_prefix(ns: dict[str, Any], prefix: str, entry_point: str, deadline: float) -> None:
+    """The functions the row's ``prefix`` defines (HumanEval's prompt: ``poly``, ``encode_cyclic``),
+    run from the prefix itself, so the tests call the trusted helper, not a program's own
+    version of it (redefining ``poly`` to return 0 passed HumanEval/32). The entry point, any
+    function the prefix leaves as a stub (a docstring, ``pass`` or ``...``) and the prefix's
+    classes stay the program's. A prefix that does not run here leaves every name the program's."""
+    import ast
+    import builtins
+
+    if not prefix:
+        return
+    try:
+        tree = ast.parse(prefix, "<prefix>")
+    except SyntaxError:
+        return
+    functions = {node.name for node in tree.body
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and node.name != entry_point and not _is_stub(node)}
+    if not functions:
+        return
+    own: dict[str, Any] = {"__name__": "__prefix__", "__builtins__": builtins}
+    try:
+        _run_with_alarm(compile(tree, "<prefix>", "exec"), own, deadline)
+    except Timeout:
+        raise
+    except Exception:
+        return
+    for node in tree.body:  # the prefix's classes stay the program's: a trusted helper that
+        if isinstance(node, ast.ClassDef) and node.name in ns:  # builds a ListNode builds one
+            own[node.name] = ns[node.name]                       # the program can take
+    for name in functions:
+        if callable(own.get(name)):
+            ns[name] = own[name]
+
+
+def _is_stub(node) -> bool:
+    import ast
+
+    if isinstance(node, ast.ClassDef):
+        return False
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]  # the docstring
+    return all(isinstance(b, ast.Pass) or isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+               for b in body)
+
+
 class _AssertCounter:
     """AST pass: ``assert c, m`` -> record(bool(c)) so assertions can be counted.
 
@@ -326,6 +385,8 @@ class _AssertCounter:
 
         class T(ast.NodeTransformer):
             def visit_Assert(self, node):
+                if _constant_true(node):  # `assert True, "..."` tests nothing: no credit for it
+                    return ast.copy_location(ast.Pass(), node)
                 src = ast.unparse(node.test)
                 rec = ast.parse(
                     "try:\n"

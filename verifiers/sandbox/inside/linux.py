@@ -75,10 +75,21 @@ def prctl(option: int, arg: int) -> None:
 # abstract Unix socket of a host service is a way out), io_uring, x32 and foreign-ABI
 # syscalls. Sockets made before the filter (the RPC and control socketpairs) keep working;
 # socketpair() stays allowed (it makes only a connected pair, nothing it can reach).
+# Also refused: new namespaces (unshare, setns, clone with a CLONE_NEW* flag; clone3, whose
+# flags a filter cannot read, answers ENOSYS so libc falls back to clone) and mount, umount2,
+# pivot_root: in its own user namespace a program could mount a tmpfs of unbounded size,
+# memory no rlimit counts, which outlives the program (3 GB in an audit, memory_mb=256). And
+# memfd_create: anonymous files are memory outside RLIMIT_AS too.
 _SECCOMP_ARCH = {  # machine -> (AUDIT_ARCH, socket, connect, io_uring_setup, has x32 bit, pivot_root)
     "x86_64": (0xC000003E, 41, 42, 425, True, 155),
     "aarch64": (0xC00000B7, 198, 203, 425, False, 41),
 }
+# machine -> (unshare, setns, mount, umount2, memfd_create, clone, clone3)
+_SECCOMP_MORE = {
+    "x86_64": (272, 308, 165, 166, 319, 56, 435),
+    "aarch64": (97, 268, 40, 39, 279, 220, 435),
+}
+_CLONE_NEW_FLAGS = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 
 
 _SECCOMP: list = []  # [(fprog, filter array)] built once (in the zygote), reused by every fork
@@ -95,17 +106,24 @@ def seccomp_program():
     if spec is None:
         _SECCOMP.append(None)
         return None
-    arch, nr_socket, nr_connect, nr_uring, x32, _ = spec
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    arch, nr_socket, nr_connect, nr_uring, x32, nr_pivot = spec
+    nr_unshare, nr_setns, nr_mount, nr_umount, nr_memfd, nr_clone, nr_clone3 = _SECCOMP_MORE[platform.machine()]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
     allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM
     deny_net = 0x00050000 | errno.EACCES
+    nosys = 0x00050000 | errno.ENOSYS
     # (code, jt, jf, k); jump offsets are relative to the next instruction.
     prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, deny), (ld, 0, 0, 0)]
     if x32:
         prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, deny)]
     prog += [(jeq, 0, 1, nr_uring), (ret, 0, 0, deny),
              (jeq, 0, 1, nr_socket), (ret, 0, 0, deny_net),
-             (jeq, 0, 1, nr_connect), (ret, 0, 0, deny_net),
+             (jeq, 0, 1, nr_connect), (ret, 0, 0, deny_net)]
+    for nr in (nr_unshare, nr_setns, nr_mount, nr_umount, nr_pivot, nr_memfd):
+        prog += [(jeq, 0, 1, nr), (ret, 0, 0, deny)]
+    prog += [(jeq, 0, 1, nr_clone3), (ret, 0, 0, nosys),
+             # clone: its flags are args[0]; the low 32 bits sit at offset 16 (little-endian)
+             (jeq, 0, 3, nr_clone), (ld, 0, 0, 16), (jset, 0, 1, _CLONE_NEW_FLAGS), (ret, 0, 0, deny),
              (ret, 0, 0, allow)]
 
     class Filter(ctypes.Structure):

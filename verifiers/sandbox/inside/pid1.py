@@ -28,6 +28,7 @@ def main(hdr: dict[str, Any], mode: str, ctl: int, rpc: int) -> None:
         pass
     layers: dict[str, Any] = {}
     workdir = setup_mounts(hdr, mode, layers)
+    hdr["private_proc"] = layers.get("private_proc", False)  # the runs' process budget reads it
     layers["seccomp"] = install_seccomp()
     layers["rlimits"] = ["AS", "CPU", "FSIZE", "NPROC", "NOFILE", "CORE"]
     send(ctl, {"op": "ready", "layers": layers})
@@ -70,6 +71,47 @@ def _kill_all(mode: str, hdr: dict[str, Any], pgid: int | None = None) -> None:
             break
 
 
+class _Budget:
+    """The program's processes together: resident memory within ``memory_mb`` and CPU time
+    within ``cpu_s`` (RLIMIT_AS and RLIMIT_CPU hold per process: ten forked children held 2 GB
+    at memory_mb=256, and thirty busy ones starved the runs beside them). Read from this PID
+    namespace's own /proc every 0.1 s, so only where init mounted one (``private_proc``)."""
+
+    def __init__(self, hdr: dict[str, Any]):
+        lim = hdr["limits"]
+        self.active = bool(hdr.get("private_proc")) and os.getpid() == 1
+        self.memory = lim["memory_mb"] * 1024 * 1024
+        self.cpu = float(lim["cpu_s"])
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.next = 0.0
+        self.exceeded = ""
+
+    def check(self) -> bool:
+        """True (and ``exceeded`` says which) once the processes together are over budget."""
+        now = time.monotonic()
+        if not self.active or now < self.next:
+            return False
+        self.next = now + 0.1
+        rss = cpu = 0.0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or entry == "1":
+                continue
+            try:
+                with open(f"/proc/{entry}/statm") as f:
+                    rss += int(f.read().split()[1]) * self.page
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                cpu += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / self.tick
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+        if rss > self.memory:
+            self.exceeded = f"its processes together held {rss / 2**20:.0f} MB, over memory_mb ({self.memory // 2**20})"
+        elif cpu > self.cpu * 1.5 + 0.5:  # slack: each process also has RLIMIT_CPU = cpu_s
+            self.exceeded = f"its processes together used {cpu:.1f}s of CPU, over cpu_s ({self.cpu:g}s)"
+        return bool(self.exceeded)
+
+
 def _init_serve(hdr: dict[str, Any], mode: str, ctl: int, rpc: int, workdir: str) -> None:
     stdio = (os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY), os.open(os.devnull, os.O_WRONLY))
     pid = _spawn_program(hdr, mode, workdir, stdio, rpc, lambda: serve(hdr["program"]))
@@ -79,10 +121,15 @@ def _init_serve(hdr: dict[str, Any], mode: str, ctl: int, rpc: int, workdir: str
     # harness how the program ended if it ends first.
     deadline = time.monotonic() + hdr["limits"]["wall_s"] + 2.0
     status = None
+    budget = _Budget(hdr)
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or select.select([ctl], [], [], min(left, 0.02 if status is None else left))[0]:
             break
+        if status is None and budget.check():
+            _kill_all(mode, hdr, pgid=pid)
+            status = 0
+            send(ctl, {"op": "exited", "exit": None, "signal": signal.SIGKILL, "over_budget": budget.exceeded})
         if status is None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -112,10 +159,13 @@ def _init_io(hdr: dict[str, Any], mode: str, workdir: str, text: str, cap: int) 
     deadline = time.monotonic() + lim["wall_s"]
     timed_out = truncated = False
     status = None
+    budget = _Budget(hdr)
     while readers or status is None:
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
+            break
+        if budget.check():
             break
         r, w, _ = select.select(list(readers), writers, [], min(left, 0.05))
         for fd in w:
@@ -155,6 +205,8 @@ def _init_io(hdr: dict[str, Any], mode: str, workdir: str, text: str, cap: int) 
         except ChildProcessError:
             status = None
     info = exit_info(status) if status is not None else {"exit": None, "signal": None}
+    if budget.exceeded:
+        info = {"exit": None, "signal": signal.SIGKILL, "over_budget": budget.exceeded}
     return {"stdout": out.decode("utf-8", "replace"), "stderr": err[-2000:].decode("utf-8", "replace"),
             "timed_out": timed_out, "truncated": truncated, **info}
 

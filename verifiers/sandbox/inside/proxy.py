@@ -180,11 +180,33 @@ def encode(v: Any, handles: list | None, remote: Remote | None, depth: int = 0) 
     if t.__name__ == "Decimal" and mod in ("decimal", "_decimal", "_pydecimal"):
         return {"D": str(v)}
     if handles is not None:
+        plain = _plain_copy(v, t)
+        if plain is not None:
+            return encode(plain, handles, remote, d)
         handles.append(v)
         return {"h": [len(handles) - 1, t.__name__]}
     if isinstance(v, Proxy) and object.__getattribute__(v, "_remote") is remote:
         return {"h": [object.__getattribute__(v, "_h"), ""]}
     raise TypeError(f"cannot pass a {t.__name__} to the program (only plain data and its own objects)")
+
+
+def _plain_copy(v: Any, t: type) -> Any:
+    """Program side: a subclass of plain data (``Counter``, ``defaultdict``, a namedtuple, an
+    ``IntEnum``) as a copy of its base type, read through the base type's own methods, so a
+    correct answer compares as data and no overridden ``__eq__`` travels with it. ``t`` is
+    ``type(v)``, which an object cannot fake (``__class__`` can be)."""
+    if issubclass(t, dict):
+        return dict(dict.items(v))
+    for base in (list, tuple, set, frozenset):
+        if issubclass(t, base):
+            return base(base.__iter__(v))
+    if issubclass(t, int) and not issubclass(t, bool):
+        return int.__index__(v)
+    if issubclass(t, float):
+        return float.__float__(v)
+    if issubclass(t, str):
+        return str.__str__(v)
+    return None
 
 
 class Proxy:

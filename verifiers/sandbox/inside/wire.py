@@ -77,6 +77,8 @@ def exit_info(status: int) -> dict[str, Any]:
 
 
 def describe_exit(info: dict[str, Any], lim: dict[str, Any]) -> str:
+    if info.get("over_budget"):
+        return f"program stopped: {info['over_budget']}"
     sig = info.get("signal")
     if sig == signal.SIGXCPU:
         return f"program stopped at its CPU time limit ({lim['cpu_s']:g}s)"
