@@ -231,7 +231,7 @@ class RewardRunner:
         if verifier.isolation == "inline":
             try:
                 cols = {f: [row[f] for row in fields] for f in (fields[0] if fields else ())}
-                with inline_deadline(inline_watchdog_s(verifier, len(completions)), f"verifier {name!r}"):
+                with inline_deadline(inline_watchdog_s(verifier, len(completions), cols), f"verifier {name!r}"):
                     scores = verifier(completions, **cols)
                 if len(scores) != len(completions):
                     raise RuntimeError(f"returned {len(scores)} scores for {len(completions)} completions")
@@ -324,9 +324,13 @@ def pearson(xs: Sequence[float | None], ys: Sequence[float | None]) -> float | N
     return sxy / (sxx * syy) ** 0.5
 
 
-def inline_watchdog_s(verifier: Verifier, n: int) -> float:
-    """Deadline for one inline call over ``n`` completions: each may take the verifier's
-    ``timeout_s``, plus a minute for start-up (a reward model loading); 0 = none."""
+def inline_watchdog_s(verifier: Verifier, n: int, cols: dict[str, list[Any]] | None = None) -> float:
+    """Deadline for one inline call over ``n`` completions: the verifier's own
+    ``deadline_s(n, cols)`` when it has one (a row may run several timed cases), else each
+    completion may take its ``timeout_s``; plus a minute for start-up (a reward model
+    loading); 0 = none."""
+    if callable(getattr(verifier, "deadline_s", None)):
+        return 60.0 + verifier.deadline_s(n, cols or {})
     per_item = getattr(verifier, "timeout_s", 0) or 0
     return 60.0 + per_item * n if per_item > 0 else 0.0
 

@@ -227,3 +227,14 @@ def test_one_training_step_on_code_jsonl(tiny_model_dir, toy_plugin, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in records if "reward/mean" in r)
     assert step["reward/python_tests"] == 0.0 and step["errors/python_tests"] == 0.0
+
+
+def test_inline_deadline_counts_every_stdin_case():
+    """The watchdog allowed 60 s + timeout_s per completion: one slow program on a 70-case
+    stdin/stdout row ran past it and zeroed the correct completions scored beside it."""
+    from grpo.rewards import inline_watchdog_s
+
+    v = PythonTests(timeout_s=1)
+    cols = {"io_cases": [[{"input": "", "output": ""}] * 70, None], "tests": [None, "assert True"]}
+    assert v.deadline_s(2, cols) == 70 * 2.0 + 10 + 11
+    assert inline_watchdog_s(v, 2, cols) == 60 + 70 * 2.0 + 10 + 11

@@ -185,6 +185,15 @@ def test_processes_together_stay_within_the_budget(sandbox):
     assert not spin.ok and "processes together used" in spin.reason, spin.reason
 
 
+def test_a_slow_stdin_program_costs_one_timeout_not_one_per_case(sandbox):
+    cases = [{"input": f"{i}\n", "output": f"{2 * i}\n"} for i in range(6)]
+    slow = "import time\nn = int(input())\ntime.sleep(30)\nprint(2 * n)\n"
+    t0 = time.monotonic()
+    (strict,) = sandbox.run_many([IOJob(slow, cases)])
+    assert strict.status == "timeout" and strict.passed == 0
+    assert time.monotonic() - t0 < 2 * LIMITS.wall_s + 5  # one case's timeout, not six
+
+
 def test_exceptions_mutation_objects_and_iteration(sandbox):
     program = '''
 def sqrt_int(n):

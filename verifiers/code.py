@@ -116,6 +116,14 @@ class PythonTests(Verifier):
             self._sandbox = Sandbox(limits, workers=self.workers)
         return self._sandbox
 
+    def deadline_s(self, n: int, fields: dict[str, Sequence[Any]]) -> float:
+        """The longest scoring ``n`` rows can take, each run one after another: a tests row
+        one timeout, a stdin/stdout row one per case (the sandbox's own per-run budgets)."""
+        cases = fields.get("io_cases") or [None] * n
+        tests = fields.get("tests") or [None] * n
+        return sum(self.timeout_s + 10.0 if tests[i] or not isinstance(cases[i], list)
+                   else len(cases[i]) * (self.timeout_s + 1.0) + 10.0 for i in range(n))
+
     def score(self, completions: Sequence[str], **fields: Sequence[Any]) -> list[Score]:
         n = len(completions)
         tests = fields.get("tests") or [None] * n
@@ -131,7 +139,7 @@ class PythonTests(Verifier):
                 jobs.append(TestsJob(program, tests[i], partial=self.partial_credit, prefix=prefixes[i] or "",
                                      entry_point=entry_points[i] or ""))
             elif io_cases[i]:
-                jobs.append(IOJob(program, _check_io_cases(io_cases[i])))
+                jobs.append(IOJob(program, _check_io_cases(io_cases[i]), partial=self.partial_credit))
             else:
                 raise UserError("python_tests: a row has neither 'tests' nor 'io_cases'")
         results = self.sandbox().run_many(jobs)

@@ -48,6 +48,7 @@ class IOJob:
 
     program: str
     cases: list[dict[str, str]]
+    partial: bool = False  # run every case (partial credit); else stop at the first that times out
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Sandbox:
         second: dict[str, Any] = {"nonce": nonce}
         if io:
             header["inputs"] = [c.get("input", "") for c in job.cases]
+            header["partial"] = job.partial
             # room for the expected output (plus slack), never less than the configured cap
             header["output_caps"] = [max(lim.max_output_bytes, 2 * len(c["output"].encode()) + 1024)
                                      for c in job.cases]

@@ -155,6 +155,8 @@ def _harness_io(hdr: dict[str, Any], ctl: int) -> list[dict[str, Any]]:
             results.append(recv(ctl, time.monotonic() + lim["wall_s"] + 30))
         except (Timeout, EOFError, ProtocolError):
             break
+        if results[-1].get("timed_out") and not hdr.get("partial"):
+            break  # the run has failed: a slow program costs one timeout, not one per case
     return results
 
 
