@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo.errors import UserError
+from grpo.errors import UserError, state_dict_error_line
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -274,8 +274,8 @@ def load_adapter(path: Path, model) -> None:
     try:
         result = set_peft_model_state_dict(model, tensors)
     except RuntimeError as exc:  # shape mismatch: a different lora_rank or model
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not match the model's adapters: {first}") from exc
+        raise CheckpointError(f"checkpoint {path} does not match the model's adapters: "
+                              f"{state_dict_error_line(exc)}") from exc
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model's adapters "

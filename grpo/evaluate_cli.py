@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from grpo.config import ModelConfig, RolloutConfig, ToolsConfig, from_dict
-from grpo.errors import UserError
+from grpo.errors import UserError, state_dict_error_line
 from grpo.eval_settings import EvalSettings, add_eval_parser, resolve_settings  # noqa: F401  (grpo.cli's entry)
 
 # torch, transformers, peft and the modules that import them (grpo.build, grpo.evaluate, grpo.models ...)
@@ -39,27 +39,28 @@ from grpo.eval_settings import EvalSettings, add_eval_parser, resolve_settings  
 # `grpo --help` must stay instant.
 
 
-def resolve_adapter(path: str) -> Path:
-    """A peft adapter directory, or a ``grpo train`` run directory whose adapter/ holds one."""
+def resolve_adapter(path: str, what: str = "--adapter") -> Path:
+    """A peft adapter directory, or a ``grpo train`` run directory whose adapter/ holds one;
+    ``what`` names the path in the errors."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"--adapter {path}: no such directory")
+        raise UserError(f"{what} {path}: no such directory")
     if not p.is_dir():
-        raise UserError(f"--adapter {path} is a file; give a peft adapter directory (e.g. runs/<name>/adapter)")
+        raise UserError(f"{what} {path} is a file; give a peft adapter directory (e.g. runs/<name>/adapter)")
     if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
         p = p / "adapter"  # a run directory
     config_file = p / "adapter_config.json"
     if not config_file.is_file():
-        raise UserError(f"--adapter {path} is not a peft adapter directory (no adapter_config.json); "
+        raise UserError(f"{what} {path} is not a peft adapter directory (no adapter_config.json); "
                         "give e.g. runs/<name>/adapter or the run directory")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(f"--adapter {path}: {config_file} is not valid JSON ({exc.msg})") from exc
+        raise UserError(f"{what} {path}: {config_file} is not valid JSON ({exc.msg})") from exc
     if not isinstance(config, dict) or "peft_type" not in config:
-        raise UserError(f"--adapter {path}: {config_file} has no peft_type (not a peft adapter config)")
+        raise UserError(f"{what} {path}: {config_file} has no peft_type (not a peft adapter config)")
     if not any((p / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise UserError(f"--adapter {path}: no adapter_model.safetensors (the adapter weights) in {p}")
+        raise UserError(f"{what} {path}: no adapter_model.safetensors (the adapter weights) in {p}")
     return p
 
 
@@ -155,8 +156,7 @@ def _load_model(s: EvalSettings, adapters: list[Path]):
         except SafetensorError as exc:  # truncated or not a safetensors file at all
             raise UserError(f"--adapter {adapter}: the adapter weights are corrupt or truncated ({exc})") from exc
         except (ValueError, RuntimeError, KeyError, OSError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"cannot load an adapter onto {s.model}: {first} "
+            raise UserError(f"cannot load an adapter onto {s.model}: {state_dict_error_line(exc)} "
                             "(was it trained on this base model?)") from exc
         use_fused_lora(model, s.lora_kernel)  # as in training (grpo/build.py)
     model.eval()

@@ -33,22 +33,32 @@ def add_export_parser(sub) -> None:
 
 
 def find_adapter(run_dir: Path, checkpoint: str | None) -> Path:
-    """The adapter directory to merge (holding adapter_config.json)."""
-    if checkpoint == "latest":
-        from grpo import checkpoint as ckpt
+    """The adapter directory to merge (holding adapter_config.json, checked as ``grpo eval`` checks it)."""
+    from grpo import checkpoint as ckpt
+    from grpo.evaluate_cli import resolve_adapter
 
-        latest = ckpt.latest(run_dir)
-        if latest is None:
+    if checkpoint == "latest":
+        if not ckpt.list_checkpoints(run_dir):
             raise UserError(f"{run_dir}: no checkpoints to export (run directory without checkpoints/)")
-        candidates = [latest / "adapter"]
-    elif checkpoint:
-        candidates = [Path(checkpoint) / "adapter", Path(checkpoint)]
-    else:
-        candidates = [run_dir / "adapter", run_dir]
-    for c in candidates:
+        try:  # the newest that reads back intact (hashes checked), as --resume picks it
+            path, _ = ckpt.find_resumable(run_dir)
+        except ckpt.CheckpointError as exc:
+            raise UserError(str(exc)) from exc
+        return resolve_adapter(str(path / "adapter"), "--checkpoint latest:")
+    if checkpoint:  # a path, or a checkpoint of RUN_DIR by name or step number
+        named = [Path(checkpoint), run_dir / "checkpoints" / checkpoint]
+        if checkpoint.isdigit():
+            named.append(run_dir / "checkpoints" / f"step-{int(checkpoint):06d}")
+        for c in named:
+            for candidate in (c / "adapter", c):
+                if (candidate / "adapter_config.json").is_file():
+                    return resolve_adapter(str(candidate), "--checkpoint")
+        raise UserError(f"--checkpoint {checkpoint}: no checkpoint with an adapter there or in "
+                        f"{run_dir / 'checkpoints'} (give a path, a name like step-000002, a step number or 'latest')")
+    for c in (run_dir / "adapter", run_dir):
         if (c / "adapter_config.json").is_file():
-            return c
-    raise UserError(f"{candidates[0]}: no LoRA adapter (adapter_config.json) found; give a grpo train run "
+            return resolve_adapter(str(c), "adapter")
+    raise UserError(f"{run_dir / 'adapter'}: no LoRA adapter (adapter_config.json) found; give a grpo train run "
                     "directory that finished (it writes adapter/), or --checkpoint latest")
 
 
@@ -58,9 +68,12 @@ def base_model_spec(run_dir: Path, adapter: Path, override: str | None) -> str:
     config = run_dir / "config.yaml"
     if config.is_file():
         try:
-            name = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("name")
+            loaded = yaml.safe_load(config.read_text()) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"{config}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict) or not isinstance(loaded.get("model", {}), dict):
+            raise UserError(f"{config}: not a run config (a mapping with model.name); pass --model")
+        name = loaded.get("model", {}).get("name")
         if name:
             return str(name)
     base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -71,10 +84,18 @@ def base_model_spec(run_dir: Path, adapter: Path, override: str | None) -> str:
 
 def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, checkpoint: str | None = None,
            dtype: str = "auto") -> Path:
-    """Merge and save; returns the output directory."""
-    from peft import PeftModel
+    """Merge and save; returns the output directory. Written into a sibling ``.tmp-*`` directory
+    and renamed into place, so a failed export (a full disk) leaves no half model behind."""
+    import os
+    import shutil
+    import tempfile
 
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    from grpo.errors import state_dict_error_line
     from grpo.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from grpo.rundir import os_errors
 
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
@@ -82,39 +103,105 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; choose a new directory")
     adapter = find_adapter(run_dir, checkpoint)
-    task_type = json.loads((adapter / "adapter_config.json").read_text()).get("task_type")
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    task_type = adapter_config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):  # a reward model's adapter: its score head is not a causal LM's
         raise UserError(f"{adapter}: a {task_type} adapter (a grpo rm train run?), not a policy's; a reward model "
                         f"run writes its merged model to RUN/model/ already")
     spec = base_model_spec(run_dir, adapter, model_spec)
-    base_path = resolve_model_path(spec)
-    model = load_causal_lm(base_path, "float32", "cpu")  # merge in float32, cast once at the end
+    with os_errors(f"cannot write the export {out}"):  # before the merge: a read-only place fails fast
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise UserError(f"adapter {adapter} does not fit base model {spec!r}: {str(exc).splitlines()[0]}") from exc
-    target = _target_dtype(dtype, base_path)
-    merged = merged.to(target)
-    leftover = [k for k in merged.state_dict() if "lora_" in k]
-    if leftover:  # merge_and_unload left LoRA layers behind: not a standalone model
-        raise RuntimeError(f"merge left LoRA tensors in the model: {leftover[:3]}")
-    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base_path)
-    tokenizer = load_tokenizer(str(tokenizer_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    if not (out / "generation_config.json").is_file():
-        merged.generation_config.save_pretrained(out)
-    system_prompt = _run_setting(run_dir, "system_prompt")
-    (out / "export.json").write_text(json.dumps({
-        "base_model": spec, "base_path": str(base_path), "adapter": str(adapter.resolve()),
-        "dtype": str(target).replace("torch.", ""), "merged_with": "peft merge_and_unload",
-        "system_prompt": system_prompt,
-    }, indent=2) + "\n")
+        base_path = resolve_model_path(spec)
+        model = load_causal_lm(base_path, "float32", "cpu")  # merge in float32, cast once at the end
+        _untie_targeted_embeddings(model, adapter_config)
+        try:
+            merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except SafetensorError as exc:
+            raise UserError(f"adapter {adapter}: the adapter weights are corrupt or truncated ({exc})") from exc
+        except (ValueError, RuntimeError, KeyError, OSError) as exc:
+            raise UserError(f"adapter {adapter} does not fit base model {spec!r}: "
+                            f"{state_dict_error_line(exc)}") from exc
+        target = _target_dtype(dtype, base_path)
+        merged = merged.to(target)
+        leftover = [k for k in merged.state_dict() if "lora_" in k]
+        if leftover:  # merge_and_unload left LoRA layers behind: not a standalone model
+            raise RuntimeError(f"merge left LoRA tensors in the model: {leftover[:3]}")
+        tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base_path)
+        tokenizer = load_tokenizer(str(tokenizer_dir))
+        system_prompt = _run_setting(run_dir, "system_prompt")
+        with os_errors(f"cannot write the export {out}"), _safetensors_os_errors():
+            merged.save_pretrained(tmp, safe_serialization=True)
+            _add_legacy_config_keys(tmp / "config.json")
+            tokenizer.save_pretrained(tmp)
+            if not (tmp / "generation_config.json").is_file():
+                merged.generation_config.save_pretrained(tmp)
+            (tmp / "export.json").write_text(json.dumps({
+                "base_model": spec, "base_path": str(base_path), "adapter": str(adapter.resolve()),
+                "dtype": str(target).replace("torch.", ""), "merged_with": "peft merge_and_unload",
+                "system_prompt": system_prompt,
+            }, indent=2) + "\n")
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private; the export is for serving
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if system_prompt:  # the chat template saved is the tokenizer's own: it does not add it
         print(f"note: the policy trained with model.system_prompt {system_prompt!r} (in export.json); send it as "
               "the system message when serving the merged model", file=sys.stderr)
     return out
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _safetensors_os_errors():
+    from grpo.checkpoint import _safetensors_os_errors as wrap
+
+    return wrap()
+
+
+def _untie_targeted_embeddings(model, adapter_config: dict) -> None:
+    """A base that ties its LM head to the input embeddings, with LoRA on either: merging adds
+    the delta to the one shared matrix, so it would reach both (wrong logits, silently). Give
+    the head its own copy first; the export then saves both, untied."""
+    import torch
+
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    targets = adapter_config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    targets += list(adapter_config.get("modules_to_save") or [])
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is embed or module is head}
+    if head is None or not names & set(targets):
+        return
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    head.weight = torch.nn.Parameter(embed.weight.detach().clone())
+
+
+def _add_legacy_config_keys(path: Path) -> None:
+    """transformers 5 writes the RoPE settings only as ``rope_parameters``; transformers 4 (which
+    many vLLM builds pin) ignores that key and uses its default theta: silently wrong logits.
+    Add the keys it reads (``rope_theta``, ``rope_scaling``, ``torch_dtype``); 5 ignores them."""
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    if "dtype" in config:
+        config.setdefault("torch_dtype", config["dtype"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _run_setting(run_dir: Path, key: str):

@@ -11,17 +11,17 @@ import yaml
 from grpo.cli import main
 
 
-def _fake_run(model_dir, run_dir):
+def _fake_run(model_dir, run_dir, targets=("q_proj", "v_proj", "down_proj")):
     """A run directory as `grpo train` leaves it: config.yaml + adapter/ with non-zero LoRA B."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_" in name:  # (an embedding LoRA starts with A = 0)
                 p.normal_(0, 0.5)  # a trained-looking adapter that changes the greedy tokens
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(model_dir)}}))
@@ -95,3 +95,71 @@ def test_auto_dtype_is_the_bases_own(tiny_model_dir, tmp_path):
     config.save_pretrained(tmp_path / "bf16")
     assert _target_dtype("auto", str(tmp_path / "bf16")) == torch.bfloat16
     assert _target_dtype("auto", str(tmp_path / "no-such-model")) == torch.float32
+
+
+@pytest.mark.parametrize("tied", ["lm_head", "embed_tokens"])
+def test_export_of_lora_on_a_tied_embedding_is_exact(tiny_model_dir, tmp_path, tied):
+    """The tiny model ties its head to the embeddings (as SmolLM2 does): merging a LoRA on one
+    added its delta to the shared matrix, so it reached both (logits off by 0.8-15, exit 0)."""
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.tie_word_embeddings
+    peft_model = _fake_run(tiny_model_dir, tmp_path / "run", targets=(tied, "q_proj")).eval()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[1, 10, 11, 40, 50, 60]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft_model(ids).logits, atol=1e-5)
+
+
+def test_export_config_reads_right_under_transformers_4(tiny_model_dir, tmp_path):
+    """transformers 5 writes RoPE only as rope_parameters; transformers 4 (many vLLM builds)
+    ignored it and used its default theta. The legacy keys are written too."""
+    _fake_run(tiny_model_dir, tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert config["torch_dtype"] == config["dtype"]
+
+
+def test_export_bad_adapters_and_checkpoints_are_one_line(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    _fake_run(tiny_model_dir, run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])
+    assert main(["export", str(run), str(tmp_path / "o1")]) == 2
+    assert "the adapter weights are corrupt or truncated" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not list(tmp_path.glob(".tmp-*"))  # nothing half-written
+    weights.write_bytes(good)
+    config = run / "adapter" / "adapter_config.json"
+    text = config.read_text()
+    config.write_text("{bad")
+    assert main(["export", str(run), str(tmp_path / "o2")]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    config.write_text(text)
+    (run / "config.yaml").write_text("- a list\n")
+    assert main(["export", str(run), str(tmp_path / "o3")]) == 2
+    assert "not a run config" in capsys.readouterr().err
+    # a checkpoint by step number, from RUN_DIR/checkpoints
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}}))
+    import shutil
+
+    shutil.copytree(run / "adapter", run / "checkpoints" / "step-000002" / "adapter")
+    assert main(["export", str(run), str(tmp_path / "o4"), "--checkpoint", "2"]) == 0
+    assert main(["export", str(run), str(tmp_path / "o5"), "--checkpoint", "7"]) == 2
+    assert "no checkpoint with an adapter" in capsys.readouterr().err
+
+
+def test_export_to_a_read_only_place_is_one_line_before_the_merge(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    _fake_run(tiny_model_dir, tmp_path / "run")
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the export" in err and "read-only" in err and "Traceback" not in err
