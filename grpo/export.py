@@ -94,7 +94,7 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
     from safetensors import SafetensorError
 
     from grpo.errors import state_dict_error_line
-    from grpo.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from grpo.models import add_legacy_config_keys, load_causal_lm, load_tokenizer, resolve_model_path
     from grpo.rundir import os_errors
 
     run_dir, out = Path(run_dir), Path(out)
@@ -133,7 +133,7 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
         system_prompt = _run_setting(run_dir, "system_prompt")
         with os_errors(f"cannot write the export {out}"), _safetensors_os_errors():
             merged.save_pretrained(tmp, safe_serialization=True)
-            _add_legacy_config_keys(tmp / "config.json")
+            add_legacy_config_keys(tmp / "config.json")
             tokenizer.save_pretrained(tmp)
             if not (tmp / "generation_config.json").is_file():
                 merged.generation_config.save_pretrained(tmp)
@@ -187,21 +187,6 @@ def _untie_targeted_embeddings(model, adapter_config: dict) -> None:
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False
     head.weight = torch.nn.Parameter(embed.weight.detach().clone())
-
-
-def _add_legacy_config_keys(path: Path) -> None:
-    """transformers 5 writes the RoPE settings only as ``rope_parameters``; transformers 4 (which
-    many vLLM builds pin) ignores that key and uses its default theta: silently wrong logits.
-    Add the keys it reads (``rope_theta``, ``rope_scaling``, ``torch_dtype``); 5 ignores them."""
-    config = json.loads(path.read_text())
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        config.setdefault("rope_theta", rope["rope_theta"])
-        if rope.get("rope_type", "default") != "default":
-            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
-    if "dtype" in config:
-        config.setdefault("torch_dtype", config["dtype"])
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _run_setting(run_dir: Path, key: str):

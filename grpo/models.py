@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
@@ -106,6 +107,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     key = _content_key(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
     target = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
+        add_legacy_config_keys(target / "config.json")  # a conversion cached by an older version
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,7 +132,9 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
             raise RuntimeError(f"GGUF conversion mismatch: missing={real_missing} unexpected={unexpected}")
         model.generation_config = loaded.generation_config
         model.save_pretrained(tmp)
+        add_legacy_config_keys(tmp / "config.json")  # vLLM users serve this directory (docs/export.md)
         tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private; another user's server may read it
         try:
             tmp.rename(target)
         except OSError:  # another process won the race
@@ -139,6 +143,23 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def add_legacy_config_keys(path: Path) -> None:
+    """transformers 5 writes the RoPE settings only as ``rope_parameters``; transformers 4 (which
+    many vLLM builds pin) ignores that key and uses its default theta: silently wrong logits.
+    Add the keys it reads (``rope_theta``, ``rope_scaling``, ``torch_dtype``); 5 ignores them."""
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    if "dtype" in config:
+        config.setdefault("torch_dtype", config["dtype"])
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    if text != path.read_text():
+        path.write_text(text)
 
 
 def load_tokenizer(path: str):
