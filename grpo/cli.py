@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from grpo.errors import PeerFailed, UserError
@@ -182,6 +184,33 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``docker stop``, Kubernetes and SLURM send SIGTERM before SIGKILL):
+    stopped as Ctrl-C stops a run (cleanup, the checkpoint on disk is what resumes). A
+    KeyboardInterrupt, so every cleanup that handles Ctrl-C handles it too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _handle_termination() -> dict[int, Any]:
+    """SIGTERM/SIGHUP raise ``Terminated`` where they would kill the process silently (or, as a
+    container's pid 1, be ignored: the run went on until the grace period's SIGKILL). Returns
+    the handlers replaced, for ``main`` to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            replaced[sig] = signal.signal(sig, _raise_terminated)
+    return replaced
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -189,18 +218,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    replaced = _handle_termination()
     try:
         code = _COMMANDS[args.command](args)
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks' lines do not interleave
         code = 2
+    except Terminated as exc:
+        sys.stderr.write(f"terminated ({exc})\n")
+        code = 128 + exc.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        sys.stderr.write("interrupted\n")
         code = 130
+    except BrokenPipeError:  # `grpo verify ... | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = 128 + signal.SIGPIPE
     except PeerFailed:  # under torchrun: another rank failed and said why; this one said so (grpo.dist.fail)
         code = 1
+    finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
     dist = sys.modules.get("grpo.dist")  # loaded (with torch) only by commands that can join a group
     return dist.finish(code) if dist else code  # a torchrun rank exits in finish; one process returns
 

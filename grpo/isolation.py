@@ -130,6 +130,7 @@ def _enter_pid_namespace(root: bool) -> bool:
         return True
     os.close(alive_r)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pebble stops a worker with SIGTERM: die, the child follows
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # not the trainer's Terminated (grpo/cli.py)
     while True:
         try:
             _, status = os.waitpid(child, 0)

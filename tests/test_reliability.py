@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -723,3 +724,36 @@ def test_a_verifier_with_an_unknown_isolation_is_refused_up_front():
     with RewardRunner(workers=1) as runner, pytest.raises(UserError, match="isolation must be 'process' or 'inline', "
                                                                            "got 'proces'"):
         runner.check_rows([{"verifiers": {"isolation_typo": 1.0}}], "rows")
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(tiny_model_dir, toy_plugin, tmp_path):
+    """docker stop / Kubernetes / SLURM send SIGTERM: it killed the run silently (no cleanup, exit
+    -15) and, as a container's pid 1, was ignored until the SIGKILL."""
+    import signal
+    import subprocess
+    import time
+
+    run_dir = tmp_path / "run"
+    args = _args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 200})
+    proc = subprocess.Popen([sys.executable, "-m", "grpo", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints").is_dir() or not list((run_dir / "checkpoints").glob("step-*")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in err
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 3}) + ["--resume"]) == 0
+
+
+def test_a_closed_pipe_is_quiet(tmp_path):
+    """`grpo list | head -1`: a BrokenPipeError traceback and exit 1 before."""
+    import subprocess
+
+    out = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m grpo list | head -c 10"],
+                         capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
