@@ -468,6 +468,29 @@ def json_object_arg(text: str, flag: str) -> dict[str, Any]:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping: YAML keeps the last,
+    so a pasted second ``loss:`` block silently dropped the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        seen_nodes: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+                repeated = seen_nodes.setdefault(key, key_node) is not key_node
+            except TypeError:  # an unhashable key: SafeLoader says so itself
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {first + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config", expected: str = "config keys") -> dict[str, Any]:
     """The top-level mapping of a YAML file; a one-line UserError (with the line) otherwise."""
     path = Path(path)
@@ -477,7 +500,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config", expected: str = "c
         text = path.read_bytes().decode("utf-8")
         if not text.strip():  # a file that says nothing (not even a comment): the wrong file, most likely
             raise UserError(f"{path} is empty; for every default, put a comment in it (# defaults)")
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (at byte {exc.start}); convert the file to UTF-8") from exc
     except yaml.YAMLError as exc:

@@ -40,7 +40,20 @@ def expand_preset(data: dict[str, Any]) -> None:
         node = data.setdefault(section, {})
         if not isinstance(node, dict):
             return  # the type check reports the malformed section
-        if key in node and node[key] != value:
+        if key in node and not _same(node[key], value):
             raise UserError(f"config: loss.preset={name} sets {dotted}={value!r}, but the config sets "
                             f"{dotted}={node[key]!r}; remove one of the two")
         node[key] = value
+
+
+def _same(given: Any, preset: Any) -> bool:
+    """The config's value equals the preset's, also when YAML 1.1 read a number as text
+    (``epsilon_low: 3e-4`` is the string "3e-4"; the config's types turn it into 0.0003 later)."""
+    if given == preset:
+        return True
+    if isinstance(preset, float) and isinstance(given, str):
+        try:
+            return float(given) == preset
+        except ValueError:
+            return False
+    return False

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from grpo.cli import main
-from grpo.config import RunConfig, apply_override, describe, load_config
+from grpo.config import RunConfig, apply_override, describe, load_config, read_yaml_mapping
 from grpo.errors import UserError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -120,6 +120,17 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     assert load_config(_write(tmp_path, "optim:\n  lr: 1e-5\n")).optim.lr == 1e-5
 
 
+def test_a_key_written_twice_is_an_error_with_both_lines(tmp_path):
+    # YAML keeps the last: a pasted second `loss:` block silently dropped the first one's beta
+    path = _write(tmp_path, "loss:\n  beta: 0.5\nsteps: 3\nloss:\n  epsilon_high: 0.28\n")
+    with pytest.raises(UserError, match=r"line 4 invalid YAML: key 'loss' appears twice \(lines 1 and 4\)"):
+        load_config(path)
+    with pytest.raises(UserError, match="key 'lr' appears twice"):
+        load_config(_write(tmp_path, "optim: {lr: 0.1, lr: 0.2}\n"))
+    merged = _write(tmp_path, "defaults: &d\n  beta: 0.1\nloss:\n  <<: *d\n  beta: 0.2\n")
+    assert read_yaml_mapping(merged)["loss"] == {"beta": 0.2}  # a merge key may be overridden
+
+
 def test_tis_cap_with_rollout_old_logprobs_is_rejected():
     # Both would correct the engine/trainer difference: the ratio pi/pi_engine and the TIS weight.
     with pytest.raises(UserError, match="twice"):
@@ -136,6 +147,8 @@ def test_preset_expands_and_conflicts_are_errors():
     assert cfg.rollout.dynamic_sampling and cfg.loss.aggregation == "token_mean" and cfg.loss.epsilon_high == 0.28
     cfg = load_config(None, ["loss.preset=gspo"])
     assert cfg.loss.ratio_level == "sequence" and cfg.loss.epsilon_low == 3e-4
+    cfg = load_config(None, ["loss.preset=gspo", "loss.epsilon_low=3e-4"])  # YAML 1.1 reads "3e-4" as text
+    assert cfg.loss.epsilon_low == 3e-4
     with pytest.raises(UserError, match="loss.preset=dr_grpo sets loss.aggregation='constant'"):
         load_config(None, ["loss.preset=dr_grpo", "loss.aggregation=token_mean"])
     with pytest.raises(UserError, match="expected one of"):
