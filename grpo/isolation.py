@@ -177,6 +177,54 @@ def isolate_worker() -> None:
     _enter_pid_namespace(root)
 
 
+class WorkerPool:
+    """The pebble process pool verifiers and tools run in (fork: workers inherit plugin modules
+    loaded from files; ``isolate_worker``: they die with the trainer and cannot signal it),
+    rebuilt when it breaks: a worker killed from outside (the OOM killer, an admin) left
+    pebble's pool broken for good, so every later call failed and the run stopped."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = None
+        self._lock = threading.Lock()  # tool calls schedule from several threads: one pool
+
+    def schedule(self, fn, args: tuple, timeout: float | None):
+        try:
+            return self._get().schedule(fn, args=args, timeout=timeout)
+        except RuntimeError:  # "Unexpected error within the Pool": a broken pool
+            self.discard()
+            return self._get().schedule(fn, args=args, timeout=timeout)
+
+    def _get(self):
+        import multiprocessing
+
+        import pebble
+
+        with self._lock:
+            if self._pool is not None and not self._pool.active:
+                self._stop(self._pool)
+                self._pool = None
+            if self._pool is None:
+                self._pool = pebble.ProcessPool(max_workers=self.workers,
+                                                context=multiprocessing.get_context("fork"),
+                                                initializer=isolate_worker)
+            return self._pool
+
+    def discard(self) -> None:
+        """Drop the pool (after a ``BrokenProcessPool``); the next call starts a new one."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            self._stop(pool)
+
+    close = discard
+
+    @staticmethod
+    def _stop(pool) -> None:
+        pool.stop()
+        pool.join(timeout=10)
+
+
 @contextlib.contextmanager
 def inline_deadline(seconds: float, what: str) -> Iterator[None]:
     """Raise ``VerifierTimeout`` in the calling (main) thread when the block runs past ``seconds``.

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import multiprocessing
 import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from grpo.errors import UserError
-from grpo.isolation import WorkerError, inline_deadline, worker_call
+from grpo.isolation import WorkerError, WorkerPool, inline_deadline, worker_call
 from grpo.registry import VERIFIERS, closest
 from verifiers.base import REJECTED, Score, Verifier, build_verifier
 from verifiers.foreign import foreign_verifier, is_foreign_function
@@ -96,7 +95,7 @@ class RewardRunner:
         self.weight_overrides = dict(weight_overrides or {})
         self.workers = max(1, workers)
         self._verifiers: dict[str, Verifier] = {}
-        self._pool = None
+        self._pool = WorkerPool(self.workers)  # started on first use, rebuilt when it breaks
         self._names_in_rows: set[str] = set()  # every verifier named by rows given to check_rows
         self._failed_batches = 0  # consecutive score() calls in which every verifier call failed
 
@@ -242,8 +241,19 @@ class RewardRunner:
             except Exception as exc:
                 _warn(f"verifier {name!r} raised {type(exc).__name__}: {exc}; its {len(completions)} rewards are 0")
                 return [Score(0.0, f"error: {type(exc).__name__}: {exc}"[:200])] * len(completions), len(completions)
-        pool = self._get_pool()
-        futures = [pool.schedule(_score_in_worker, args=(verifier, c, f), timeout=verifier.timeout_s)
+        scores, n_err = self._run_in_workers(verifier, completions, fields)
+        broken = [i for i, s in enumerate(scores) if s.reason.startswith("error: BrokenProcessPool")]
+        if broken:  # a worker was killed from outside (the OOM killer, an admin): a new pool, once
+            self._pool.discard()
+            again, _ = self._run_in_workers(verifier, [completions[i] for i in broken], [fields[i] for i in broken])
+            for i, score in zip(broken, again):
+                scores[i] = score
+            n_err = sum(_is_error(s) for s in scores)
+        return scores, n_err
+
+    def _run_in_workers(self, verifier: Verifier, completions: list[str],
+                        fields: list[dict[str, Any]]) -> tuple[list[Score], int]:
+        futures = [self._pool.schedule(_score_in_worker, (verifier, c, f), verifier.timeout_s)
                    for c, f in zip(completions, fields)]
         scores, n_err = [], 0
         for fut in futures:
@@ -266,22 +276,8 @@ class RewardRunner:
                 n_err += 1
         return scores, n_err
 
-    def _get_pool(self):
-        if self._pool is None:
-            import pebble
-
-            # fork: workers inherit plugin modules loaded from files; they never touch torch.
-            from grpo.isolation import isolate_worker
-
-            self._pool = pebble.ProcessPool(max_workers=self.workers, context=multiprocessing.get_context("fork"),
-                                            initializer=isolate_worker)  # cannot signal the trainer
-        return self._pool
-
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool.join(timeout=10)
-            self._pool = None
+        self._pool.close()
         for v in self._verifiers.values():
             close = getattr(v, "close", None)
             if callable(close):

@@ -380,6 +380,34 @@ def test_a_verifier_that_exits_or_raises_the_unpicklable_costs_its_reward_only(r
     assert batch.reasons["hostile_exits"][:2] == ["error: SystemExit: 3", "error: _TwoArgError: 7: detail"]
 
 
+def _children(pid):
+    try:
+        return [int(x) for x in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def test_a_worker_killed_from_outside_costs_nothing(reward_plugin):
+    """The OOM killer or an admin killing a pool worker's namespace child left pebble's pool broken:
+    every call of the next batch failed, then the run crashed with a traceback."""
+    import signal
+    import time
+
+    from grpo.rewards import RewardRunner
+
+    with RewardRunner(workers=1) as runner:
+        assert _score("as_number_process", ["0.5"], runner).per_verifier["as_number_process"] == [0.5]
+        workers = runner._pool._pool._pool_manager.worker_manager.workers  # pebble's {pid: process}
+        inner = [c for worker in workers for c in _children(worker)]
+        assert inner, "no pool worker found"
+        for pid in inner:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        for _ in range(2):  # the batch after the kill, and the next one
+            batch = _score("as_number_process", ["0.25", "2"], runner)
+            assert batch.per_verifier["as_number_process"] == [0.25, 2.0], batch.reasons
+
+
 def test_a_failing_verifier_is_not_hidden_by_one_at_weight_zero(reward_plugin):
     """configs/rm/grpo_arith.yaml's shape: the learned reward weighs in, a rule check at 0 only measures."""
     from grpo.rewards import FAILED_BATCHES_LIMIT, RewardRunner

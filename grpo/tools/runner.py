@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import multiprocessing
-import threading
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from grpo.errors import UserError
-from grpo.isolation import WorkerError, isolate_worker, worker_call
+from grpo.isolation import WorkerError, WorkerPool, worker_call
 from grpo.tools.schema import check_arguments, string_parameter, tool_schema
 
 
@@ -83,8 +82,7 @@ class ToolRunner:
         self.timeout_s, self.max_chars = timeout_s, max_observation_chars
         self.workers, self.memory_mb = max(1, workers), memory_mb
         self._threads: ThreadPoolExecutor | None = None
-        self._pool = None
-        self._pool_lock = threading.Lock()  # run_one runs on several threads: one pool
+        self._pool = WorkerPool(self.workers)  # run_one runs on several threads: one pool, rebuilt when broken
 
     def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
         if not calls:
@@ -119,9 +117,7 @@ class ToolRunner:
                 except (SystemExit, KeyboardInterrupt) as exc:  # sys.exit in a tool ends its call only
                     raise WorkerError(f"{type(exc).__name__}: {exc}") from None
             else:
-                future = self._get_pool().schedule(_call_in_worker, args=(tool.fn, arguments, self.max_chars,
-                                                                          self.memory_mb), timeout=self.timeout_s)
-                text = future.result()
+                text = self._in_worker(tool, arguments)
         except TimeoutError:
             return self._error(f"{tool.name} timed out after {self.timeout_s:g} s")
         except MemoryError:
@@ -135,25 +131,19 @@ class ToolRunner:
     def _error(self, message: str) -> ToolResult:
         return ToolResult(_truncate("error: " + message, self.max_chars), True)
 
-    def _get_pool(self):
-        with self._pool_lock:
-            if self._pool is None:
-                import pebble
-
-                # fork: workers inherit plugin modules loaded from files; a worker that times out is killed;
-                # isolate_worker: they die with the trainer and cannot signal it (as verifiers' workers)
-                self._pool = pebble.ProcessPool(max_workers=self.workers, context=multiprocessing.get_context("fork"),
-                                                initializer=isolate_worker)
-            return self._pool
+    def _in_worker(self, tool, arguments) -> str:
+        args = (tool.fn, arguments, self.max_chars, self.memory_mb)
+        try:
+            return self._pool.schedule(_call_in_worker, args, self.timeout_s).result()
+        except BrokenProcessPool:  # a worker killed from outside: a new pool, this call once more
+            self._pool.discard()
+            return self._pool.schedule(_call_in_worker, args, self.timeout_s).result()
 
     def close(self) -> None:
         if self._threads is not None:
             self._threads.shutdown(wait=True)
             self._threads = None
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool.join(timeout=10)
-            self._pool = None
+        self._pool.close()
         for tool in self.tools.values():
             if tool.close is not None:
                 tool.close()
