@@ -407,10 +407,13 @@ class Trainer:
             return self.policy(compute)
 
     def _dropout_seeds(self, count: int) -> list[int | None]:
-        """One LoRA-dropout seed per micro-batch, shared by its old and policy passes (None: no dropout)."""
+        """One LoRA-dropout seed per micro-batch, shared by its old and policy passes (None: no dropout);
+        each rank its own (the same seeds on every rank drew the same masks). Masks are drawn per
+        micro-batch, so with dropout the result depends on the micro-batching and the world size."""
         if self.cfg.model.lora_dropout == 0:
             return [None] * count
-        return [(self.cfg.seed * 1_000_003 + self.step) * 4099 + i for i in range(count)]
+        rank = self.dist.rank * 1_000_000_007
+        return [(self.cfg.seed * 1_000_003 + self.step) * 4099 + i + rank for i in range(count)]
 
     def _update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.cfg
@@ -582,7 +585,9 @@ class Trainer:
                                    max_new_tokens=cfg.rollout.max_new_tokens, ks=cfg.eval.k, greedy=cfg.eval.greedy,
                                    seed=cfg.seed + EVAL_SEED_OFFSET, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                                    first_index=share.start).samples
-        samples = dist.all_gather_concat(samples)  # every rank's samples, in problem order (collective)
+        samples = dist.all_gather_concat(samples)  # every rank's samples (collective)
+        # the file as one process writes it: sampled rows, then greedy ones, each in problem order
+        samples.sort(key=lambda s: (s["mode"] != "sampled", s["problem"], s.get("sample", 0)))
         m = metrics_from_samples(samples, cfg.eval.k)
         self._write_eval(step, m, samples)
         return m

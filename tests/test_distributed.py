@@ -232,6 +232,9 @@ def test_two_ranks_log_the_one_process_metrics_once_from_rank_0(two_rank_run):
     assert two_rank_run["stdout"].count("run directory:") == 1
     samples = (two_rank_run["two"] / "eval" / "samples-step000003.jsonl").read_text().splitlines()
     assert len(samples) == 3 * (2 + 1)  # problems x (samples + greedy), gathered from both ranks
+    order = [[(r["mode"], r["problem"], r["sample"]) for r in map(json.loads, (two_rank_run[name] / "eval" /
+              "samples-step000003.jsonl").read_text().splitlines())] for name in ("one", "two")]
+    assert order[0] == order[1]  # the file as one process writes it (the ranks' slices were interleaved)
     assert [p.name for p in sorted((two_rank_run["two"] / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
 
 

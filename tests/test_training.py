@@ -156,3 +156,20 @@ def test_first_step_takes_the_reference_from_the_fresh_policy(tiny_model_dir, to
         assert a["sequences_in_loss"] == b["sequences_in_loss"] > 0
         for key in ("loss", "kl", "ratio", "grad_norm", "entropy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_dropout_seeds_differ_across_ranks():
+    """Every rank drew micro-batch i's masks from the same seed: the ranks' masks were identical."""
+    from types import SimpleNamespace
+
+    from grpo.dist import DistInfo
+    from grpo.trainer import Trainer
+
+    def seeds(rank):
+        t = Trainer.__new__(Trainer)
+        t.cfg = SimpleNamespace(seed=3, model=SimpleNamespace(lora_dropout=0.1))
+        t.step, t.dist = 5, DistInfo(rank=rank, world_size=2)
+        return t._dropout_seeds(3)
+
+    assert len(set(seeds(0)) | set(seeds(1))) == 6
+    assert seeds(0) == [(3 * 1_000_003 + 5) * 4099 + i for i in range(3)]  # one process: as before
