@@ -255,6 +255,9 @@ def read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt ({exc})") from exc
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"checkpoint {path} is corrupt (its state has no step)")
+    missing = [key for key in ("optimizer", "scheduler", "rng") if not isinstance(state.get(key), dict)]
+    if missing:  # state.json parses but lost a part (its hashes cover the tensor files only)
+        raise CheckpointError(f"checkpoint {path} is corrupt (its state has no {', '.join(missing)})")
     return state
 
 

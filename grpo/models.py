@@ -86,6 +86,28 @@ def resolve_model_path(spec: str) -> str:
     return spec  # a hub id; loading reports a clear error when it is unreachable
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def model_fingerprint(path: str) -> str | None:
+    """A cheap identity of a local model directory's weights: its config.json, and each weight
+    file's name, size and 16 sampled 64 KB blocks (a re-initialised or retrained model of the same
+    shape differs in every block). None for a hub id that is not a local directory. Stored in
+    each checkpoint, so that ``--resume`` refuses a base model that changed under the same name."""
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        return None
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    for file in sorted(p for p in root.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            for k in range(16):
+                f.seek(size * k // 16)
+                digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=16)
 def _content_key(path: str, size: int, mtime_ns: int) -> str:
     """The first 12 hex digits of ``path``'s sha256; ``size`` and ``mtime_ns`` make a changed file

@@ -74,6 +74,16 @@ def reconcile(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint_
     return lines
 
 
+def check_same_base(resumed: tuple[Any, dict[str, Any]], fingerprint: str | None, name: str) -> None:
+    """Refuse a base model that changed under the same ``model.name`` (a rewritten local directory,
+    a new GGUF file): the name alone matched, and the adapter went onto other weights silently."""
+    saved = resumed[1].get("base_model")
+    if saved and fingerprint and saved != fingerprint:
+        raise UserError(f"--resume: the base model {name!r} is not the one checkpoint {resumed[0].name} trained "
+                        f"on (its config or weights changed: fingerprint {saved} -> {fingerprint}); resume with "
+                        "that model, or start a new run in another output_dir")
+
+
 def apply_optimizer_settings(optimizer, scheduler, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
     """Put the config's lr / weight decay / betas into a just-loaded optimizer and its LambdaLR."""
     for group in optimizer.param_groups:

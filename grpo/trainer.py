@@ -33,12 +33,13 @@ from grpo.evaluate import EVAL_SEED_OFFSET, evaluate, metrics_from_samples
 from grpo.logprobs import (fast_head_agrees, grouped_logprobs, pack_grouped, same_dropout, set_update_mode,
                            use_activation_checkpointing)
 from grpo.metrics import MetricsLogger
-from grpo.models import adapter_is_identity
+from grpo.models import adapter_is_identity, model_fingerprint, resolve_model_path
 from grpo.packing import TreeBatch, pack_tree, packs, tree_logprobs, use_packing
 from grpo.parallel import (Policy, full_adapter_state, generation_mode, load_optimizer_state, optimizer_state,
                            reduce_update_stats, set_gradient_sync, wrap_policy)
 from grpo.trackers import check_available as check_trackers
 from grpo.prompts import cached_encoder, check_prompts, context_of
+from grpo.resume import check_same_base
 from grpo.rewards import RewardBatch, RewardRunner, add_logged
 from grpo.training import (claim_run_dir, clip_gradients, make_optimizer, progress_bar, resume_training,
                            save_training, seed_everything)
@@ -131,6 +132,9 @@ class Trainer:
         self.train_rows, self.heldout_rows = build_task_rows(cfg, self.rewards)
         self._adapter_moved = False  # the LoRA B weights left zero (then the reference pass always runs)
         self.model, self.tokenizer = build_policy(cfg)
+        self.base_fingerprint = model_fingerprint(resolve_model_path(cfg.model.name))
+        if resumed is not None:
+            check_same_base(resumed, self.base_fingerprint, cfg.model.name)
         self.device = next(self.model.parameters()).device
         sharded = self.dist.enabled and cfg.distributed.strategy == "fsdp2"
         self.engine = build_engine(self.model, self.tokenizer, cfg.model, cfg.rollout, seed=cfg.seed, loss=cfg.loss,
@@ -634,7 +638,8 @@ class Trainer:
         adapter, optimizer = full_adapter_state(self.model), optimizer_state(self.policy, self.optimizer)
         if not self.dist.is_main:
             return None
-        extra = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict()}
+        extra = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict(),
+                 "base_model": self.base_fingerprint}
         return save_training(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
                              to_dict(self.cfg), self.cfg.keep_checkpoints, extra,
                              optimizer_state=optimizer, adapter_state=adapter)

@@ -114,6 +114,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_model_dir, to
     assert "step-000002 is corrupt" in err and "resuming from the previous checkpoint step-000001" in err
     assert "resumed from" in err and "(step 1)" in err
 
+    # a state.json that parses but lost a part (its hashes cover the tensor files only): KeyError before
+    record = json.loads((checkpoint.latest(run_dir) / "state.json").read_text())
+    del record["state"]["optimizer"]
+    (checkpoint.latest(run_dir) / "state.json").write_text(json.dumps(record))
+    assert main([*_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 3}), "--resume"]) == 0
+    assert "its state has no optimizer" in capsys.readouterr().err
+
 
 # ------------------------------------------------------------------ run directory
 def test_leftover_partial_checkpoint_is_removed_on_start(tiny_model_dir, toy_plugin, tmp_path, capsys):
@@ -785,3 +792,20 @@ def test_a_closed_pipe_is_quiet(tmp_path):
     out = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m grpo list | head -c 10"],
                          capture_output=True, text=True, timeout=120)
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+def test_resume_refuses_a_base_model_that_changed_under_its_name(toy_plugin, tmp_path, capsys):
+    """Only model.name was compared: the same directory rewritten with other weights (same shapes)
+    resumed silently, the adapter going onto a model it never trained on."""
+    from conftest import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", seed=0)
+    run_dir = tmp_path / "run"
+    assert main(_args(model_dir, toy_plugin, run_dir, **FAST)) == 0
+    resume = _args(model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2}) + ["--resume"]
+    build_tiny_model(tmp_path / "model", seed=1)
+    capsys.readouterr()
+    assert main(resume) == 2
+    assert "is not the one checkpoint step-000001 trained on" in capsys.readouterr().err
+    build_tiny_model(tmp_path / "model", seed=0)  # the same weights again: resumes
+    assert main(resume) == 0
