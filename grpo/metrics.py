@@ -29,6 +29,7 @@ class MetricsLogger:
         elif not resume_step:  # a fresh run: nothing of an earlier one in this directory mixes in
             self.path.unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            shutil.rmtree(run_dir / "eval", ignore_errors=True)
             (run_dir / "trackers.json").unlink(missing_ok=True)
         from grpo.trackers import open_trackers
 

@@ -38,8 +38,9 @@ MARKER = ".grpo-run"
 class RunDirLock:
     """An exclusive lock on a run directory, held until ``release()`` or process exit."""
 
-    def __init__(self, run_dir: Path, fd: int | None):
+    def __init__(self, run_dir: Path, fd: int | None, created: bool = False):
         self.run_dir, self._fd = run_dir, fd
+        self.created = created  # this run made the directory: a run that fails to start removes it
 
     def release(self) -> None:
         if self._fd is not None:
@@ -64,6 +65,7 @@ def claim(run_dir: Path, resume: bool) -> RunDirLock:
                         "refusing to write into it: choose an empty or new output_dir / name")
     if int(os.environ.get("RANK", "0") or 0) > 0:  # torchrun: rank 0 locks and tidies, the others only check
         return RunDirLock(run_dir, None)
+    created = not run_dir.exists()
     with os_errors(f"cannot create the run directory {run_dir}"):
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
@@ -76,7 +78,7 @@ def claim(run_dir: Path, resume: bool) -> RunDirLock:
             raise UserError(f"run directory {run_dir} is in use by another run (pid {holder}); wait for it to "
                             "finish or choose another output_dir / name") from exc
         raise
-    lock = RunDirLock(run_dir, fd)
+    lock = RunDirLock(run_dir, fd, created)
     try:
         with os_errors(f"cannot write the run directory {run_dir}"):
             os.ftruncate(fd, 0)
@@ -84,6 +86,9 @@ def claim(run_dir: Path, resume: bool) -> RunDirLock:
             if not resume and checkpoint.latest(run_dir) is not None:
                 raise UserError(f"run directory {run_dir} already holds checkpoints: add --resume to continue it, "
                                 "or choose another output_dir / name")
+            if not resume and ((run_dir / "adapter").is_dir() or (run_dir / "summary.json").is_file()):
+                raise UserError(f"run directory {run_dir} holds a finished run (adapter/, summary.json); a new run "
+                                "would overwrite it: choose another output_dir / name")
             for partial in checkpoint.remove_partial(run_dir):
                 print(f"removed {partial}, a checkpoint left half-written by an interrupted run", file=sys.stderr)
     except BaseException:

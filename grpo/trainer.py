@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -113,6 +114,7 @@ class Trainer:
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.run_dir = cfg.run_dir
         self.step = 0
+        self.started = False  # setup finished: a run that fails before leaves no directory it made
 
     # ------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -165,6 +167,7 @@ class Trainer:
         if self.dist.is_main:
             self.metrics = MetricsLogger(self.run_dir, resume_step, cfg.report_to, cfg.name, cfg.tracker_project,
                                          to_dict(cfg))
+        self.started = True
 
     def _claim_run_dir(self):
         """Rank 0 claims the run directory (lock, checks, config.yaml); the other ranks then read
@@ -694,8 +697,11 @@ class Trainer:
                     print(f"warning: closing the run's {name} failed too: {type(exc).__name__}: {exc}",
                           file=sys.stderr)
         finally:
-            if getattr(self, "run_lock", None) is not None:
-                self.run_lock.release()
+            lock = getattr(self, "run_lock", None)
+            if lock is not None:
+                lock.release()
+                if failed and not self.started and lock.created:  # bad input: nothing written
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def _rewards_differ(group: ScoredGroup) -> bool:

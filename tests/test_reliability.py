@@ -809,3 +809,23 @@ def test_resume_refuses_a_base_model_that_changed_under_its_name(toy_plugin, tmp
     assert "is not the one checkpoint step-000001 trained on" in capsys.readouterr().err
     build_tiny_model(tmp_path / "model", seed=0)  # the same weights again: resumes
     assert main(resume) == 0
+
+
+def test_a_run_that_fails_to_start_leaves_no_directory(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    run_dir = tmp_path / "bad"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "task.args.nn": 4})) == 2
+    assert "task.args" in capsys.readouterr().err
+    assert not run_dir.exists()  # it held .grpo-run and config.yaml
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(tiny_model_dir, toy_plugin, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **FAST)) == 0
+    shutil.rmtree(run_dir / "checkpoints")  # e.g. deleted to save space
+    before = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "seed": 5})) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == before
