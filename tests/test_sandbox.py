@@ -194,6 +194,59 @@ def test_a_slow_stdin_program_costs_one_timeout_not_one_per_case(sandbox):
     assert time.monotonic() - t0 < 2 * LIMITS.wall_s + 5  # one case's timeout, not six
 
 
+def test_close_kills_runs_in_flight():
+    """Ctrl-C waited for every sandboxed program in flight to finish, up to its timeout."""
+    slow = Limits(wall_s=30.0, cpu_s=30.0, memory_mb=256)
+    sb = Sandbox(slow, workers=1)
+    results = []
+    worker = threading.Thread(target=lambda: results.extend(
+        sb.run_many([TestsJob("import time\ndef f():\n    time.sleep(60)\n", "assert f() is None\n")])))
+    worker.start()
+    time.sleep(2.0)
+    t0 = time.monotonic()
+    sb.close()
+    worker.join(timeout=20)
+    assert time.monotonic() - t0 < 10 and not worker.is_alive()
+    assert results and not results[0].ok
+    assert _sandbox_processes(sb) == []
+
+
+def test_a_killed_caller_leaves_no_sandboxed_program_running(tmp_path):
+    """SIGKILL of the trainer left the programs in flight running for their whole timeout."""
+    import signal
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1])\n"
+            "from verifiers.sandbox import Limits, Sandbox, TestsJob\n"
+            "sb = Sandbox(Limits(wall_s=60.0, cpu_s=60.0, memory_mb=256), workers=1)\n"
+            "print(sb._uid0, sb.MAX_WORKERS, flush=True)\n"
+            "sb.run_many([TestsJob('import time\\ndef f():\\n    time.sleep(90)\\n', 'assert f() is None\\n')])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", code, root], stdout=subprocess.PIPE, text=True)
+    uid0, per = map(int, proc.stdout.readline().split())
+    uids = set(range(uid0, uid0 + 2 * per))
+
+    def sandboxed():
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid in uids:
+                    found.append(entry)
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 30
+    while not sandboxed():
+        assert time.monotonic() < deadline, "the program never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while sandboxed() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sandboxed() == []
+
+
 def test_exceptions_mutation_objects_and_iteration(sandbox):
     program = '''
 def sqrt_int(n):

@@ -94,6 +94,7 @@ class Sandbox:
         for s in range(self.workers):
             self._slots.put(s)
         self._executor = None
+        self._running: set = set()  # harnesses in flight (killed by close)
         # mode auto: the zygote builds the view once, each run's namespaces copy it (root only)
         template = self._view if mode == "auto" else None
         self._launcher: Launcher = ZygoteLauncher(template) if zygote else Launcher()
@@ -121,7 +122,12 @@ class Sandbox:
             self._slots.put(slot)
 
     def close(self) -> None:
+        """Stop: runs not started are cancelled and runs in flight killed (Ctrl-C waited for
+        every sandboxed program to finish, up to its timeout)."""
         if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            for harness in list(self._running):
+                harness.kill()
             self._executor.shutdown(wait=True)
             self._executor = None
         self._launcher.close()
@@ -162,9 +168,11 @@ class Sandbox:
         payload = frame(json.dumps(header).encode()) + frame(json.dumps(second).encode())
         t0 = time.monotonic()
         harness = self._launcher.start()
+        self._running.add(harness)
         try:
             out, err, killed = pump(harness, payload, deadline=t0 + budget, out_cap=MAX_MESSAGE_BYTES)
         finally:
+            self._running.discard(harness)
             harness.finish()
         wall = time.monotonic() - t0
         if killed:

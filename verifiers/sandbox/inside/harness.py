@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from . import pid1, view
-from .linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER, PR_SET_DUMPABLE, \
+from .linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, \
     count_own_processes, drop_capabilities, install_seccomp, prctl, set_rlimit, socketpair, unshare
 from .proxy import Remote
 from .wire import FRAME, ProgramGone, ProtocolError, Timeout, describe_exit, frame, read_exact, recv, send, \
@@ -26,6 +26,10 @@ _TESTS_MAX_PROCESSES = 64  # RLIMIT_NPROC of the tests' own uid (processes + thr
 
 def main() -> None:
     """Entry point of the harness process (``python -I -S``), reading the job from stdin."""
+    try:  # the caller's death (a killed trainer, or the zygote that forked us) ends this run
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
     result_fd = os.dup(1)
     os.dup2(2, 1)  # test code's prints go to stderr, never into the verdict channel
     iso: dict[str, Any] = {}
@@ -103,6 +107,10 @@ def _confine_tests(hdr: dict[str, Any], mode: str, iso: dict[str, Any]) -> None:
     set_rlimit("RLIMIT_CORE", 0)
     try:
         prctl(PR_SET_DUMPABLE, 0)
+    except OSError:
+        pass
+    try:  # a change of uid cleared the parent-death signal set at start: again
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
     iso["tests_seccomp"] = install_seccomp()

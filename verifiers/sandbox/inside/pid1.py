@@ -22,6 +22,10 @@ def main(hdr: dict[str, Any], mode: str, ctl: int, rpc: int) -> None:
     program on request and kill every process in the namespace after each run."""
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    try:  # the harness's death ends the namespace: every process the program started goes with it
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
     try:
         prctl(PR_SET_DUMPABLE, 0)  # no ptrace or /proc/1/mem from a program with the same uid
     except OSError:
