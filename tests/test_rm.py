@@ -433,3 +433,13 @@ def test_reward_pairs_need_a_positive_gap():
 
     with pytest.raises(UserError, match="min_gap must be > 0 with pair_by=reward"):
         build_pairs("arith", "unused", pair_by="reward", min_gap=0.0)
+
+
+def test_build_pairs_to_an_unwritable_place_fails_before_sampling(tiny_model_dir, capsys):
+    """The error came as a traceback, after all the sampling."""
+    from grpo.cli import main
+
+    assert main(["rm", "build-pairs", "--task", "arith", "--model", str(tiny_model_dir),
+                 "--out", "/proc/no/such/pairs.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write --out") and "Traceback" not in err

@@ -115,11 +115,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _build_pairs(args: argparse.Namespace) -> int:
+    import errno
+    import os
+    from pathlib import Path
+
     from grpo.config import json_object_arg
     from grpo.rm.pairs import build_pairs, write_jsonl
+    from grpo.rundir import os_errors
 
     task_args = json_object_arg(args.task_args, "--task-args")
     verifier_args = json_object_arg(args.verifier_args, "--verifier-args")
+    out_dir = Path(args.out).expanduser().parent
+    with os_errors(f"cannot write --out {args.out}"):  # before the sampling, not after it
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(out_dir))
     pairs, stats = build_pairs(
         args.task, args.model, adapter=args.adapter, split=args.split, num_prompts=args.num_prompts, n=args.n,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, pair_by=args.pair_by,
@@ -127,7 +137,8 @@ def _build_pairs(args: argparse.Namespace) -> int:
         verifier_args=verifier_args, system_prompt=args.system_prompt, plugins=args.plugins, device=args.device,
         dtype=args.dtype, prompts_per_batch=args.prompts_per_batch, workers=args.workers, threads=args.threads,
         progress=not args.no_progress)
-    write_jsonl(args.out, pairs)
+    with os_errors(f"cannot write --out {args.out}"):
+        write_jsonl(args.out, pairs)
     print(f"{stats['prompts']} prompts x {args.n} completions: accuracy {stats['accuracy']:.3f}, "
           f"{stats['prompts_with_pairs']} prompts with both outcomes, {len(pairs)} pairs -> {args.out}")
     if not pairs:
