@@ -89,6 +89,11 @@ def test_format_partial_credit_shares():
     ("\\boxed{\\text{ }}", 0.0, "empty \\boxed{}"),        # nothing a reader sees
     ("\\boxed{\\, \\quad ~}", 0.0, "empty \\boxed{}"),
     ("\\boxed{\u200b}", 0.0, "empty \\boxed{}"),
+    ("\\boxed{\\phantom{5}}", 0.0, "empty \\boxed{}"),
+    ("\\boxed{\\hspace{1cm}}", 0.0, "empty \\boxed{}"),
+    ("\\boxed{\\left.\\right.}", 0.0, "empty \\boxed{}"),
+    ("\\boxed{\\texttt{ }}", 0.0, "empty \\boxed{}"),
+    ("\\boxed\t{42}", 1.0, "ok"),
     ("\\boxed {42}", 1.0, "ok"),                           # as the math verifier reads it
     ("\\boxed{\\text{yes}}", 1.0, "ok"),
     ("\\boxed{\\frac{1}{2}", 0.0, "unbalanced"),

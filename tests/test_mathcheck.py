@@ -220,6 +220,23 @@ def test_check_rewards_and_reasons(completion, answer, reward, reason):
     ("The answer is 1.5 million dollars.", "1500000", 1.0), (r"\boxed{3 thousand}", "3000", 1.0),
     # The same box again and again is not hedging.
     (r"\boxed{3} " * 9, "3", 1.0),
+    # Second audit (regressions of the first fixes): a lone letter or a word answer is no prose...
+    ("The answer is A because 3 > 2.", "A", 1.0), ("The answer is (A), since 3 > 2.", "(A)", 1.0),
+    ("Answer: A\nExplanation: option A gives 12.", "A", 1.0),
+    ("The answer is undefined, since x = 2 makes the denominator 0.", r"\text{undefined}", 1.0),
+    ("The answer is 12. To check that the answer is right, note 12 * 3 = 36.", "36", 0.0),  # the earlier clause
+    # ... "N times / more / less / cm squared" keep their number; "3 squared" is not 3 ...
+    ("The answer is 3 times.", "3", 1.0), ("The answer is 5 more apples.", "5", 1.0),
+    ("The answer is 25 meters squared.", "25", 1.0), (r"\boxed{25\text{ units squared}}", "25", 1.0),
+    ("The answer is 1.5 million.", "1500001", 0.0), (r"\boxed{20\mathrm{m}}", "20", 1.0),
+    (r"\boxed{\begin{pmatrix}1\\[4pt]2\end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", 1.0),
+    # ... cut-off decimals and float reprs are right within their last place or the tolerance ...
+    (r"\boxed{0.666666}", r"\frac{2}{3}", 1.0), (r"\boxed{0.6666666666666666}", r"\frac23", 1.0),
+    (r"\boxed{2.0000000000000004}", "2", 1.0), (r"\boxed{\frac{2}{3}}", "0.6666666666666666", 1.0),
+    (r"\boxed{1000000.4}", "1000000", 0.0),
+    # ... and a function's argument ends after a symbol: these are products.
+    (r"\boxed{\cos x e^{\sin x}}", r"e^{\sin x}\cos x", 1.0), (r"\boxed{\sin x e^x}", r"e^x\sin x", 1.0),
+    (r"\boxed{\sin x \, y}", r"y\sin x", 1.0), (r"\boxed{\ln |x| C}", r"C\ln|x|", 1.0),
 ])
 def test_audit_grading_cases(completion, answer, reward):
     score = check(completion, answer)

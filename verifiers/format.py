@@ -86,7 +86,7 @@ class FormatVerifier(Verifier):
         if n > 1:
             return Score(0.0, f"{n} \\boxed{{}} found (want exactly 1)")
         start = text.index("\\boxed") + len("\\boxed")
-        while start < len(text) and text[start] == " ":  # "\\boxed {5}", as the math verifier reads it
+        while start < len(text) and text[start].isspace():  # "\\boxed {5}", as the math verifier reads it
             start += 1
         if start >= len(text) or text[start] != "{":
             return Score(0.0, "\\boxed not followed by {")
@@ -166,14 +166,15 @@ class FormatVerifier(Verifier):
         return True, ""
 
 
-_INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2060-\u2064\ufeff{}~]|\\(?:[,;:! ]|quad|qquad|"
-                        r"(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|hspace\*?|phantom)(?![A-Za-z]))")
+_INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2060-\u2064\ufeff{}~.]|\\(?:[,;:! ]|quad|qquad|left|right|"
+                        r"displaystyle|textstyle)(?![A-Za-z])|\\[A-Za-z]+\*?(?=\s*\{)")
+_SPACE_WITH_ARGUMENT = re.compile(r"\\(?:[hv]space\*?|[hv]?phantom)\s*\{[^{}]*\}")
 
 
 def _blank(content: str) -> bool:
-    """Nothing a reader would see: whitespace, zero-width characters, LaTeX spacing and empty
-    text boxes (``\\text{ }``, ``~``, ``\\,``) do not make a box or a block non-empty."""
-    return not _INVISIBLE.sub("", content)
+    """Nothing a reader would see: whitespace, zero-width characters, LaTeX spacing, phantoms,
+    commands with empty arguments (``\\text{ }``, ``\\texttt{}``), an empty ``\\boxed{}``."""
+    return not _INVISIBLE.sub("", _SPACE_WITH_ARGUMENT.sub("", content))
 
 
 def matching_brace(text: str, open_at: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 from verifiers.math.limits import (_ABS_FLOOR, _EXACT_TOL, _MAX_EXACT_BITS, _MAX_FACTORIAL_EXACT,
                                    _MAX_FACTORIAL_NUMERIC, _MAX_LOG_MAGNITUDE, _MAX_SECONDS, _MAX_TRIG_ARG)
 from verifiers.math.nodes import (Node, _free_symbols, _has_decimal, _Incomparable, _TooLarge, _Undefined,
-                                  _written_half_unit)
+                                  _written_place)
 
 
 _SAMPLE_POINTS = 3               # points per identity test when free variables appear, in (0.35, 1.65)
@@ -43,7 +43,12 @@ class _Ctx:
     def tick(self) -> None:
         self.steps += 1
         if self.steps % 64 == 0 and time.monotonic() > self.deadline:
-            raise _TooLarge(f"comparison took over {_MAX_SECONDS:g}s")
+            raise _OutOfTime(f"comparison took over {_MAX_SECONDS:g}s")
+
+
+class _OutOfTime(_TooLarge):
+    """The comparison's deadline passed: never skipped like a wide point's value out of range
+    (the outcome would depend on the machine's load)."""
 
 
 _THREAD = threading.local()
@@ -186,6 +191,8 @@ def _sampled_values(a: Node, b: Node, free: list[str], ctx: "_Ctx"):
             x, y = _numeric(a, env, ctx), _numeric(b, env, ctx)
         except _Undefined:
             continue
+        except _OutOfTime:
+            raise
         except _TooLarge:
             if wide:
                 continue
@@ -362,11 +369,11 @@ def _scalar_equal(a: Node, b: Node, ctx: _Ctx) -> bool:
             return False
         else:
             if decimal:
-                # Within the relative tolerance, and, for a plain decimal, within the rounding
-                # of its last written place: "1000001.0" is not 1000000, "0.333333" is 1/3.
-                halves = [h for h in (_written_half_unit(a), _written_half_unit(b)) if h is not None]
+                # Within the relative tolerance, and, for a plain decimal, within its last
+                # written place: "1000001.0" is not 1000000, "0.333333" and "0.666666" are 1/3, 2/3.
+                places = [p for p in (_written_place(a), _written_place(b)) if p is not None]
                 return (abs(x - y) <= ctx.rel_tol_exact * max(abs(x), abs(y))
-                        and (not halves or abs(x - y) <= max(halves)))
+                        and (not places or abs(x - y) <= max(places)))
             return x == y
     mp = ctx.mp
     tol = mp.mpf(repr(ctx.rel_tol)) if decimal else mp.mpf(_EXACT_TOL)

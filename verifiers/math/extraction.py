@@ -71,31 +71,37 @@ _CLAUSE_STOP_WORDS = ("because", "since", "which", "so", "as", "where", "when", 
                       "after", "that", "then", "thus", "therefore", "hence", "but")
 
 
-# What follows "the answer is" in prose that is not an answer ("... the answer is correct").
-_PROSE_WORDS = {"correct", "incorrect", "right", "wrong", "below", "above", "following", "clear",
-                "obvious", "simple", "straightforward", "not", "this", "that", "as", "in", "the",
-                "a", "an", "to", "unknown", "undefined"}
+# A clause after "the answer is" that is prose, not an answer: a judgement ("... the answer is
+# correct"), narration ("Answer: let's compute ..."), or a description of the result ("the final
+# answer is the sum of both"). A lone letter ("A", "(B)"), a word answer ("yes", "undefined")
+# and any clause with a digit or math are answers.
+_PROSE_START = re.compile(
+    r"^(?:correct|incorrect|right|wrong|below|above|following|clear|obvious|simple|straightforward|not|"
+    r"this|that|as|in|to|let'?s|let us|we|first|now|then|the (?:sum|product|total|difference|number|"
+    r"result|value|quotient|ratio|same|one|answer))\b", re.I)
 
 
 def _extract_answer_is(text: str) -> list[str]:
-    last = None
-    for m in _ANSWER_IS.finditer(text):
-        last = m
-    if last is None:
+    matches = list(_ANSWER_IS.finditer(text))
+    if not matches:
         return []
-    clause = _take_clause(text, last.end())
-    if clause and _is_prose(clause) and re.search(r"\d", text[last.end() + len(clause):]):
+    last = _take_clause(text, matches[-1].end())
+    if not (last and _is_prose(last)):
+        return [last] if last else []
+    for m in reversed(matches[:-1]):  # "The answer is 12. To check that the answer is right, ..."
+        clause = _take_clause(text, m.end())
+        if clause and not _is_prose(clause):
+            return [clause]
+    if re.search(r"\d", text[matches[-1].end() + len(last):]):
         return []  # "Answer: let's compute ... = 12": the number that follows is the answer
-    return [clause] if clause else []
+    return [last]
 
 
 def _is_prose(clause: str) -> bool:
-    """A clause with no digit and no math that reads as a sentence (several words, or one
-    of ``_PROSE_WORDS``); "B", "(C)", "yes" and "\\frac{1}{2}" are answers."""
+    """True for a clause with no digit and no math that starts like a sentence (``_PROSE_START``)."""
     if re.search(r"[\d$\\^=+*/<>]", clause):
         return False
-    words = re.findall(r"[A-Za-z']+", clause)
-    return len(words) > 2 or bool(words) and words[0].lower() in _PROSE_WORDS
+    return bool(_PROSE_START.match(clause.strip(" *(")))
 
 
 def _take_clause(text: str, start: int, limit: int = 300) -> str:

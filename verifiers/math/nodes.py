@@ -46,19 +46,20 @@ _COLLECTIONS = {"tuple", "interval", "set", "list", "union", "matrix"}
 
 
 def _num(text: str) -> Node:
-    """A number token as ``(Fraction, decimal, half_unit)``: ``decimal`` flags a decimal point
-    or an exponent (``1.5``, ``2e3``), which selects the tolerant comparison; ``half_unit`` is
-    half the last written place of a plain decimal (``1000001.0``: 1/20), the most that
-    rounding to what was written can explain, else None."""
+    """A number token as ``(Fraction, decimal, place)``: ``decimal`` flags a decimal point or an
+    exponent (``1.5``, ``2e3``), which selects the tolerant comparison; ``place`` is the last
+    written place of a plain decimal with at most 6 decimals (``1000001.0``: 1/10), the most that
+    rounding or cutting to what was written can explain, else None (a longer decimal is a
+    float's repr, ``0.6666666666666666``, which the relative tolerance judges)."""
     decimal = any(c in text for c in ".eE")
-    half_unit = None
-    if "." in text and not any(c in text for c in "eE"):
-        half_unit = Fraction(1, 2 * 10 ** len(text.split(".", 1)[1]))
-    return Node("num", (), (Fraction(text), decimal, half_unit))
+    place = None
+    if "." in text and not any(c in text for c in "eE") and len(text.split(".", 1)[1]) <= 6:
+        place = Fraction(1, 10 ** len(text.split(".", 1)[1]))
+    return Node("num", (), (Fraction(text), decimal, place))
 
 
-def _written_half_unit(node: Node) -> Fraction | None:
-    """``half_unit`` of an answer that is one plain decimal (``-1.50``, ``(0.333)``), else None."""
+def _written_place(node: Node) -> Fraction | None:
+    """``place`` of an answer that is one plain decimal (``-1.50``, ``(0.333)``), else None."""
     while node.kind in ("paren", "neg"):
         node = node.args[0]
     return node.value[2] if node.kind == "num" and len(node.value) > 2 else None

@@ -33,16 +33,18 @@ _PAREN_WORDS = re.compile(r"(?<=\d)\s*\([A-Za-z][A-Za-z ]{2,40}\)$")  # "12 (twe
 _LEADING_WORDS = re.compile(r"^(?:(?:approximately|approx\.?|about|around|roughly|exactly|"
                             r"either|only|just)\s+)+", re.I)
 # Units glued to a number ("5cm") are stripped only when known; spaced words always are.
-# Scale words are a factor, not a unit ("1.5 million" is 1500000, not 1.5); operation and
-# fraction words change the number ("3 squared", "2 halves"), so they stop the stripping.
-_SCALES = {"hundred": "10^{2}", "thousand": "10^{3}", "million": "10^{6}", "billion": "10^{9}",
-           "trillion": "10^{12}", "dozen": "12"}
-_CHANGING_WORDS = {"squared", "cubed", "half", "halves", "third", "thirds", "quarter", "quarters",
-                   "percent", "times", "fold", "less", "more", "hundreds", "thousands", "millions",
-                   "billions", "dozens"}
+# Scale words are a factor, not a unit ("1.5 million" is 1500000, not 1.5); "squared" or
+# "cubed" straight after the number changes it ("3 squared"), so it stops the stripping (after a
+# unit, "25 cm squared", it is part of the unit).
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12,
+           "dozen": 12}
+_POWER_WORDS = {"squared", "cubed"}
 # "\mathrm{cm}" at the end is a unit in upright type: read it as "\text{cm}" before the
-# generic rule deletes "\mathrm" (which left "5{cm}"); one letter ("\mathrm{e}") is math.
-_MATHRM_TAIL = re.compile(r"\\mathrm\s*\{(\s*~?\s*[A-Za-z]{2,}[^{}]*)\}((?:\s*\^\s*\{?\s*[23]\s*\}?)?\s*)$")
+# generic rule deletes "\mathrm" (which left "5{cm}"); a single letter only when it is a unit
+# symbol ("\mathrm{e}" is Euler's number).
+_MATHRM_TAIL = re.compile(r"\\mathrm\s*\{(\s*~?\s*(?:[A-Za-z]{2,}[^{}]*|[mgslhNJWVK]))\}"
+                          r"((?:\s*\^\s*\{?\s*[23]\s*\}?)?\s*)$")
+_PLAIN_NUMBER_END = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)$")
 _KNOWN_UNITS = {"cm", "mm", "km", "m", "kg", "g", "mg", "lb", "lbs", "oz", "ft", "in", "yd", "mi",
                 "mph", "kmh", "s", "sec", "min", "h", "hr", "hrs", "ml", "l", "cm2", "m2", "usd",
                 "dollars", "cents", "degrees", "units", "inches", "feet", "meters", "percent"}
@@ -58,10 +60,11 @@ def normalize(answer: str) -> str:
     s = _unwrap_commands(s, ("boxed", "fbox"))
     for k, v in _UNICODE.items():
         s = s.replace(k, v)
+    # A row break "\\\\" is kept whole ("\\\\ 3" is not the spacing command "\\ " before a 3, and
+    # "\\\\[4pt]" not the display math "\\["); its spacing argument is dropped.
+    s = re.sub(r"\\\\(?:\[[^\]]{0,12}\])?", "\0", s)
     s = s.replace(r"\$", "")  # before "$": \$5 is five dollars, not the end of math mode
     s = s.replace("$", "").replace(r"\(", "").replace(r"\)", "").replace(r"\[", "").replace(r"\]", "")
-    # A row break "\\\\" is kept whole: "\\\\ 3" is not the spacing command "\\ " before a 3.
-    s = s.replace("\\\\", "\0")
     for old, new in _SIMPLE_REPLACEMENTS:
         s = s.replace(old, new)
     s = s.replace("\0", "\\\\")
@@ -104,11 +107,9 @@ def _strip_units(s: str) -> str:
         m = _TEXT_TAIL.search(tail)
         if m and re.search(r"\d", head + tail[:m.start()]):
             prefix = (head + tail[:m.start()]).rstrip()
-            inner = re.findall(r"[A-Za-z]+", m.group(0).split("{", 1)[1])
-            if len(inner) == 1 and inner[0].lower() in _SCALES:
-                return f"{prefix} \\times {_SCALES[inner[0].lower()]}" if re.search(r"\d$", prefix) else s
-            if any(w.lower() in _CHANGING_WORDS for w in inner):
-                return s
+            inner = [w.lower() for w in re.findall(r"[A-Za-z]+", m.group(0).split("{", 1)[1])]
+            if len(inner) == 1 and (inner[0] in _SCALES or inner[0] in _POWER_WORDS):
+                return _scaled(prefix, inner[0]) if re.search(r"\d$", prefix) else s
             s = prefix
             continue
         m = _WORD_TAIL.search(tail)
@@ -116,10 +117,8 @@ def _strip_units(s: str) -> str:
             return s
         words = [w.lower() for w in re.split(r"[\s/.]+", m.group(1)) if w]
         prefix = (head + tail[:m.start()]).rstrip()
-        if len(words) == 1 and words[0] in _SCALES:
-            return f"{prefix} \\times {_SCALES[words[0]]}" if re.search(r"\d$", prefix) else s
-        if any(w in _CHANGING_WORDS for w in words):
-            return s
+        if len(words) == 1 and (words[0] in _SCALES or words[0] in _POWER_WORDS) and re.search(r"\d$", prefix):
+            return _scaled(prefix, words[0])
         glued = not (head + tail[:m.start()]).endswith((" ", "}", ")"))
         if (not prefix or not re.search(r"\d", prefix) or any(w in _MATH_WORDS for w in words)
                 or (glued and not all(w in _KNOWN_UNITS for w in words))
@@ -128,3 +127,18 @@ def _strip_units(s: str) -> str:
             return s
         s = prefix
     return s
+
+
+def _scaled(prefix: str, word: str) -> str:
+    """``prefix`` (ending in a number) times a scale word: "1.5 million" -> "1500000" (exact, so a
+    plain number's comparison applies, not a decimal's tolerance); a power word ("3 squared")
+    is kept as written, which does not parse: it is not the number before it."""
+    if word in _POWER_WORDS:
+        return f"{prefix} {word}"
+    m = _PLAIN_NUMBER_END.search(prefix)
+    if m and m.start() == 0:
+        from fractions import Fraction
+
+        value = Fraction(m.group(1)) * _SCALES[word]
+        return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    return f"{prefix} \\times {_SCALES[word]}"

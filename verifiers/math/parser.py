@@ -412,11 +412,11 @@ class _Parser:
         if self.at("op", "(") or self.at("op", "{"):
             arg = self.parse_primary()
         else:
-            # An unbracketed argument runs over the numbers, letters and symbols glued to
-            # it: \sin 2x is sin(2x), \cos 2\theta is cos(2 theta); an operator or another
-            # function ends it (\sin x \cos x).
+            # An unbracketed argument that starts with a number runs on to the symbol after it:
+            # \sin 2x is sin(2x), \cos 2\theta is cos(2 theta). After a symbol it ends
+            # (\sin x e^{x}, \ln|x| C, \sin x \cos x are products).
             factors = [self.parse_power()]
-            while self._continues_argument():
+            while all(f.kind == "num" for f in factors) and self._continues_argument():
                 factors.append(self.parse_power())
                 if len(factors) > _MAX_ITEMS:
                     raise ParseError("too many factors")
