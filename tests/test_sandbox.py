@@ -111,6 +111,37 @@ def test_a_prefix_class_stays_the_programs(sandbox):
     assert r.ok, r.reason
 
 
+def test_prefixes_with_classes_or_stubs_keep_the_programs_names(sandbox):
+    """LeetCode-style prefixes (ListNode + helpers that build and compare it) run on the program's
+    objects: bound on the tests' side, their truth tests failed every correct answer. A helper
+    calling a stub (here `raise NotImplementedError`) is the program's too."""
+    prefix = ("class Node:\n    def __init__(self, v, nxt=None):\n        self.v, self.nxt = v, nxt\n\n"
+              "def build(values):\n    head = None\n    for v in reversed(values):\n        head = Node(v, head)\n"
+              "    return head\n\ndef same(a, b):\n    while a and b:\n        if a.v != b.v:\n"
+              "            return False\n        a, b = a.nxt, b.nxt\n    return a is None and b is None\n\n"
+              "def reverse(head):\n")
+    program = prefix + ("    prev = None\n    while head:\n        head.nxt, prev, head = prev, head, head.nxt\n"
+                        "    return prev\n")
+    stub_prefix = ("def gcd(a, b):\n    raise NotImplementedError\n\ndef lcm(a, b):\n"
+                   "    return a * b // gcd(a, b)\n\ndef f(x):\n    \"\"\"lcm with 6\"\"\"\n")
+    stub_program = stub_prefix + ("    return lcm(x, 6)\n\ndef gcd(a, b):\n    while b:\n        a, b = b, a % b\n"
+                                  "    return a\n")
+    listed, stubbed = sandbox.run_many([
+        TestsJob(program, "assert same(reverse(build([1, 2, 3])), build([3, 2, 1]))\n", prefix=prefix,
+                 entry_point="reverse"),
+        TestsJob(stub_program, "assert f(4) == 12 and lcm(4, 10) == 20\n", prefix=stub_prefix, entry_point="f")])
+    assert listed.ok, listed.reason
+    assert stubbed.ok, stubbed.reason
+
+
+def test_programs_are_their_own_module(sandbox):
+    """Compiled with this package's `from __future__ import annotations`, a @dataclass failed to load."""
+    program = ("from dataclasses import dataclass\n@dataclass\nclass P:\n    x: int\n"
+               "def f():\n    return [P(2).x, type(P.__annotations__['x']).__name__]\n")
+    (r,) = sandbox.run_many([TestsJob(program, "assert f() == [2, 'type']\n")])
+    assert r.ok, r.reason
+
+
 def test_partial_credit_pays_nothing_for_stopping(sandbox):
     """Exiting, hanging or raising outside an assert after one right answer scored 0.5 with
     partial credit, above an honest 3 of 10 (0.3)."""
@@ -138,16 +169,21 @@ def test_constant_asserts_earn_no_credit(sandbox):
     assert constant.ok  # tests with nothing but a constant assert: "ran to completion"
 
 
-def test_subclasses_of_plain_data_return_as_data(sandbox):
-    """Counter, defaultdict, OrderedDict, namedtuple, IntEnum answers compare as plain data;
-    an overridden __eq__ does not travel with them."""
-    program = ("import collections, enum\nP = collections.namedtuple('P', 'a b')\n"
-               "class E(enum.IntEnum):\n    A = 3\n"
+def test_stdlib_containers_and_namedtuples_travel_as_themselves(sandbox):
+    """Counter, defaultdict, OrderedDict and namedtuple answers are rebuilt on the tests' side
+    (correct ones scored 0 as opaque handles); a program's own subclasses stay handles with
+    their methods (an LRUCache(OrderedDict), a MinStack(list)), and a lying __eq__ cannot help."""
+    program = ("import collections\nP = collections.namedtuple('P', 'a b')\n"
                "class Liar(dict):\n    def __eq__(self, other):\n        return True\n"
-               "def f(k):\n    return {'c': collections.Counter('aab'), 'd': collections.defaultdict(int, x=1),\n"
-               "            'o': collections.OrderedDict(y=2), 'p': P(1, 2), 'e': E.A, 'liar': Liar(z=1)}[k]\n")
-    tests = ("assert f('c') == {'a': 2, 'b': 1}\nassert f('d') == {'x': 1}\nassert f('o') == {'y': 2}\n"
-             "assert f('p') == (1, 2)\nassert f('e') == 3\nassert f('liar') == {'z': 1}\n")
+               "class MinStack(list):\n    def push(self, x):\n        self.append(x)\n"
+               "def f(k):\n    od = collections.OrderedDict(a=1, b=2, c=3)\n    od.move_to_end('a')\n"
+               "    return {'c': collections.Counter('aab'), 'd': collections.defaultdict(int, x=1),\n"
+               "            'o': od, 'p': P(1, 2), 'liar': Liar(z=1)}[k]\n"
+               "def norm(p):\n    return p.a + p.b\n")
+    tests = ("assert f('c') == {'a': 2, 'b': 1} and f('c')['zzz'] == 0 and f('c').most_common(1) == [('a', 2)]\n"
+             "assert f('d') == {'x': 1} and f('d')['new'] == 0\nassert list(f('o')) == ['b', 'c', 'a']\n"
+             "assert f('p') == (1, 2) and f('p').b == 2\nassert norm(P(3, 4)) == 7\n"
+             "s = MinStack()\ns.push(5)\nassert s.pop() == 5\n")
     liar_tests = "assert f('liar') == {'anything': 0}\n"
     good, liar = sandbox.run_many([TestsJob(program, tests), TestsJob(program, liar_tests)])
     assert good.ok, good.reason
@@ -180,8 +216,20 @@ def test_processes_together_stay_within_the_budget(sandbox):
     cpu = ("import os\ndef f():\n    for _ in range(8):\n        if os.fork() == 0:\n"
            "            os.setsid()\n            while True:\n                pass\n"
            "    while True:\n        pass\n")
-    mem, spin = sandbox.run_many([TestsJob(memory, "assert f() == 1\n"), TestsJob(cpu, "assert f() == 1\n")])
+    shared = ("import os\ntable = b'x' * (80 * 2**20)\ndef f():\n    pids = []\n    for _ in range(3):\n"
+              "        pid = os.fork()\n        if pid == 0:\n            import time\n            time.sleep(0.5)\n"
+              "            os._exit(table.count(b'y'))\n        pids.append(pid)\n"
+              "    return sum(os.waitpid(p, 0)[1] for p in pids)\n")
+    kernel = ("import ctypes, socket\nlibc = ctypes.CDLL(None, use_errno=True)\ndef f():\n"
+              "    a, b = socket.socketpair()\n    try:\n        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)\n"
+              "        return 'raised'\n    except OSError:\n        pass\n"
+              "    return [libc.shmget(0, 200 << 20, 0o1600) == -1, libc.msgget(0, 0o1600) == -1]\n")
+    mem, spin, cow, kmem = sandbox.run_many([TestsJob(memory, "assert f() == 1\n"), TestsJob(cpu, "assert f() == 1\n"),
+                                             TestsJob(shared, "assert f() == 0\n"),
+                                             TestsJob(kernel, "assert f() == [True, True]\n")])
     assert not mem.ok and "processes together held" in mem.reason, mem.reason
+    assert cow.ok, cow.reason  # pages shared copy-on-write count once (Pss), not once per fork
+    assert kmem.ok, kmem.reason  # memory no resident size shows: refused
     assert not spin.ok and "processes together used" in spin.reason, spin.reason
 
 

@@ -181,7 +181,7 @@ def _harness_tests(hdr: dict[str, Any], second: dict[str, Any], ctl: int, rpc: i
     try:
         tree = ast.parse(second["tests"], "<tests>")
         written = sum(isinstance(node, ast.Assert) and not _constant_true(node) for node in ast.walk(tree))
-        code = compile(_AssertCounter().visit(tree), "<tests>", "exec")
+        code = compile(_AssertCounter().visit(tree), "<tests>", "exec", dont_inherit=True)
     except SyntaxError as exc:
         return _verdict(False, 0, 1, "error", f"error: the tests do not parse: {exc.msg} (line {exc.lineno})")
     remote = Remote(rpc, deadline)
@@ -338,9 +338,15 @@ def _constant_true(node) -> bool:
 def _bind_prefix(ns: dict[str, Any], prefix: str, entry_point: str, deadline: float) -> None:
     """The functions the row's ``prefix`` defines (HumanEval's prompt: ``poly``, ``encode_cyclic``),
     run from the prefix itself, so the tests call the trusted helper, not a program's own
-    version of it (redefining ``poly`` to return 0 passed HumanEval/32). The entry point, any
-    function the prefix leaves as a stub (a docstring, ``pass`` or ``...``) and the prefix's
-    classes stay the program's. A prefix that does not run here leaves every name the program's."""
+    version of it (redefining ``poly`` to return 0 passed HumanEval/32).
+
+    Only self-contained helpers: a function that names the entry point, a stub (a docstring,
+    ``pass``, ``...`` or ``raise NotImplementedError``) or another helper left to the program
+    stays the program's, as before (run here it would call a stub). A prefix that defines
+    classes (LeetCode's ``ListNode``/``TreeNode``) leaves every name the program's: its helpers
+    take and build the program's objects, which the tests' side cannot test for truth; so
+    those rows' comparison helpers can be redefined by the program (docs/sandbox.md). A prefix
+    that does not run here leaves every name the program's too."""
     import ast
     import builtins
 
@@ -350,21 +356,26 @@ def _bind_prefix(ns: dict[str, Any], prefix: str, entry_point: str, deadline: fl
         tree = ast.parse(prefix, "<prefix>")
     except SyntaxError:
         return
-    functions = {node.name for node in tree.body
-                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                 and node.name != entry_point and not _is_stub(node)}
+    defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    if any(isinstance(node, ast.ClassDef) for node in tree.body):
+        return
+    untrusted = {entry_point} | {name for name, node in defs.items() if _is_stub(node)}
+    names = {name: {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} for name, node in defs.items()}
+    functions = set(defs) - untrusted
+    while True:  # a helper calling a helper left to the program is left to it too
+        left = {name for name in functions if names[name] & (untrusted | (set(defs) - functions))}
+        if not left:
+            break
+        functions -= left
     if not functions:
         return
     own: dict[str, Any] = {"__name__": "__prefix__", "__builtins__": builtins}
     try:
-        _run_with_alarm(compile(tree, "<prefix>", "exec"), own, deadline)
+        _run_with_alarm(compile(tree, "<prefix>", "exec", dont_inherit=True), own, deadline)
     except Timeout:
         raise
     except Exception:
         return
-    for node in tree.body:  # the prefix's classes stay the program's: a trusted helper that
-        if isinstance(node, ast.ClassDef) and node.name in ns:  # builds a ListNode builds one
-            own[node.name] = ns[node.name]                       # the program can take
     for name in functions:
         if callable(own.get(name)):
             ns[name] = own[name]
@@ -373,14 +384,12 @@ def _bind_prefix(ns: dict[str, Any], prefix: str, entry_point: str, deadline: fl
 def _is_stub(node) -> bool:
     import ast
 
-    if isinstance(node, ast.ClassDef):
-        return False
     body = node.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
             and isinstance(body[0].value.value, str):
         body = body[1:]  # the docstring
     return all(isinstance(b, ast.Pass) or isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
-               for b in body)
+               or isinstance(b, ast.Raise) and "NotImplementedError" in ast.unparse(b) for b in body)
 
 
 class _AssertCounter:

@@ -102,8 +102,7 @@ class _Budget:
             if not entry.isdigit() or entry == "1":
                 continue
             try:
-                with open(f"/proc/{entry}/statm") as f:
-                    rss += int(f.read().split()[1]) * self.page
+                rss += self._memory(entry)
                 with open(f"/proc/{entry}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 cpu += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / self.tick
@@ -114,6 +113,34 @@ class _Budget:
         elif cpu > self.cpu * 1.5 + 0.5:  # slack: each process also has RLIMIT_CPU = cpu_s
             self.exceeded = f"its processes together used {cpu:.1f}s of CPU, over cpu_s ({self.cpu:g}s)"
         return bool(self.exceeded)
+
+    def _memory(self, pid: str) -> float:
+        """A process's proportional resident memory (Pss: pages shared copy-on-write with its
+        forks count once in all, not once per process); for a process whose main thread has
+        exited (its own files read empty), what one of its live threads sees."""
+        for where in [pid] + [f"{pid}/task/{tid}" for tid in _listdir(f"/proc/{pid}/task") if tid != pid][:4]:
+            try:
+                with open(f"/proc/{where}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith("Pss:"):
+                            return int(line.split()[1]) * 1024
+            except OSError:
+                pass
+            try:
+                with open(f"/proc/{where}/statm") as f:
+                    resident = int(f.read().split()[1]) * self.page
+                if resident:
+                    return resident
+            except (OSError, IndexError, ValueError):
+                pass
+        return 0.0
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _init_serve(hdr: dict[str, Any], mode: str, ctl: int, rpc: int, workdir: str) -> None:

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from .proxy import encode
+from .proxy import _COUNTER, _DEFAULT, _FACTORIES, _ORDERED, _namedtuple, encode
 from .wire import recv, send
 
 
@@ -31,11 +31,16 @@ def run_io(program: str) -> None:
     """Run the program as ``__main__`` with the case on stdin; exit status 0 on success."""
     import builtins
     import traceback
+    import types
 
     _fresh_stdio()
     code = 0
     try:
-        exec(compile(program, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+        # as its own module: no __future__ flags of this file, and a dataclass finds its module
+        module = types.ModuleType("__main__")
+        module.__dict__["__builtins__"] = builtins
+        sys.modules["__main__"] = module
+        exec(compile(program, "<program>", "exec", dont_inherit=True), module.__dict__)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
@@ -67,14 +72,19 @@ def serve(program: str) -> None:
         name = t.__name__ if getattr(builtins, t.__name__, None) is t else f"{t.__module__}.{t.__name__}"
         send(fd, {"ok": False, "e": name, "msg": text})
 
-    ns: dict[str, Any] = {"__name__": "solution", "__builtins__": builtins}
+    import types
+
+    # its own module: no __future__ flags of this file (annotations stay objects), and a
+    # dataclass finds its module in sys.modules (it failed to load)
+    module = types.ModuleType("solution")
+    module.__dict__["__builtins__"] = builtins
+    sys.modules["solution"] = module
+    ns: dict[str, Any] = module.__dict__
     try:
-        exec(compile(program, "<program>", "exec"), ns)
+        exec(compile(program, "<program>", "exec", dont_inherit=True), ns)
     except BaseException as exc:
         reply_error(exc)
         os._exit(0)
-    import types
-
     names = {}
     for k, v in list(ns.items()):
         if k.startswith("__"):
@@ -180,4 +190,10 @@ class _ProgramDecoder:
             from decimal import Decimal
 
             return Decimal(v)
+        if tag in ("C", "O"):  # Counter, OrderedDict
+            return (_COUNTER if tag == "C" else _ORDERED)((self(k), self(i)) for k, i in v)
+        if tag == "dd":
+            return _DEFAULT(_FACTORIES.get(v[0]), ((self(k), self(i)) for k, i in v[1]))
+        if tag == "N":  # a namedtuple the tests built: one of the same name and fields here
+            return _namedtuple(v[0], tuple(v[1]))(*(self(i) for i in v[2]))
         raise ValueError(f"bad tag {tag!r}")

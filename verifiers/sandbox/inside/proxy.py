@@ -5,6 +5,7 @@ refuse ``bool()`` and arithmetic). ``encode`` is shared with the program's side.
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from .wire import ProgramGone, ProtocolError, recv, send
@@ -146,6 +147,24 @@ class Remote:
                 pass
         if tag == "h" and type(v) is list and len(v) == 2 and type(v[0]) is int and type(v[1]) is str:
             return Proxy(self, v[0], v[1][:100])
+        if tag in ("C", "O", "dd") and type(v) is list:  # Counter, OrderedDict, defaultdict, rebuilt here
+            factory = None
+            if tag == "dd":
+                if len(v) != 2 or type(v[1]) is not list or (v[0] is not None and v[0] not in _FACTORIES):
+                    raise ProtocolError("bad defaultdict")
+                factory, v = _FACTORIES.get(v[0]), v[1]
+            pairs = self.decode({"d": v}, depth)
+            return {"C": collections.Counter, "O": collections.OrderedDict}[tag](pairs) if tag != "dd" \
+                else collections.defaultdict(factory, pairs)
+        if tag == "N" and type(v) is list and len(v) == 3 and type(v[0]) is str and type(v[1]) is list \
+                and type(v[2]) is list and len(v[1]) == len(v[2]) <= 255 \
+                and type(v[0]) is str and v[0].isidentifier() \
+                and all(type(f) is str and f.isidentifier() and not f.startswith("_") for f in v[1]):
+            values = [self.decode(i, d) for i in v[2]]
+            try:
+                return _namedtuple(v[0], tuple(v[1]))(*values)
+            except (TypeError, ValueError):
+                raise ProtocolError("bad namedtuple") from None
         raise ProtocolError(f"bad value tag {tag!r}")
 
 
@@ -163,11 +182,17 @@ def encode(v: Any, handles: list | None, remote: Remote | None, depth: int = 0) 
             return {"h": [len(handles) - 1, t.__name__]}
         raise TypeError("value nested too deeply to pass to the program")
     d = depth + 1
-    if t in (list, tuple, set, frozenset):
-        tag = {list: "l", tuple: "t", set: "s", frozenset: "f"}[t]
-        return {tag: [encode(i, handles, remote, d) for i in v]}
-    if t is dict:
-        return {"d": [[encode(k, handles, remote, d), encode(i, handles, remote, d)] for k, i in v.items()]}
+    if t in (list, tuple, set, frozenset, dict) or _stdlib_container(t):
+        if id(v) in _ON_PATH:  # a cycle (a.next.prev is a): the repeat travels as a handle
+            if handles is not None:
+                handles.append(v)
+                return {"h": [len(handles) - 1, t.__name__]}
+            raise TypeError("a cyclic value cannot be passed to the program")
+        _ON_PATH.add(id(v))
+        try:
+            return _encode_container(v, t, handles, remote, d)
+        finally:
+            _ON_PATH.discard(id(v))
     if t is bytes:
         return {"b": v.hex()}
     if t is bytearray:
@@ -180,9 +205,6 @@ def encode(v: Any, handles: list | None, remote: Remote | None, depth: int = 0) 
     if t.__name__ == "Decimal" and mod in ("decimal", "_decimal", "_pydecimal"):
         return {"D": str(v)}
     if handles is not None:
-        plain = _plain_copy(v, t)
-        if plain is not None:
-            return encode(plain, handles, remote, d)
         handles.append(v)
         return {"h": [len(handles) - 1, t.__name__]}
     if isinstance(v, Proxy) and object.__getattribute__(v, "_remote") is remote:
@@ -190,23 +212,57 @@ def encode(v: Any, handles: list | None, remote: Remote | None, depth: int = 0) 
     raise TypeError(f"cannot pass a {t.__name__} to the program (only plain data and its own objects)")
 
 
-def _plain_copy(v: Any, t: type) -> Any:
-    """Program side: a subclass of plain data (``Counter``, ``defaultdict``, a namedtuple, an
-    ``IntEnum``) as a copy of its base type, read through the base type's own methods, so a
-    correct answer compares as data and no overridden ``__eq__`` travels with it. ``t`` is
-    ``type(v)``, which an object cannot fake (``__class__`` can be)."""
-    if issubclass(t, dict):
-        return dict(dict.items(v))
-    for base in (list, tuple, set, frozenset):
-        if issubclass(t, base):
-            return base(base.__iter__(v))
-    if issubclass(t, int) and not issubclass(t, bool):
-        return int.__index__(v)
-    if issubclass(t, float):
-        return float.__float__(v)
-    if issubclass(t, str):
-        return str.__str__(v)
-    return None
+_ON_PATH: set[int] = set()  # containers being encoded (one encode at a time per process)
+# The genuine classes, taken before any program runs (a program may rebind collections.Counter).
+_COUNTER, _ORDERED, _DEFAULT = collections.Counter, collections.OrderedDict, collections.defaultdict
+_ORDERED_ITEMS = collections.OrderedDict.items
+_FACTORIES = {"int": int, "float": float, "str": str, "list": list, "set": set, "dict": dict, "tuple": tuple}
+_NAMEDTUPLE_NAMES = frozenset(vars(collections.namedtuple("_T", "a"))) - {"a"} | {"__annotations__",
+                                                                                  "__orig_bases__"}
+
+
+def _stdlib_container(t: type) -> bool:
+    return t in (_COUNTER, _ORDERED, _DEFAULT) or _is_namedtuple(t)
+
+
+def _is_namedtuple(t: type) -> bool:
+    """A plain namedtuple class (collections.namedtuple or typing.NamedTuple, nothing added):
+    it travels as its fields and values; one with methods of its own stays a handle."""
+    fields = t.__dict__.get("_fields") if t.__bases__ == (tuple,) else None
+    return isinstance(fields, tuple) and all(type(f) is str for f in fields) \
+        and set(t.__dict__) <= _NAMEDTUPLE_NAMES | set(fields)
+
+
+def _encode_container(v: Any, t: type, handles: list | None, remote: Remote | None, d: int) -> Any:
+    """Plain containers, and the stdlib's Counter, OrderedDict, defaultdict and plain namedtuples,
+    both ways (a correct answer of those types compares as data on the tests' side, rebuilt
+    there; a namedtuple the tests built goes back as one; a program's own subclasses stay
+    handles with their methods). Read through the genuine classes' methods: ``t`` is exactly one
+    of them, or a namedtuple class with nothing of its own."""
+    if t in (list, tuple, set, frozenset):
+        tag = {list: "l", tuple: "t", set: "s", frozenset: "f"}[t]
+        return {tag: [encode(i, handles, remote, d) for i in v]}
+    if t is dict or t in (_COUNTER, _DEFAULT):
+        pairs = [[encode(k, handles, remote, d), encode(i, handles, remote, d)] for k, i in dict.items(v)]
+        if t is dict:
+            return {"d": pairs}
+        if t is _COUNTER:
+            return {"C": pairs}
+        name = next((n for n, f in _FACTORIES.items() if v.default_factory is f), None)
+        return {"dd": [name, pairs]}
+    if t is _ORDERED:
+        return {"O": [[encode(k, handles, remote, d), encode(i, handles, remote, d)] for k, i in _ORDERED_ITEMS(v)]}
+    return {"N": [t.__name__, list(t.__dict__["_fields"]), [encode(i, handles, remote, d) for i in tuple.__iter__(v)]]}
+
+
+_NAMEDTUPLES: dict[tuple[str, tuple[str, ...]], type] = {}
+
+
+def _namedtuple(name: str, fields: tuple[str, ...]) -> type:
+    key = (name, fields)
+    if key not in _NAMEDTUPLES:
+        _NAMEDTUPLES[key] = collections.namedtuple(name, fields)
+    return _NAMEDTUPLES[key]
 
 
 class Proxy:
