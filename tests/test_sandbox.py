@@ -295,6 +295,18 @@ def test_a_killed_caller_leaves_no_sandboxed_program_running(tmp_path):
     assert sandboxed() == []
 
 
+def test_large_stdin_and_stdout_cases_are_judged():
+    """A 6 MB non-ASCII input (36 MB JSON-escaped) broke init's 16 MB message limit, and many
+    1 MB outputs the verdict's: correct programs scored 0 ('sandbox harness failed')."""
+    text = "\u00e9" * (3 << 20) + "\n"
+    echo = "import sys\nsys.stdout.write(sys.stdin.read())\n"
+    with Sandbox(Limits(wall_s=20.0, cpu_s=20.0, memory_mb=512), workers=1) as sb:
+        big, many = sb.run_many([IOJob(echo, [{"input": text, "output": text}]),
+                                 IOJob(echo, [{"input": "x" * (1 << 20) + "\n", "output": "x" * (1 << 20) + "\n"}] * 16)])
+    assert big.ok, big.reason
+    assert many.ok, many.reason
+
+
 def test_exceptions_mutation_objects_and_iteration(sandbox):
     program = '''
 def sqrt_int(n):

@@ -12,7 +12,7 @@ from typing import Any
 
 from verifiers.io_compare import compare_output
 from verifiers.sandbox.allowlist import filesystem_view
-from verifiers.sandbox.inside.wire import FRAME, MAX_MESSAGE_BYTES, describe_exit, frame
+from verifiers.sandbox.inside.wire import FRAME, MAX_MESSAGE_BYTES, describe_exit, frame, io_message_bytes
 from verifiers.sandbox.launch import Launcher, ZygoteLauncher, pump
 
 
@@ -170,7 +170,8 @@ class Sandbox:
         harness = self._launcher.start()
         self._running.add(harness)
         try:
-            out, err, killed = pump(harness, payload, deadline=t0 + budget, out_cap=MAX_MESSAGE_BYTES)
+            cap = MAX_MESSAGE_BYTES + (sum(io_message_bytes(c) for c in header["output_caps"]) if io else 0)
+            out, err, killed = pump(harness, payload, deadline=t0 + budget, out_cap=cap)
         finally:
             self._running.discard(harness)
             harness.finish()

@@ -18,8 +18,8 @@ from . import pid1, view
 from .linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, \
     count_own_processes, drop_capabilities, install_seccomp, prctl, set_rlimit, socketpair, unshare
 from .proxy import Remote
-from .wire import FRAME, ProgramGone, ProtocolError, Timeout, describe_exit, frame, read_exact, recv, send, \
-    write_all
+from .wire import FRAME, ProgramGone, ProtocolError, Timeout, describe_exit, frame, io_message_bytes, read_exact, \
+    recv, send, write_all
 
 _TESTS_MAX_PROCESSES = 64  # RLIMIT_NPROC of the tests' own uid (processes + threads)
 
@@ -157,10 +157,10 @@ def _enter_namespaces(iso: dict[str, Any], want: str) -> str:
 def _harness_io(hdr: dict[str, Any], ctl: int) -> list[dict[str, Any]]:
     lim = hdr["limits"]
     results = []
-    for text, cap in zip(hdr["inputs"], hdr["output_caps"]):
-        send(ctl, {"op": "io", "stdin": text, "cap": cap})
-        try:
-            results.append(recv(ctl, time.monotonic() + lim["wall_s"] + 30))
+    for case, cap in enumerate(hdr["output_caps"]):
+        send(ctl, {"op": "io", "case": case, "cap": cap})  # init has the inputs (the header)
+        try:  # stdout up to cap, JSON-escaped (up to 6 bytes a byte), and stderr's tail
+            results.append(recv(ctl, time.monotonic() + lim["wall_s"] + 30, max_bytes=io_message_bytes(cap)))
         except (Timeout, EOFError, ProtocolError):
             break
         if results[-1].get("timed_out") and not hdr.get("partial"):

@@ -46,7 +46,7 @@ def main(hdr: dict[str, Any], mode: str, ctl: int, rpc: int) -> None:
                 _init_serve(hdr, mode, ctl, rpc, workdir)
                 break
             if req.get("op") == "io":
-                send(ctl, _init_io(hdr, mode, workdir, req["stdin"], int(req["cap"])))
+                send(ctl, _init_io(hdr, mode, workdir, hdr["inputs"][int(req["case"])], int(req["cap"])))
     finally:
         _kill_all(mode, hdr)
         if mode == "none" or not layers.get("mountns"):

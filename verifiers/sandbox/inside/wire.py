@@ -19,6 +19,12 @@ FRAME = struct.Struct("!I")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # one RPC message or job frame
 
 
+def io_message_bytes(cap: int) -> int:
+    """The largest message a stdin/stdout case's result can be: its stdout (``cap`` bytes) JSON-escaped,
+    up to 6 bytes a byte (``\\u00e9``), plus the stderr tail and the fields."""
+    return 6 * cap + (1 << 20)
+
+
 def frame(data: bytes) -> bytes:
     return FRAME.pack(len(data)) + data
 
