@@ -213,7 +213,7 @@ def find_resumable(run_dir: Path) -> tuple[Path, dict[str, Any]]:
             problems.append(str(exc))
             continue
         for problem in problems:
-            print(f"warning: {problem}; resuming from the previous checkpoint {path.name} instead", file=sys.stderr)
+            print(f"warning: {problem}; using the previous checkpoint {path.name} instead", file=sys.stderr)
         return path, state
     raise CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'}: {problems[0]}"
                           + (f" (and {len(problems) - 1} older ones unreadable)" if len(problems) > 1 else ""))

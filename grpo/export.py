@@ -26,8 +26,9 @@ def add_export_parser(sub) -> None:
     p.add_argument("out", help="output directory (must not exist, or be empty)")
     p.add_argument("--model", help="base model spec (default: model.name from RUN_DIR/config.yaml, "
                                    "else the adapter's base_model_name_or_path)")
-    p.add_argument("--checkpoint", help="export this checkpoint's adapter instead of the final one "
-                                        "(a path, or 'latest' for the newest in RUN_DIR/checkpoints)")
+    p.add_argument("--checkpoint", help="export this checkpoint's adapter instead of the final one: a path, a "
+                                        "name or step number in RUN_DIR/checkpoints (step-000020, 20), or "
+                                        "'latest' for the newest that reads back intact")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="saved weight dtype (auto: the base model's own dtype, float32 when unknown)")
 
@@ -52,6 +53,11 @@ def find_adapter(run_dir: Path, checkpoint: str | None) -> Path:
         for c in named:
             for candidate in (c / "adapter", c):
                 if (candidate / "adapter_config.json").is_file():
+                    if (c / ckpt.STATE_JSON).is_file():  # a checkpoint: its recorded hashes must hold
+                        try:
+                            ckpt.read_state(c)
+                        except ckpt.CheckpointError as exc:
+                            raise UserError(f"--checkpoint {checkpoint}: {exc}") from exc
                     return resolve_adapter(str(candidate), "--checkpoint")
         raise UserError(f"--checkpoint {checkpoint}: no checkpoint with an adapter there or in "
                         f"{run_dir / 'checkpoints'} (give a path, a name like step-000002, a step number or 'latest')")

@@ -149,6 +149,14 @@ def test_export_bad_adapters_and_checkpoints_are_one_line(tiny_model_dir, tmp_pa
     assert main(["export", str(run), str(tmp_path / "o4"), "--checkpoint", "2"]) == 0
     assert main(["export", str(run), str(tmp_path / "o5"), "--checkpoint", "7"]) == 2
     assert "no checkpoint with an adapter" in capsys.readouterr().err
+    # a named checkpoint whose files fail their recorded hashes is refused (it exported silently)
+    from grpo import checkpoint as ckpt
+
+    ckpt_dir = run / "checkpoints" / "step-000002"
+    (ckpt_dir / ckpt.STATE_JSON).write_text(json.dumps({"format": ckpt.FORMAT, "version": ckpt.VERSION,
+                                                         "sha256": {}, "state": {}}))
+    assert main(["export", str(run), str(tmp_path / "o6"), "--checkpoint", "step-000002"]) == 2
+    assert "--checkpoint step-000002: checkpoint" in capsys.readouterr().err
 
 
 def test_export_to_a_read_only_place_is_one_line_before_the_merge(tiny_model_dir, tmp_path, capsys, monkeypatch):

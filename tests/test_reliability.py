@@ -111,7 +111,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_model_dir, to
     capsys.readouterr()
     assert main([*_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "steps": 2}), "--resume"]) == 0
     err = capsys.readouterr().err
-    assert "step-000002 is corrupt" in err and "resuming from the previous checkpoint step-000001" in err
+    assert "step-000002 is corrupt" in err and "using the previous checkpoint step-000001" in err
     assert "resumed from" in err and "(step 1)" in err
 
     # a state.json that parses but lost a part (its hashes cover the tensor files only): KeyError before

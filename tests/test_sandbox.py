@@ -179,11 +179,13 @@ def test_stdlib_containers_and_namedtuples_travel_as_themselves(sandbox):
                "def f(k):\n    od = collections.OrderedDict(a=1, b=2, c=3)\n    od.move_to_end('a')\n"
                "    return {'c': collections.Counter('aab'), 'd': collections.defaultdict(int, x=1),\n"
                "            'o': od, 'p': P(1, 2), 'liar': Liar(z=1)}[k]\n"
-               "def norm(p):\n    return p.a + p.b\n")
+               "def norm(p):\n    return p.a + p.b\n"
+               "def top(c):\n    return c.most_common(1)[0][0]\n")
     tests = ("assert f('c') == {'a': 2, 'b': 1} and f('c')['zzz'] == 0 and f('c').most_common(1) == [('a', 2)]\n"
              "assert f('d') == {'x': 1} and f('d')['new'] == 0\nassert list(f('o')) == ['b', 'c', 'a']\n"
              "assert f('p') == (1, 2) and f('p').b == 2\nassert norm(P(3, 4)) == 7\n"
-             "s = MinStack()\ns.push(5)\nassert s.pop() == 5\n")
+             "s = MinStack()\ns.push(5)\nassert s.pop() == 5\n"
+             "import collections\nassert top(collections.Counter('abb')) == 'b' and top(f('c')) == 'a'\n")
     liar_tests = "assert f('liar') == {'anything': 0}\n"
     good, liar = sandbox.run_many([TestsJob(program, tests), TestsJob(program, liar_tests)])
     assert good.ok, good.reason

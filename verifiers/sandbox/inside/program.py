@@ -190,8 +190,8 @@ class _ProgramDecoder:
             from decimal import Decimal
 
             return Decimal(v)
-        if tag in ("C", "O"):  # Counter, OrderedDict
-            return (_COUNTER if tag == "C" else _ORDERED)((self(k), self(i)) for k, i in v)
+        if tag in ("C", "O"):  # Counter, OrderedDict, from their (key, value) pairs
+            return (_COUNTER if tag == "C" else _ORDERED)(dict((self(k), self(i)) for k, i in v))
         if tag == "dd":
             return _DEFAULT(_FACTORIES.get(v[0]), ((self(k), self(i)) for k, i in v[1]))
         if tag == "N":  # a namedtuple the tests built: one of the same name and fields here
