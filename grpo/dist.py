@@ -153,6 +153,9 @@ def fail(exc: BaseException) -> bool:
     if lost:
         print(f"rank {me.rank}/{me.world_size} stopped: another rank failed (its error is above)", file=sys.stderr,
               flush=True)
+    elif isinstance(exc, KeyboardInterrupt):  # the launcher's SIGTERM after another rank failed, or Ctrl-C
+        print(f"rank {me.rank}/{me.world_size} stopped ({exc or 'SIGINT'})", file=sys.stderr, flush=True)
+        lost = True
     elif not isinstance(exc, UserError):  # a UserError gets its one `error:` line from the CLI
         print(f"rank {me.rank}/{me.world_size} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     try:

@@ -100,7 +100,7 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
     from safetensors import SafetensorError
 
     from grpo.errors import state_dict_error_line
-    from grpo.models import add_legacy_config_keys, load_causal_lm, load_tokenizer, resolve_model_path
+    from grpo.models import add_legacy_config_keys, load_causal_lm, load_tokenizer, make_readable, resolve_model_path
     from grpo.rundir import os_errors
 
     run_dir, out = Path(run_dir), Path(out)
@@ -148,7 +148,7 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
                 "dtype": str(target).replace("torch.", ""), "merged_with": "peft merge_and_unload",
                 "system_prompt": system_prompt,
             }, indent=2) + "\n")
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private; the export is for serving
+            make_readable(tmp)  # mkdtemp and save_pretrained made it private; the export is for serving
             if out.exists():
                 out.rmdir()  # empty (checked above)
             os.replace(tmp, out)
@@ -158,14 +158,6 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
         print(f"note: the policy trained with model.system_prompt {system_prompt!r} (in export.json); send it as "
               "the system message when serving the merged model", file=sys.stderr)
     return out
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _safetensors_os_errors():

@@ -53,6 +53,10 @@ class MetricsLogger:
                 dropped = failures >= _MAX_TRACKER_FAILURES
                 if dropped:
                     self.trackers.remove(tracker)
+                    try:
+                        tracker.close(True)  # its run ends as failed, not left "running"
+                    except Exception:
+                        pass
                 print(f"warning: {name} failed to log step {step}: {type(exc).__name__}: {exc}"
                       + ("; it is dropped for the rest of the run (metrics.jsonl has every step)" if dropped else ""),
                       file=sys.stderr)
@@ -71,6 +75,8 @@ class MetricsLogger:
             except json.JSONDecodeError:
                 record = "bad"
             if isinstance(record, dict):
+                if isinstance(record.get("heldout/reward"), (int, float)):  # written before the rename
+                    record["heldout/reward/mean"] = record.pop("heldout/reward")
                 out.append(record)
             elif record is not None and warn:
                 print(f"warning: {self.path} line {number} is not a whole record (a write cut short?); "

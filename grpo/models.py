@@ -97,7 +97,16 @@ def model_fingerprint(path: str) -> str | None:
     root = Path(path)
     if not (root / "config.json").is_file():
         return None
-    digest = hashlib.sha256((root / "config.json").read_bytes())
+    try:  # the model's settings, not who wrote them: a re-conversion under another transformers
+        config = json.loads((root / "config.json").read_text())  # version is the same model
+    except (ValueError, OSError):
+        config = {}
+    if isinstance(config, dict):
+        drop = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache"}
+        if "rope_parameters" in config:
+            drop |= {"rope_theta", "rope_scaling", "rope_local_base_freq"}  # add_legacy_config_keys's
+        config = {k: v for k, v in config.items() if k not in drop}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for file in sorted(p for p in root.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
@@ -156,7 +165,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         model.save_pretrained(tmp)
         add_legacy_config_keys(tmp / "config.json")  # vLLM users serve this directory (docs/export.md)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp made it private; another user's server may read it
+        make_readable(tmp)  # vLLM users serve this directory, perhaps as another user
         try:
             tmp.rename(target)
         except OSError:  # another process won the race
@@ -170,18 +179,55 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
 def add_legacy_config_keys(path: Path) -> None:
     """transformers 5 writes the RoPE settings only as ``rope_parameters``; transformers 4 (which
     many vLLM builds pin) ignores that key and uses its default theta: silently wrong logits.
-    Add the keys it reads (``rope_theta``, ``rope_scaling``, ``torch_dtype``); 5 ignores them."""
-    config = json.loads(path.read_text())
+    Add the keys it reads (``rope_theta``, ``rope_scaling``, ``rope_local_base_freq`` for
+    per-layer-type RoPE as Gemma 3 has it, ``torch_dtype``; in ``text_config`` too); 5 ignores
+    them. Written atomically; a directory that cannot be written (a shared, read-only cache) is
+    left as it is."""
+    original = path.read_text()
+    config = json.loads(original)
+    _legacy_keys(config)
+    if isinstance(config.get("text_config"), dict):
+        _legacy_keys(config["text_config"])
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    if text == original:
+        return
+    try:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, _public_mode(0o666))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _legacy_keys(config: dict) -> None:
     rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):  # per layer type
+        if isinstance(rope.get("sliding_attention"), dict) and "rope_theta" in rope["sliding_attention"]:
+            config.setdefault("rope_local_base_freq", rope["sliding_attention"]["rope_theta"])
+        rope = rope["full_attention"]
     if isinstance(rope, dict) and "rope_theta" in rope:
         config.setdefault("rope_theta", rope["rope_theta"])
         if rope.get("rope_type", "default") != "default":
             config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
     if "dtype" in config:
         config.setdefault("torch_dtype", config["dtype"])
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    if text != path.read_text():
-        path.write_text(text)
+
+
+def _public_mode(mode: int) -> int:
+    """``mode`` less the process's umask (what a plain ``open`` would have given)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def make_readable(directory: Path) -> None:
+    """A model directory readable as the umask allows (mkdtemp makes the directory private, and
+    transformers saves ``model.safetensors`` as 0600): a server running as another user reads it."""
+    os.chmod(directory, _public_mode(0o777))
+    for file in directory.iterdir():
+        if file.is_file():
+            os.chmod(file, _public_mode(0o666))
 
 
 def load_tokenizer(path: str):

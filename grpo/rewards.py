@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -255,12 +256,18 @@ class RewardRunner:
                         fields: list[dict[str, Any]]) -> tuple[list[Score], int]:
         futures = [self._pool.schedule(_score_in_worker, (verifier, c, f), verifier.timeout_s)
                    for c, f in zip(completions, fields)]
+        # a backstop beyond pebble's per-call timeout (which starts when a worker takes the call):
+        # a worker killed as a call was handed over left its future unresolved forever
+        timeout = verifier.timeout_s or 0
+        deadline = time.monotonic() + timeout * (len(futures) / self.workers + 1) + 60 if timeout else None
         scores, n_err = [], 0
         for fut in futures:
             try:
-                scores.append(_checked(fut.result()))
+                left = None if deadline is None else max(0.1, deadline - time.monotonic())
+                scores.append(_checked(fut.result(timeout=left)))
                 n_err += _is_error(scores[-1])
             except concurrent.futures.TimeoutError:
+                fut.cancel()  # still pending after the backstop: pebble stops its worker
                 scores.append(Score(0.0, f"error: timeout after {verifier.timeout_s:g}s"))
                 n_err += 1
             except UserError:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,9 +39,23 @@ MARKER = ".grpo-run"
 class RunDirLock:
     """An exclusive lock on a run directory, held until ``release()`` or process exit."""
 
-    def __init__(self, run_dir: Path, fd: int | None, created: bool = False):
+    def __init__(self, run_dir: Path, fd: int | None, created: Path | None = None):
         self.run_dir, self._fd = run_dir, fd
-        self.created = created  # this run made the directory: a run that fails to start removes it
+        self.created = created  # the topmost directory this run made: a run that fails to start removes it
+
+    def remove_created(self) -> None:
+        """Remove the run directory and the parents this run created, each only while empty
+        (another run may have started beside it meanwhile)."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.created is None or self.created == self.run_dir:
+            return
+        for parent in self.run_dir.parents:
+            try:
+                os.rmdir(parent)
+            except OSError:
+                return
+            if parent == self.created:
+                return
 
     def release(self) -> None:
         if self._fd is not None:
@@ -65,7 +80,11 @@ def claim(run_dir: Path, resume: bool) -> RunDirLock:
                         "refusing to write into it: choose an empty or new output_dir / name")
     if int(os.environ.get("RANK", "0") or 0) > 0:  # torchrun: rank 0 locks and tidies, the others only check
         return RunDirLock(run_dir, None)
-    created = not run_dir.exists()
+    created = None  # the topmost directory this run creates (removed again if it fails to start)
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            break
+        created = parent
     with os_errors(f"cannot create the run directory {run_dir}"):
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / MARKER, os.O_RDWR | os.O_CREAT, 0o644)

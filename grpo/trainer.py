@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -700,8 +699,8 @@ class Trainer:
             lock = getattr(self, "run_lock", None)
             if lock is not None:
                 lock.release()
-                if failed and not self.started and lock.created:  # bad input: nothing written
-                    shutil.rmtree(self.run_dir, ignore_errors=True)
+                if failed and not self.started and lock.created is not None:  # bad input: nothing written
+                    lock.remove_created()
 
 
 def _rewards_differ(group: ScoredGroup) -> bool:

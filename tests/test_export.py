@@ -171,3 +171,40 @@ def test_export_to_a_read_only_place_is_one_line_before_the_merge(tiny_model_dir
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "cannot write the export" in err and "read-only" in err and "Traceback" not in err
+
+
+def test_legacy_config_keys_for_per_layer_rope_and_a_read_only_cache(tmp_path, monkeypatch):
+    import os
+
+    from grpo.models import add_legacy_config_keys
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"rope_parameters": {  # Gemma 3's layout
+        "full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+        "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}, "dtype": "bfloat16"}))
+    add_legacy_config_keys(config)
+    got = json.loads(config.read_text())
+    assert (got["rope_theta"], got["rope_local_base_freq"]) == (1e6, 1e4)
+    assert got["rope_scaling"] == {"rope_type": "linear", "factor": 8.0} and got["torch_dtype"] == "bfloat16"
+    config.write_text(json.dumps({"rope_parameters": {"rope_theta": 5e5}}))
+
+    def read_only(*a):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    add_legacy_config_keys(config)  # a shared, read-only cache: left as it is, no error
+    assert "rope_theta" not in json.loads(config.read_text())
+
+
+def test_exported_weights_are_readable_by_other_users(tiny_model_dir, tmp_path):
+    import os
+    import stat
+
+    _fake_run(tiny_model_dir, tmp_path / "run")
+    old = os.umask(0o022)
+    try:
+        assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "merged", *(tmp_path / "merged").iterdir()]:
+        assert os.stat(path).st_mode & stat.S_IROTH, path  # save_pretrained wrote the weights 0600

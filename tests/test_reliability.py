@@ -812,10 +812,14 @@ def test_resume_refuses_a_base_model_that_changed_under_its_name(toy_plugin, tmp
 
 
 def test_a_run_that_fails_to_start_leaves_no_directory(tiny_model_dir, toy_plugin, tmp_path, capsys):
-    run_dir = tmp_path / "bad"
+    run_dir = tmp_path / "a" / "b" / "bad"
     assert main(_args(tiny_model_dir, toy_plugin, run_dir, **{**FAST, "task.args.nn": 4})) == 2
     assert "task.args" in capsys.readouterr().err
-    assert not run_dir.exists()  # it held .grpo-run and config.yaml
+    assert not (tmp_path / "a").exists()  # it held .grpo-run and config.yaml, and its parents
+    kept = tmp_path / "mine"
+    kept.mkdir()  # a directory the user made stays
+    assert main(_args(tiny_model_dir, toy_plugin, kept, **{**FAST, "task.args.nn": 4})) == 2
+    assert kept.is_dir()
 
 
 def test_a_finished_run_without_checkpoints_is_not_overwritten(tiny_model_dir, toy_plugin, tmp_path, capsys):

@@ -172,3 +172,9 @@ def test_reward_plot_shows_negative_rewards(tmp_path, monkeypatch):
     plot_rewards([{"step": 1, "reward/mean": -1.7}, {"step": 2, "reward/mean": 0.4}], tmp_path / "r.png")
     bottom, top = next(a for a in limits if len(a) == 2)
     assert bottom < -1.7 and top >= 1.0
+
+
+def test_records_written_before_the_heldout_reward_rename_read_as_now(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "heldout/reward": 0.5, "heldout/reward/math": 0.5}\n')
+    logger = MetricsLogger(tmp_path, 1, [], "t", "p", CONFIG)  # resumed: the old line is kept
+    assert logger.records() == [{"step": 0, "heldout/reward/mean": 0.5, "heldout/reward/math": 0.5}]

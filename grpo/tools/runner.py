@@ -133,11 +133,14 @@ class ToolRunner:
 
     def _in_worker(self, tool, arguments) -> str:
         args = (tool.fn, arguments, self.max_chars, self.memory_mb)
+        # a backstop beyond pebble's own timeout: a worker killed as the call was handed over
+        # left the future unresolved forever (a pebble race)
+        wait = self.timeout_s + 60 if self.timeout_s else None
         try:
-            return self._pool.schedule(_call_in_worker, args, self.timeout_s).result()
+            return self._pool.schedule(_call_in_worker, args, self.timeout_s).result(timeout=wait)
         except BrokenProcessPool:  # a worker killed from outside: a new pool, this call once more
             self._pool.discard()
-            return self._pool.schedule(_call_in_worker, args, self.timeout_s).result()
+            return self._pool.schedule(_call_in_worker, args, self.timeout_s).result(timeout=wait)
 
     def close(self) -> None:
         if self._threads is not None:
