@@ -16,6 +16,7 @@ on a GGUF-loaded model, so the state dict is copied into a model built from its 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -139,6 +140,8 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     target = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         add_legacy_config_keys(target / "config.json")  # a conversion cached by an older version
+        with contextlib.suppress(OSError):  # ... was private; another user's cache stays as it is
+            make_readable(target)
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
