@@ -144,7 +144,7 @@ def save(run_dir: Path, step: int, model, state: dict[str, Any], keep: int,
     final = root / f"{PREFIX}{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
     try:
-        with _safetensors_os_errors():
+        with safetensors_os_errors():
             model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
             data, tensors = encode_state(state)
             save_file(tensors, str(tmp / STATE_TENSORS))
@@ -301,7 +301,7 @@ def _sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _safetensors_os_errors():
+def safetensors_os_errors():
     """safetensors reports a failed write (disk full, quota) as ``SafetensorError`` "... (os error N)":
     raised here as the ``OSError`` it is, so the trainer's one-line write error names it."""
     from safetensors import SafetensorError

@@ -473,21 +473,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     so a pasted second ``loss:`` block silently dropped the first one's settings."""
 
     def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        seen_nodes: dict[Any, Any] = {}
+        first_nodes: dict[Any, Any] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" may be overridden
                 continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line)
-                repeated = seen_nodes.setdefault(key, key_node) is not key_node
+                first = first_nodes.setdefault(key, key_node)
             except TypeError:  # an unhashable key: SafeLoader says so itself
                 continue
-            if repeated:
+            if first is not key_node:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (lines {first + 1} and {key_node.start_mark.line + 1}); "
-                    "keep one", key_node.start_mark)
+                    None, None, f"key {key!r} appears twice (lines {first.start_mark.line + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -99,6 +99,7 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
     from peft import PeftModel
     from safetensors import SafetensorError
 
+    from grpo.checkpoint import safetensors_os_errors
     from grpo.errors import state_dict_error_line
     from grpo.models import add_legacy_config_keys, load_causal_lm, load_tokenizer, make_readable, resolve_model_path
     from grpo.rundir import os_errors
@@ -137,7 +138,7 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
         tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base_path)
         tokenizer = load_tokenizer(str(tokenizer_dir))
         system_prompt = _run_setting(run_dir, "system_prompt")
-        with os_errors(f"cannot write the export {out}"), _safetensors_os_errors():
+        with os_errors(f"cannot write the export {out}"), safetensors_os_errors():
             merged.save_pretrained(tmp, safe_serialization=True)
             add_legacy_config_keys(tmp / "config.json")
             tokenizer.save_pretrained(tmp)
@@ -158,12 +159,6 @@ def export(run_dir: str | Path, out: str | Path, model_spec: str | None = None, 
         print(f"note: the policy trained with model.system_prompt {system_prompt!r} (in export.json); send it as "
               "the system message when serving the merged model", file=sys.stderr)
     return out
-
-
-def _safetensors_os_errors():
-    from grpo.checkpoint import _safetensors_os_errors as wrap
-
-    return wrap()
 
 
 def _untie_targeted_embeddings(model, adapter_config: dict) -> None:

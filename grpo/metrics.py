@@ -45,10 +45,10 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         numbers = finite_numbers(record)
         for tracker in list(self.trackers):
+            name = getattr(tracker, "report_to_name", type(tracker).__name__)
             try:
                 tracker.log(step, numbers)
             except Exception as exc:  # metrics.jsonl has the record: a tracker costs its copy, not the run
-                name = getattr(tracker, "report_to_name", type(tracker).__name__)
                 failures = self._failures[name] = self._failures.get(name, 0) + 1
                 dropped = failures >= _MAX_TRACKER_FAILURES
                 if dropped:
@@ -61,7 +61,7 @@ class MetricsLogger:
                       + ("; it is dropped for the rest of the run (metrics.jsonl has every step)" if dropped else ""),
                       file=sys.stderr)
             else:
-                self._failures.pop(getattr(tracker, "report_to_name", type(tracker).__name__), None)
+                self._failures.pop(name, None)
 
     def records(self, warn: bool = False) -> list[dict[str, Any]]:
         """The logged records; a line that is not a JSON object (a write cut short by a full disk or a

@@ -139,9 +139,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     key = _content_key(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
     target = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
-        add_legacy_config_keys(target / "config.json")  # a conversion cached by an older version
-        with contextlib.suppress(OSError):  # ... was private; another user's cache stays as it is
-            make_readable(target)
+        _tidy_cached(target)
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,6 +177,16 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     return target
 
 
+@functools.lru_cache(maxsize=16)
+def _tidy_cached(target: Path) -> None:
+    """A conversion cached by an older version: add the transformers-4 keys and make it readable
+    (it was private); best effort, another user's cache stays as it is. Once per process: every
+    resolve of the model name passes here."""
+    add_legacy_config_keys(target / "config.json")
+    with contextlib.suppress(OSError):
+        make_readable(target)
+
+
 def add_legacy_config_keys(path: Path) -> None:
     """transformers 5 writes the RoPE settings only as ``rope_parameters``; transformers 4 (which
     many vLLM builds pin) ignores that key and uses its default theta: silently wrong logits.
@@ -197,7 +205,7 @@ def add_legacy_config_keys(path: Path) -> None:
     try:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text)
-        os.chmod(tmp, _public_mode(0o666))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError:
         pass
@@ -217,20 +225,29 @@ def _legacy_keys(config: dict) -> None:
         config.setdefault("torch_dtype", config["dtype"])
 
 
-def _public_mode(mode: int) -> int:
-    """``mode`` less the process's umask (what a plain ``open`` would have given)."""
-    mask = os.umask(0)
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it, and setting
+    it to read it would briefly apply 0 to files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the one way left
     os.umask(mask)
-    return mode & ~mask
+    return mask
 
 
 def make_readable(directory: Path) -> None:
     """A model directory readable as the umask allows (mkdtemp makes the directory private, and
     transformers saves ``model.safetensors`` as 0600): a server running as another user reads it."""
-    os.chmod(directory, _public_mode(0o777))
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
     for file in directory.iterdir():
         if file.is_file():
-            os.chmod(file, _public_mode(0o666))
+            os.chmod(file, 0o666 & ~mask)
 
 
 def load_tokenizer(path: str):

@@ -25,6 +25,7 @@ import math
 import sys
 import time
 import traceback
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -242,46 +243,45 @@ class RewardRunner:
             except Exception as exc:
                 _warn(f"verifier {name!r} raised {type(exc).__name__}: {exc}; its {len(completions)} rewards are 0")
                 return [Score(0.0, f"error: {type(exc).__name__}: {exc}"[:200])] * len(completions), len(completions)
-        scores, n_err = self._run_in_workers(verifier, completions, fields)
-        broken = [i for i, s in enumerate(scores) if s.reason.startswith("error: BrokenProcessPool")]
+        scores, failed, broken = self._run_in_workers(verifier, completions, fields)
         if broken:  # a worker was killed from outside (the OOM killer, an admin): a new pool, once
             self._pool.discard()
-            again, _ = self._run_in_workers(verifier, [completions[i] for i in broken], [fields[i] for i in broken])
-            for i, score in zip(broken, again):
-                scores[i] = score
-            n_err = sum(_is_error(s) for s in scores)
-        return scores, n_err
+            again = self._run_in_workers(verifier, [completions[i] for i in broken], [fields[i] for i in broken])
+            for i, score, error in zip(broken, again[0], again[1]):
+                scores[i], failed[i] = score, error
+        return scores, sum(failed)
 
     def _run_in_workers(self, verifier: Verifier, completions: list[str],
-                        fields: list[dict[str, Any]]) -> tuple[list[Score], int]:
+                        fields: list[dict[str, Any]]) -> tuple[list[Score], list[bool], list[int]]:
+        """Each completion's Score, whether its call failed (counted in ``errors/<name>``), and
+        the positions a broken pool cost (``BrokenProcessPool``)."""
         futures = [self._pool.schedule(_score_in_worker, (verifier, c, f), verifier.timeout_s)
                    for c, f in zip(completions, fields)]
         # a backstop beyond pebble's per-call timeout (which starts when a worker takes the call):
         # a worker killed as a call was handed over left its future unresolved forever
         timeout = verifier.timeout_s or 0
         deadline = time.monotonic() + timeout * (len(futures) / self.workers + 1) + 60 if timeout else None
-        scores, n_err = [], 0
+        scores, broken, failed_at = [], [], set()
         for fut in futures:
             try:
                 left = None if deadline is None else max(0.1, deadline - time.monotonic())
                 scores.append(_checked(fut.result(timeout=left)))
-                n_err += _is_error(scores[-1])
+                continue
             except concurrent.futures.TimeoutError:
                 fut.cancel()  # still pending after the backstop: pebble stops its worker
                 scores.append(Score(0.0, f"error: timeout after {verifier.timeout_s:g}s"))
-                n_err += 1
             except UserError:
                 raise
             except MemoryError:
                 scores.append(Score(0.0, f"error: memory limit {verifier.memory_mb} MB"))
-                n_err += 1
             except WorkerError as exc:  # the check raised (any exception, as text)
                 scores.append(Score(0.0, f"error: {exc}"[:200]))
-                n_err += 1
             except Exception as exc:  # the worker process died
+                if isinstance(exc, BrokenProcessPool):
+                    broken.append(len(scores))
                 scores.append(Score(0.0, f"error: {type(exc).__name__}: {exc}"[:200]))
-                n_err += 1
-        return scores, n_err
+            failed_at.add(len(scores) - 1)
+        return scores, [_is_error(s) or i in failed_at for i, s in enumerate(scores)], broken
 
     def close(self) -> None:
         self._pool.close()

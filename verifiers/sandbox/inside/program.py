@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from .proxy import _COUNTER, _DEFAULT, _FACTORIES, _ORDERED, _namedtuple, encode
+from .proxy import _namedtuple, encode, rebuild_mapping
 from .wire import recv, send
 
 
@@ -191,9 +191,9 @@ class _ProgramDecoder:
 
             return Decimal(v)
         if tag in ("C", "O"):  # Counter, OrderedDict, from their (key, value) pairs
-            return (_COUNTER if tag == "C" else _ORDERED)(dict((self(k), self(i)) for k, i in v))
+            return rebuild_mapping(tag, {self(k): self(i) for k, i in v})
         if tag == "dd":
-            return _DEFAULT(_FACTORIES.get(v[0]), ((self(k), self(i)) for k, i in v[1]))
+            return rebuild_mapping(tag, {self(k): self(i) for k, i in v[1]}, v[0])
         if tag == "N":  # a namedtuple the tests built: one of the same name and fields here
             return _namedtuple(v[0], tuple(v[1]))(*(self(i) for i in v[2]))
         raise ValueError(f"bad tag {tag!r}")

@@ -152,11 +152,9 @@ class Remote:
             if tag == "dd":
                 if len(v) != 2 or type(v[1]) is not list or (v[0] is not None and v[0] not in _FACTORIES):
                     raise ProtocolError("bad defaultdict")
-                factory, v = _FACTORIES.get(v[0]), v[1]
-            pairs = self.decode({"d": v}, depth)
-            return {"C": collections.Counter, "O": collections.OrderedDict}[tag](pairs) if tag != "dd" \
-                else collections.defaultdict(factory, pairs)
-        if tag == "N" and type(v) is list and len(v) == 3 and type(v[0]) is str and type(v[1]) is list \
+                factory, v = v[0], v[1]
+            return rebuild_mapping(tag, self.decode({"d": v}, depth), factory)
+        if tag == "N" and type(v) is list and len(v) == 3 and type(v[1]) is list \
                 and type(v[2]) is list and len(v[1]) == len(v[2]) <= 255 \
                 and type(v[0]) is str and v[0].isidentifier() \
                 and all(type(f) is str and f.isidentifier() and not f.startswith("_") for f in v[1]):
@@ -253,6 +251,14 @@ def _encode_container(v: Any, t: type, handles: list | None, remote: Remote | No
     if t is _ORDERED:
         return {"O": [[encode(k, handles, remote, d), encode(i, handles, remote, d)] for k, i in _ORDERED_ITEMS(v)]}
     return {"N": [t.__name__, list(t.__dict__["_fields"]), [encode(i, handles, remote, d) for i in tuple.__iter__(v)]]}
+
+
+def rebuild_mapping(tag: str, pairs: dict, factory: str | None = None) -> Any:
+    """The Counter (``C``), OrderedDict (``O``) or defaultdict (``dd``, with a builtin ``factory``
+    by name) an ``encode`` sent, from its decoded items; the same on both sides."""
+    if tag == "dd":
+        return _DEFAULT(_FACTORIES.get(factory), pairs)
+    return (_COUNTER if tag == "C" else _ORDERED)(pairs)
 
 
 _NAMEDTUPLES: dict[tuple[str, tuple[str, ...]], type] = {}
